@@ -1,0 +1,278 @@
+"""The training loop: seeded batches, optional augmentation, best-on-validation checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm import tqdm
+
+from training.checkpoint import save_checkpoint
+from training.datasets import Dataset, Split
+from training.metadata import ModelMetadata, Preprocessing, TrainingRecipe
+from training.models import INIT_SCHEME, build_model
+
+
+class TrainConfig(BaseModel):
+    """One model's training run, fully resolved (preset defaults plus CLI overrides)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arch: str
+    arch_kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    image_size: int = Field(gt=0)
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    optimizer: Literal["sgd", "adamw"]
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    augment: bool = True
+    patience: int | None = Field(default=None, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_steps: int | None = Field(default=None, gt=0)
+    """Stop each epoch after this many steps (for tests and smoke runs)."""
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    images_per_s: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    metadata: ModelMetadata
+    history: list[EpochRecord] = field(default_factory=list)
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 (N, H, W, C) images, on the 0-1 scale."""
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in x.std(0))
+
+
+class _Batches:
+    """Keeps a split as one uint8 tensor on the device and yields normalised batches."""
+
+    def __init__(self, split: Split, mean: tuple[float, ...], std: tuple[float, ...],
+                 device: torch.device) -> None:
+        self.images = torch.from_numpy(split.images).permute(0, 3, 1, 2).contiguous().to(device)
+        self.labels = torch.from_numpy(split.labels).to(device)
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor, augment: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[idx].float().div_(255.0)
+        if augment is not None:
+            x = random_affine(x, augment)
+        return (x - self.mean) / self.std, self.labels[idx]
+
+
+def random_affine(x: torch.Tensor, gen: torch.Generator, max_degrees: float = 10.0,
+                  max_shift: float = 0.1, scale: tuple[float, float] = (0.9, 1.1)) -> torch.Tensor:
+    """Small random rotations, shifts and zooms per image; the background stays black."""
+    n = x.shape[0]
+    rand = torch.rand(n, 4, generator=gen, device=gen.device).to(x.device)
+    angle = (rand[:, 0] * 2 - 1) * math.radians(max_degrees)
+    zoom = scale[0] + rand[:, 1] * (scale[1] - scale[0])
+    shift = (rand[:, 2:] * 2 - 1) * max_shift * 2  # affine_grid spans [-1, 1]
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: _Batches, batch_size: int = 500) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy over a whole split."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)), device=data.labels.device)
+        x, y = data.batch(idx)
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    return loss_sum / len(data), correct / len(data)
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on biases and batch-norm parameters.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int
+               ) -> torch.optim.lr_scheduler.LRScheduler:
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=0.2)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train one model; write checkpoint.pt, metrics.json and curves.png to `out_dir`."""
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+    data = dataset.resized(cfg.image_size, cfg.image_size)
+    mean, std = channel_stats(data.train.images)
+    prep = Preprocessing(color=dataset.color, height=cfg.image_size, width=cfg.image_size,
+                         mean=mean, std=std)
+    arch_kwargs = {"in_channels": prep.channels, "num_classes": len(dataset.class_names),
+                   **cfg.arch_kwargs}
+    model = build_model(cfg.arch, **arch_kwargs).to(device)
+    train_data, val_data, test_data = (_Batches(s, mean, std, device)
+                                       for s in (data.train, data.val, data.test))
+
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    if cfg.max_steps is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
+    opt = _optimizer(cfg, model)
+    sched = _scheduler(cfg, opt, steps_per_epoch)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    augment = torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.augment else None
+
+    history: list[EpochRecord] = []
+    best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    label = name or cfg.arch
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(len(train_data), generator=shuffle).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(range(steps_per_epoch), desc=f"{label} {epoch}/{cfg.epochs}", unit="batch",
+                   leave=False, disable=not progress or None)
+        for step in bar:
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x, y = train_data.batch(idx, augment)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(idx)
+            if step % 10 == 0 or step == steps_per_epoch - 1:
+                rate = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
+                                acc=f"{int(correct) / seen:.4f}", img_s=f"{rate:.0f}")
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_acc = evaluate(model, val_data)
+        record = EpochRecord(epoch, float(loss_sum) / seen, int(correct) / seen, val_loss, val_acc,
+                             opt.param_groups[0]["lr"], seen / train_seconds,
+                             time.perf_counter() - t0)
+        history.append(record)
+        improved = val_acc > best_acc
+        if improved:
+            best_acc, best_epoch = val_acc, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        print(f"{label} epoch {epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
+              f"train {record.train_accuracy:.4f} val {val_acc:.4f}{' *' if improved else ''} "
+              f"{record.images_per_s:.0f} img/s", flush=True)
+        if cfg.patience is not None and epoch - best_epoch >= cfg.patience:
+            print(f"{label}: no validation gain for {cfg.patience} epochs, stopping early")
+            break
+
+    model.load_state_dict(best_state)
+    _, test_acc = evaluate(model, test_data)
+    metadata = ModelMetadata(
+        name=label, arch=cfg.arch, arch_kwargs=arch_kwargs, preprocessing=prep,
+        class_names=dataset.class_names, dataset=dataset.name,
+        recipe=TrainingRecipe(
+            optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum, schedule=cfg.schedule, epochs=cfg.epochs,
+            batch_size=cfg.batch_size, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
+            init=INIT_SCHEME, seed=cfg.seed, early_stopping_patience=cfg.patience),
+        epochs_trained=len(history), best_epoch=best_epoch, val_accuracy=best_acc,
+        test_accuracy=test_acc, torch_version=torch.__version__, device=str(device),
+        created_at=datetime.now(timezone.utc))
+    result = TrainResult(metadata, history)
+    if out_dir is not None:
+        result.checkpoint = out_dir / "checkpoint.pt"
+        save_checkpoint(result.checkpoint, model, metadata)
+        write_metrics(out_dir, metadata, history)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def write_metrics(out_dir: Path, metadata: ModelMetadata, history: list[EpochRecord]) -> None:
+    """metrics.json (per-epoch figures) and curves.png (loss and accuracy per epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps({
+        "model": metadata.name, "dataset": metadata.dataset, "best_epoch": metadata.best_epoch,
+        "val_accuracy": metadata.val_accuracy, "test_accuracy": metadata.test_accuracy,
+        "epochs": [vars(r) for r in history]}, indent=2))
+    epochs = [r.epoch for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r.train_loss for r in history], label="train")
+    ax_loss.plot(epochs, [r.val_loss for r in history], label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title=f"{metadata.name} loss")
+    ax_acc.plot(epochs, [r.train_accuracy for r in history], label="train")
+    ax_acc.plot(epochs, [r.val_accuracy for r in history], label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title=f"{metadata.name} accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png", dpi=100)
+    plt.close(fig)
