@@ -84,7 +84,8 @@ class LeNet5(nn.Module):
 
 
 class AlexNet(nn.Module):
-    """AlexNet from `ALEXNET_CONFIG`; `width_divisor` narrows every layer for CPU runs."""
+    """AlexNet from `ALEXNET_CONFIG` for inputs of 63x63 and up; `width_divisor` narrows
+    every layer for CPU runs."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1000, width_divisor: int = 1,
                  pool_size: int = 6, dropout: float = 0.5) -> None:

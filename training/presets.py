@@ -29,10 +29,12 @@ RECIPES: dict[str, dict[Preset, dict[str, Any]]] = {
                   "arch_kwargs": {"width_divisor": 2}},
     },
     "vgg": {
+        # Narrow VGGs on 32x32 digits: one pooled position feeds a small head, so the
+        # paper's 7x7 pool (49 copies of a 1x1 map) and 0.5 dropout only slow learning.
         "full": {"image_size": 32, "epochs": 30, "lr": 2e-3, "weight_decay": 5e-2,
-                 "arch_kwargs": {"width_divisor": 4}},
+                 "arch_kwargs": {"width_divisor": 2, "pool_size": 1, "dropout": 0.2}},
         "quick": {"image_size": 32, "epochs": 15, "lr": 2e-3, "weight_decay": 5e-2,
-                  "arch_kwargs": {"width_divisor": 8}},
+                  "arch_kwargs": {"width_divisor": 4, "pool_size": 1, "dropout": 0.2}},
     },
 }
 
