@@ -1,0 +1,1 @@
+"""Training: LeNet, AlexNet and VGG checkpoints on the embedded or local datasets."""

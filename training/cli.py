@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from training.datasets import DATASETS, DatasetNotFoundError, load_dataset
 from training.models import ARCHITECTURES
 from training.presets import PRESETS, recipe
+from training.table import format_table
 from training.trainer import TrainConfig, TrainResult, train
 
 # CLI flag -> TrainConfig field, for flags that override the preset when given.
@@ -67,17 +68,15 @@ def build_config(args: argparse.Namespace, arch: str) -> TrainConfig:
     return TrainConfig(**fields, seed=args.seed, device=args.device)
 
 
-def format_table(results: Sequence[TrainResult]) -> str:
-    rows = [("model", "dataset", "input", "epochs", "best", "val acc", "test acc", "time")]
+def results_table(results: Sequence[TrainResult]) -> str:
+    rows = []
     for r in results:
         m = r.metadata
         c, h, w = m.preprocessing.input_shape
         rows.append((m.name, m.dataset, f"{c}x{h}x{w}", str(m.epochs_trained), str(m.best_epoch),
                      f"{m.val_accuracy:.2%}", f"{m.test_accuracy:.2%}", f"{r.seconds:.0f}s"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return format_table(("model", "dataset", "input", "epochs", "best", "val acc", "test acc",
+                         "time"), rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     results = [train(cfg, dataset, args.out / cfg.arch, progress=args.progress) for cfg in configs]
-    table = format_table(results)
+    table = results_table(results)
     print(f"\nTest accuracy on {dataset.name} ({len(dataset.test)} held-out images):\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+
+from training.preprocessing import resize_images
 
 DIGIT_NAMES = tuple(str(d) for d in range(10))
 FASHION_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
@@ -64,18 +65,6 @@ class Dataset:
         return Dataset(self.name, self.color, self.class_names,
                        *(Split(resize_images(s.images, self.color, height, width), s.labels)
                          for s in (self.train, self.val, self.test)))
-
-
-def resize_images(images: np.ndarray, color: str, height: int, width: int) -> np.ndarray:
-    """PIL bilinear resize of uint8 (N, H, W, C) images; a copy-free no-op at the same size."""
-    if images.shape[1:3] == (height, width):
-        return images
-    out = np.empty((len(images), height, width, images.shape[3]), dtype=np.uint8)
-    for i, img in enumerate(images):
-        pil = Image.fromarray(img[..., 0] if color == "L" else img, mode=color)
-        out[i] = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR)).reshape(
-            height, width, -1)
-    return out
 
 
 def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int
@@ -175,7 +164,8 @@ def _load_idx_dataset(name: str, names: tuple[str, ...], data_dir: Path | None,
     if missing:
         raise DatasetNotFoundError(
             f"dataset {name!r} needs the four IDX files in {folder}/ (plain or .gz); missing: "
-            f"{', '.join(missing)}. Put them there, or pass --download on a machine that is online.")
+            f"{', '.join(missing)}. Put them there, or pass --download on a machine that is "
+            "online.")
     arrays = [read_idx(path) for path in found.values() if path is not None]
     train_x, train_y, test_x, test_y = arrays
     return _with_official_test(name, "L", names, train_x[..., None], train_y.astype(np.int64),
@@ -235,5 +225,6 @@ def load_dataset(name: str, data_dir: Path | None = None, download: bool = False
     try:
         loader = DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}") from None
+        choices = ", ".join(DATASETS)
+        raise ValueError(f"unknown dataset {name!r}; expected one of {choices}") from None
     return loader(data_dir, download)

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 ONNX_METADATA_KEY = "cnnserve.metadata"
 """Key under which export stores `OnnxModelMetadata` JSON in the ONNX `metadata_props`."""
 
@@ -97,3 +97,26 @@ class ModelMetadata(_Frozen):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+class ExportInfo(_Frozen):
+    """How an ONNX file was produced from its checkpoint."""
+
+    exporter: str
+    opset: int = Field(ge=7)
+    precision: Literal["fp32", "fp16"]
+    input_name: str
+    output_name: str
+    source_checkpoint: str
+    source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    torch_version: str
+    onnx_version: str
+    graph_optimization: Literal["none", "basic"] = "none"
+    exported_at: datetime
+
+
+class OnnxModelMetadata(_Frozen):
+    """What export embeds in every ONNX file under `ONNX_METADATA_KEY`."""
+
+    model: ModelMetadata
+    export: ExportInfo

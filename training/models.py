@@ -170,6 +170,7 @@ def build_model(arch: str, **kwargs: int | float | str | bool) -> nn.Module:
         model = VGG(VGG_CONFIGS[arch.removesuffix("_bn")], batch_norm=arch.endswith("_bn"),
                     **kwargs)  # type: ignore[arg-type]
     else:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+        choices = ", ".join(ARCHITECTURES)
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {choices}")
     _init_weights(model)
     return model

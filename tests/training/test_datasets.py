@@ -9,8 +9,8 @@ from training.datasets import (
     DatasetNotFoundError,
     load_dataset,
     read_idx,
-    resize_images,
 )
+from training.preprocessing import resize_images
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
@@ -77,7 +77,8 @@ def test_truncated_idx_file_is_refused_with_sizes(tmp_path: Path) -> None:
     path = tmp_path / "bad-idx3-ubyte"
     write_idx(path, np.zeros((4, 28, 28)))
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ValueError, match=r"header says \(4, 28, 28\) = 3136 bytes, file holds 3126"):
+    with pytest.raises(ValueError,
+                       match=r"header says \(4, 28, 28\) = 3136 bytes, file holds 3126"):
         read_idx(path)
 
 

@@ -4,7 +4,6 @@ from torch import nn
 
 from training.models import ARCHITECTURES, VGG_CONFIGS, build_model
 
-
 # AlexNet's stride-4 stem and three pools need at least 63x63 inputs.
 SHAPES = [(arch, channels, size) for arch in ARCHITECTURES
           for channels, size in [(1, 28), (3, 32), (1, 64), (3, 96)]

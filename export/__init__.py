@@ -1,0 +1,1 @@
+"""ONNX export with verified parity, publishing into the model repository."""

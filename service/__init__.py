@@ -1,0 +1,1 @@
+"""The gRPC inference service and the model repository it reads."""
