@@ -1,0 +1,1 @@
+"""Protocol definitions and their generated Python stubs (`python -m protos.generate`)."""

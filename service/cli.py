@@ -1,0 +1,70 @@
+"""`python -m service`: serve a model repository over gRPC (see ServiceSettings for all knobs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from service.settings import ServiceSettings
+
+# CLI flag -> setting; flags left out fall back to CNNSERVE_* variables, the file, defaults.
+_FLAGS: dict[str, dict[str, object]] = {
+    "repo": {"type": Path, "help": "model repository folder"},
+    "config_file": {"type": Path, "help": ".json or .toml file with any settings"},
+    "host": {"help": "address to bind (default 127.0.0.1)"},
+    "port": {"type": int, "help": "gRPC port (default 8001; 0 picks a free one)"},
+    "metrics_port": {"type": int, "help": "Prometheus port (default 8002)"},
+    "workers": {"type": int, "help": "server processes sharing the port"},
+    "device": {"choices": ("auto", "cpu", "cuda")},
+    "precision": {"choices": ("fp32", "fp16")},
+    "instances": {"type": int, "help": "onnxruntime sessions per model"},
+    "intra_op_threads": {"type": int},
+    "max_batch_size": {"type": int, "help": "override every model's max batch size"},
+    "max_queue_delay_us": {"type": int, "help": "override every model's batching delay"},
+    "max_queue_size": {"type": int},
+    "log_level": {"choices": ("DEBUG", "INFO", "WARNING", "ERROR")},
+}
+
+
+def parse_settings(argv: Sequence[str] | None) -> tuple[ServiceSettings, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    for name, kwargs in _FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)  # type: ignore[arg-type]
+    p.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    p.add_argument("--settings-json", type=Path, help=argparse.SUPPRESS)  # worker processes
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in _FLAGS and v is not None}
+    if args.no_metrics:
+        given["metrics_port"] = None
+    if args.settings_json:
+        return ServiceSettings(**json.loads(args.settings_json.read_text())), args
+    return ServiceSettings(**given), args
+
+
+def configure_logging(settings: ServiceSettings) -> None:
+    fmt = ('{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", '
+           '"pid": %(process)d, "message": "%(message)s"}' if settings.log_json
+           else "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.basicConfig(level=settings.log_level, format=fmt, stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings, args = parse_settings(argv)
+    except (ValidationError, ValueError) as exc:
+        print(f"error: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    if settings.workers > 1 and not args.settings_json:
+        from service.workers import supervise
+
+        return supervise(settings)
+    from service.server import run
+
+    return run(settings, reuse_port=args.settings_json is not None)

@@ -1,0 +1,73 @@
+"""Prometheus metrics and Triton-style per-model statistics.
+
+Metrics live in a registry owned by the server (no module-level state). With
+`--workers N` each process writes prometheus_client's multiprocess files and the parent
+serves their sum, so the scrape shows the whole server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter("cnnserve_requests", "RPCs answered, by model, API and status.",
+                                ["model", "api", "code"], registry=registry)
+        self.latency = Histogram("cnnserve_request_latency_seconds",
+                                 "End-to-end handler latency of inference RPCs.",
+                                 ["model", "api"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_wait = Histogram("cnnserve_queue_wait_seconds",
+                                    "Time a request waited in the batcher before compute.",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.compute = Histogram("cnnserve_compute_seconds", "onnxruntime time per batch.",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram("cnnserve_batch_size", "Images per executed batch.",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=registry)
+        self.queue_depth = Gauge("cnnserve_queue_depth", "Requests waiting in the batcher.",
+                                 ["model"], multiprocess_mode="livesum", registry=registry)
+        self.inferences = Counter("cnnserve_inference_count",
+                                  "Images inferred (Triton's inference_count).", ["model"],
+                                  registry=registry)
+        self.executions = Counter("cnnserve_execution_count",
+                                  "Batches executed (Triton's execution_count).", ["model"],
+                                  registry=registry)
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, n: int = 1) -> None:
+        self.count += n
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class ModelStats:
+    """What the Open Inference Protocol's ModelStatistics reports for one model."""
+
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute: Duration = field(default_factory=Duration)
+    batches: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
+
+    def record_batch(self, size: int, compute_s: float) -> None:
+        self.inference_count += size
+        self.execution_count += 1
+        self.last_inference_ms = int(time.time() * 1000)
+        self.compute.add(compute_s)
+        self.batches[size].add(compute_s)

@@ -1,0 +1,136 @@
+"""The models a server process serves: newest version of each, its sessions and batcher.
+
+A model that cannot be served (damaged file, metadata that contradicts its config)
+is kept in the set as not ready, with the reason, while the others serve.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.batcher import DynamicBatcher
+from service.metrics import Metrics, ModelStats
+from service.repository import (
+    FP16_MODEL_FILE,
+    MODEL_FILE,
+    ModelConfig,
+    RepositoryError,
+    list_models,
+    list_versions,
+    read_config,
+    read_onnx_metadata,
+    version_dir,
+)
+from service.runtime import ModelRunner, wants_cuda
+from service.settings import ServiceSettings
+from training.metadata import OnnxModelMetadata
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(LookupError):
+    pass
+
+
+@dataclass
+class ServedModel:
+    name: str
+    version: int
+    config: ModelConfig
+    max_batch_size: int
+    metadata: OnnxModelMetadata | None = None
+    batcher: DynamicBatcher | None = None
+    provider: str = ""
+    file: str = ""
+    reason: str = ""
+    """Why the model is not ready; empty when it is."""
+    stats: ModelStats = field(default_factory=ModelStats)
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None and not self.reason
+
+
+@dataclass
+class ModelSet:
+    models: dict[str, ServedModel]
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        """The served model, or ModelNotFoundError saying what is served instead."""
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFoundError(f"unknown model {name!r}; served models: "
+                                     f"{', '.join(sorted(self.models)) or 'none'}")
+        if version and version != str(model.version):
+            raise ModelNotFoundError(f"model {name!r} has no served version {version!r}; "
+                                     f"served version: {model.version}")
+        return model
+
+    @property
+    def all_ready(self) -> bool:
+        return bool(self.models) and all(m.ready for m in self.models.values())
+
+    async def close(self) -> None:
+        for model in self.models.values():
+            if model.batcher is not None:
+                await model.batcher.close()
+
+
+def _check_against_config(meta: OnnxModelMetadata, config: ModelConfig, path: Path) -> None:
+    expected = (config.input.shape, config.output.shape, config.labels)
+    found = (meta.model.preprocessing.input_shape, (meta.model.num_classes,),
+             meta.model.class_names)
+    if expected != found:
+        raise RepositoryError(f"{path}: model has input {found[0]}, {found[1][0]} classes; "
+                              f"config.json says input {expected[0]}, {expected[1][0]} classes")
+
+
+def load_model(settings: ServiceSettings, name: str, executor: Executor,
+               metrics: Metrics) -> ServedModel:
+    repo = settings.repo
+    config = read_config(repo, name)
+    version = max(list_versions(repo, name))
+    over = settings.overrides(name)
+    max_batch = over.max_batch_size or config.max_batch_size
+    served = ServedModel(name, version, config, max_batch)
+    folder = version_dir(repo, name, version)
+    precision = over.precision or settings.precision
+    use_fp16 = (precision == "fp16" and wants_cuda(settings.device)
+                and (folder / FP16_MODEL_FILE).is_file())
+    path = folder / (FP16_MODEL_FILE if use_fp16 else MODEL_FILE)
+    try:
+        served.metadata = read_onnx_metadata(path)
+        _check_against_config(served.metadata, config, path)
+        runners = [ModelRunner(path, settings, config.input.name, config.output.name)
+                   for _ in range(over.instances or settings.instances)]
+        if settings.warmup:
+            for runner in runners:
+                runner.warmup(list(range(1, max_batch + 1)), config.input.shape)
+    except Exception as exc:  # any failure leaves this model unready, not the server down
+        served.reason = str(exc)
+        log.error("model %s version %s not served: %s", name, version, exc)
+        return served
+    delay_us = (over.max_queue_delay_us if over.max_queue_delay_us is not None
+                else config.max_queue_delay_us)
+    preferred = over.preferred_batch_sizes or config.preferred_batch_sizes
+    served.batcher = DynamicBatcher(
+        name, runners, executor, max_batch, delay_us / 1e6,
+        [b for b in preferred if b <= max_batch], over.max_queue_size or settings.max_queue_size,
+        metrics, served.stats)
+    served.provider, served.file = runners[0].provider, path.name
+    log.info("model %s version %s ready: %s on %s, %d instance(s), max batch %d, delay %dus",
+             name, version, path.name, served.provider, len(runners), max_batch, delay_us)
+    return served
+
+
+def load_models(settings: ServiceSettings, executor: Executor, metrics: Metrics) -> ModelSet:
+    """Every model in the repository; raises RepositoryError if the repository is unusable."""
+    names = list_models(settings.repo)
+    if not names:
+        raise RepositoryError(f"no models in {settings.repo}: export some with "
+                              "`python -m export --all RUN_DIR --repo "
+                              f"{settings.repo}`")
+    return ModelSet({name: load_model(settings, name, executor, metrics) for name in names})

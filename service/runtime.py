@@ -1,0 +1,87 @@
+"""One onnxruntime session per model instance: provider choice, IOBinding, warm-up."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def gpu_count() -> int:
+    """GPUs the NVIDIA driver reports; 0 where there is no driver (asks libcuda, not torch)."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def cuda_available() -> bool:
+    """This onnxruntime build has the CUDA provider and the driver sees a GPU."""
+    return CUDA in ort.get_available_providers() and gpu_count() > 0
+
+
+def wants_cuda(device: str) -> bool:
+    """`auto` means CUDA when this onnxruntime build has it and a GPU answers."""
+    if device == "cuda":
+        if not cuda_available():
+            raise RuntimeError(f"device=cuda, but no GPU is usable: {gpu_count()} GPU(s) seen by "
+                               f"the driver, onnxruntime providers {ort.get_available_providers()}")
+        return True
+    return device == "auto" and cuda_available()
+
+
+class ModelRunner:
+    """Runs float32 NCHW batches through one session; thread-safe (onnxruntime releases
+    the GIL inside `run`, so several runners compute in parallel)."""
+
+    def __init__(self, path: Path, settings: ServiceSettings, input_name: str,
+                 output_name: str) -> None:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = settings.intra_op_threads
+        opts.inter_op_num_threads = settings.inter_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers: list[str | tuple[str, dict[str, str]]] = [CPU]
+        if wants_cuda(settings.device):
+            providers = [(CUDA, {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}),
+                         CPU]
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        if settings.device == "cuda" and self.provider != CUDA:
+            raise RuntimeError(f"{path}: asked for CUDA, onnxruntime applied {self.provider}")
+        self.input_name, self.output_name = input_name, output_name
+        self.path = path
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.provider == CUDA
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if not self.on_gpu:
+            out: np.ndarray = self.session.run([self.output_name], {self.input_name: batch})[0]
+            return out
+        # IOBinding: one host-to-device copy of the batch, outputs written straight into
+        # device memory and copied back once, without onnxruntime's per-run staging.
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch)
+        binding.bind_output(self.output_name, "cuda")
+        self.session.run_with_iobinding(binding)
+        result: np.ndarray = binding.copy_outputs_to_cpu()[0]
+        return result
+
+    def warmup(self, batch_sizes: list[int], image_shape: tuple[int, ...]) -> None:
+        """Run each batch size once so no request pays for allocation or cuDNN tuning."""
+        for size in batch_sizes:
+            self.run(np.zeros((size, *image_shape), dtype=np.float32))

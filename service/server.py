@@ -1,0 +1,116 @@
+"""The asyncio gRPC server: both APIs, health, reflection, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from service.classifier_api import ClassifierServicer
+from service.inference_api import InferenceServicer
+from service.metrics import Metrics
+from service.models import ModelSet, load_models
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+OIP_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    models: ModelSet
+    health: health.aio.HealthServicer
+    executor: ThreadPoolExecutor
+
+    async def set_serving(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        overall = serving if self.models.all_ready else not_serving
+        for name in ("", OIP_SERVICE, CLASSIFIER_SERVICE):
+            await self.health.set(name, overall)
+        for model in self.models.models.values():
+            await self.health.set(model.name, serving if model.ready else not_serving)
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls, answer those in flight (up to `grace_s`), then drain batchers."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await self.models.close()
+        self.executor.shutdown(wait=True)
+
+
+def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", int(reuse_port))]
+
+
+async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: bool = False
+                       ) -> RunningServer:
+    """Load and warm every model, then listen; returns once the port is bound."""
+    # Each model instance keeps at most one batch in flight, so threads are only made as
+    # instances need them; the cap is a backstop.
+    executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="onnxruntime")
+    models = await asyncio.to_thread(load_models, settings, executor, metrics)
+    for model in models.models.values():
+        if model.batcher is not None:
+            model.batcher.start()
+    server = grpc.aio.server(options=server_options(settings, reuse_port),
+                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(models, metrics), server)
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(
+        ClassifierServicer(models, metrics, settings.max_image_pixels), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (OIP_SERVICE, CLASSIFIER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"could not bind {settings.host}:{settings.port}")
+    await server.start()
+    running = RunningServer(server, port, models, health_servicer, executor)
+    await running.set_serving()
+    return running
+
+
+async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_port: bool = False
+                ) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
+    metrics = Metrics(registry)
+    running = await start_server(settings, metrics, reuse_port)
+    ready = [m.name for m in running.models.models.values() if m.ready]
+    log.info("listening on %s:%d; serving %s", settings.host, running.port, ", ".join(ready))
+    print(f"cnnserve ready on {settings.host}:{running.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight requests (grace %.1fs)", settings.grace_period_s)
+    await running.stop(settings.grace_period_s)
+    log.info("stopped")
+    return 0
+
+
+def run(settings: ServiceSettings, reuse_port: bool = False) -> int:
+    registry = CollectorRegistry()
+    if settings.metrics_port is not None:
+        start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+    try:
+        return asyncio.run(serve(settings, registry, reuse_port))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,115 @@
+"""The service's one configuration model: defaults < config file < CNNSERVE_* env < flags.
+
+Validated once at start; an invalid value stops the server with a message naming the
+setting, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+MiB = 1 << 20
+
+
+class ModelOverrides(BaseModel):
+    """Per-model settings that win over the model's config.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_queue_delay_us: int | None = Field(default=None, ge=0)
+    preferred_batch_sizes: tuple[int, ...] | None = None
+    max_queue_size: int | None = Field(default=None, ge=1)
+    instances: int | None = Field(default=None, ge=1)
+    precision: Literal["fp32", "fp16"] | None = None
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CNNSERVE_", env_nested_delimiter="__",
+                                      extra="forbid", frozen=True)
+
+    config_file: Path | None = None
+    """A .json or .toml file holding any of these settings (CNNSERVE_CONFIG_FILE)."""
+    repo: Path = Path("model_repository")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8001, ge=0, le=65535)
+    metrics_port: int | None = Field(default=8002, ge=0, le=65535)
+    """Prometheus metrics over HTTP; None turns the endpoint off."""
+    workers: int = Field(default=1, ge=1, le=256)
+    """Server processes sharing the port (SO_REUSEPORT), each with its own sessions."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16"] = "fp32"
+    """fp16 serves model.fp16.onnx where a model has one and the device is CUDA."""
+    intra_op_threads: int = Field(default=0, ge=0)
+    """onnxruntime threads per session; 0 lets onnxruntime choose (one per core)."""
+    inter_op_threads: int = Field(default=1, ge=0)
+    instances: int = Field(default=1, ge=1, le=64)
+    """onnxruntime sessions per model, each running its own batches."""
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    """EXHAUSTIVE benchmarks every convolution per new shape: fastest kernels, slow warm-up."""
+    warmup: bool = True
+    """Run every batch size the batcher can form before reporting ready."""
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_queue_delay_us: int | None = Field(default=None, ge=0)
+    max_queue_size: int = Field(default=512, ge=1)
+    """Requests waiting per model; beyond it a request is refused with RESOURCE_EXHAUSTED."""
+    models: dict[str, ModelOverrides] = Field(default_factory=dict)
+
+    max_message_bytes: int = Field(default=64 * MiB, ge=MiB)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    """Largest decoded image accepted (width x height), against decompression bombs."""
+    max_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    grace_period_s: float = Field(default=10.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        file = _config_file(init_settings(), env_settings())
+        if file is not None:
+            if not file.is_file():
+                raise ValueError(f"config_file {file} does not exist")
+            source_cls = TomlConfigSettingsSource if file.suffix == ".toml" else \
+                JsonConfigSettingsSource
+            if file.suffix not in (".toml", ".json"):
+                raise ValueError(f"config_file must end in .json or .toml, got {file.name}")
+            sources.append(source_cls(settings_cls, file))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ServiceSettings:
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("workers > 1 share one port: set an explicit port, not 0")
+        return self
+
+    def overrides(self, model: str) -> ModelOverrides:
+        """Server-wide batching flags, then the model's own entry, over config.json."""
+        base = {"max_batch_size": self.max_batch_size,
+                "max_queue_delay_us": self.max_queue_delay_us}
+        specific = self.models.get(model, ModelOverrides()).model_dump(exclude_none=True)
+        return ModelOverrides(**{**{k: v for k, v in base.items() if v is not None},
+                                 **specific})
+
+
+def _config_file(*layers: dict[str, Any]) -> Path | None:
+    for layer in layers:
+        if layer.get("config_file"):
+            return Path(layer["config_file"])
+    return None

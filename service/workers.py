@@ -1,0 +1,55 @@
+"""`--workers N`: N server processes on one port (SO_REUSEPORT), metrics summed.
+
+One Python process tops out at a few thousand calls per second (the GIL); several
+processes, each with its own sessions and batchers, use a many-core GPU host. The
+kernel spreads connections across them. This parent only supervises: it forwards
+SIGTERM/SIGINT, serves the merged Prometheus metrics, and exits when they have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+def supervise(settings: ServiceSettings) -> int:
+    with tempfile.TemporaryDirectory(prefix="cnnserve-metrics-") as metrics_dir:
+        # prometheus_client picks its multiprocess value store when first imported, so
+        # the variable must be set before this process or a worker imports it.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        child = settings.model_copy(update={"workers": 1, "metrics_port": None})
+        settings_file = Path(metrics_dir) / "settings.json"
+        settings_file.write_text(child.model_dump_json())
+        if settings.metrics_port is not None:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+        procs = [subprocess.Popen([sys.executable, "-m", "service", "--settings-json",
+                                   str(settings_file)]) for _ in range(settings.workers)]
+        log.info("started %d workers: pids %s", len(procs), [p.pid for p in procs])
+
+        def forward(signum: int, frame: FrameType | None) -> None:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        codes = []
+        for proc in procs:
+            codes.append(proc.wait())
+            multiprocess.mark_process_dead(proc.pid)
+        log.info("workers exited with %s", codes)
+        return 0 if all(code == 0 for code in codes) else 1
