@@ -1,0 +1,118 @@
+"""A real server process on a loopback port, serving tiny real models."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_CONFIGS
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="session")
+def served_repo(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.pipeline import export_checkpoint
+
+    repo = tmp_path_factory.mktemp("served-repo")
+    for name in TINY_CONFIGS:
+        export_checkpoint(trained_run / name / "checkpoint.pt", repo, fp16=True)
+    return repo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[str]
+    port: int
+    metrics_port: int
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=5) as r:
+            return r.read().decode()
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def start_server(repo: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """Start `python -m service` and wait (bounded) for its ready line."""
+    metrics_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--repo", str(repo), "--host", "127.0.0.1",
+         "--port", "0", "--metrics-port", str(metrics_port), "--device", "cpu",
+         "--intra-op-threads", "1", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, **(env or {})})
+    lines: queue.Queue[str | None] = queue.Queue()
+    output: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            proc.kill()
+            log = "".join(output)
+            raise RuntimeError(f"server not ready in {START_TIMEOUT_S}s:\n{log}") from None
+        if line is None:
+            raise RuntimeError(f"server exited with {proc.wait()}:\n{''.join(output)}")
+        if line.startswith("cnnserve ready on "):
+            return ServerProcess(proc, int(line.rsplit(":", 1)[1]), metrics_port, output)
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def factory(repo: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        server = start_server(repo, *args, env=env)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(served_repo: Path) -> Iterator[ServerProcess]:
+    """One shared server for tests that do not change its state."""
+    server = start_server(served_repo)
+    yield server
+    assert server.terminate() == 0, "".join(server.lines)

@@ -1,0 +1,142 @@
+"""Dynamic batching, admission and shutdown, observed from outside a real server."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from tests.service.conftest import ServerProcess, start_server
+
+
+def request(x: np.ndarray, model: str = "lenet") -> service_pb2.ModelInferRequest:
+    return service_pb2.ModelInferRequest(
+        model_name=model, inputs=[service_pb2.ModelInferRequest.InferInputTensor(
+            name="input", datatype="FP32", shape=list(x.shape))],
+        raw_input_contents=[x.astype("<f4").tobytes()])
+
+
+def logits(response: service_pb2.ModelInferResponse) -> np.ndarray:
+    return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(
+        tuple(response.outputs[0].shape))
+
+
+def metric(text: str, name: str, model: str = "lenet") -> float:
+    match = re.search(rf'^{name}\{{model="{model}"(?:,le="[^"]*")?\}} (\S+)$', text, re.M)
+    assert match, f"{name} for {model} not in metrics"
+    return float(match.group(1))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll a condition on the server, bounded in time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def stub_for(server: ServerProcess) -> service_pb2_grpc.GRPCInferenceServiceStub:
+    return service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.address))
+
+
+def test_concurrent_single_images_are_batched_and_answered_individually(
+        served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory(served_repo, "--max-queue-delay-us", "20000")
+    stub = stub_for(server)
+    images = np.random.default_rng(0).standard_normal((32, 1, 1, 28, 28)).astype(np.float32)
+    alone = [logits(stub.ModelInfer(request(x), timeout=30)) for x in images[:4]]
+    before = server.metrics()
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda x: logits(stub.ModelInfer(request(x), timeout=30)),
+                                 images))
+    after = server.metrics()
+    for solo, batched in zip(alone, together[:4], strict=True):  # each caller got its own row
+        np.testing.assert_allclose(batched, solo, rtol=1e-5, atol=1e-5)
+    assert len({r.tobytes() for r in together}) == 32
+    batches = (metric(after, "cnnserve_batch_size_count")
+               - metric(before, "cnnserve_batch_size_count"))
+    images_run = (metric(after, "cnnserve_batch_size_sum")
+                  - metric(before, "cnnserve_batch_size_sum"))
+    assert images_run == 32
+    assert batches < 32, "no request was batched with another"
+    assert (metric(after, "cnnserve_inference_count_total")
+            - metric(after, "cnnserve_execution_count_total")) > 0
+
+
+@pytest.fixture(scope="module")
+def slow_server(served_repo: Path) -> Iterator[ServerProcess]:
+    """Batches wait 1.5 s for company and at most 2 requests may queue."""
+    server = start_server(served_repo, "--max-queue-delay-us", "1500000", "--max-queue-size",
+                          "2")
+    yield server
+    server.terminate()
+
+
+def test_a_full_queue_refuses_at_once_instead_of_growing(slow_server: ServerProcess) -> None:
+    stub = stub_for(slow_server)
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def call(i: int) -> str:
+        try:
+            stub.ModelInfer(request(np.zeros((1, 1, 28, 28), np.float32)), timeout=30)
+            outcome = "OK"
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "(limit 2)" in exc.details()
+            outcome = "RESOURCE_EXHAUSTED"
+        with lock:
+            finished.append(outcome)
+        return outcome
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(call, range(6)))
+    assert sorted(outcomes) == ["OK"] * 2 + ["RESOURCE_EXHAUSTED"] * 4
+    # Refusals come back while the accepted requests still wait for their batch.
+    assert finished == ["RESOURCE_EXHAUSTED"] * 4 + ["OK"] * 2
+
+
+def test_expired_and_cancelled_requests_never_reach_the_model(
+        slow_server: ServerProcess) -> None:
+    stub = stub_for(slow_server)
+    stats = service_pb2.ModelStatisticsRequest(name="alexnet")
+    before = stub.ModelStatistics(stats, timeout=10).model_stats[0].inference_count
+    x = np.zeros((1, 1, 64, 64), np.float32)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request(x, "alexnet"), timeout=0.2)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    pending = stub.ModelInfer.future(request(x, "alexnet"), timeout=30)
+    pending.cancel()
+    assert pending.cancelled()
+    # A real request after them: run alone once its 1.5 s wait is over.
+    assert logits(stub.ModelInfer(request(x, "alexnet"), timeout=30)).shape == (1, 10)
+    after = stub.ModelStatistics(stats, timeout=10).model_stats[0]
+    assert after.inference_count == before + 1
+
+
+def test_sigterm_answers_queued_requests_refuses_new_ones_and_exits_0(
+        served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory(served_repo, "--max-queue-delay-us", "1500000")
+    stub = stub_for(server)
+    x = np.random.default_rng(3).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    with ThreadPoolExecutor(4) as pool:
+        queued: list[Future[service_pb2.ModelInferResponse]] = [
+            pool.submit(stub.ModelInfer, request(x), timeout=30) for _ in range(4)]
+        wait_until(lambda: metric(server.metrics(), "cnnserve_queue_depth") == 4)
+        server.proc.send_signal(15)
+        wait_until(lambda: any("shutting down" in line for line in server.lines))
+        with pytest.raises(grpc.RpcError) as err:
+            stub_for(server).ModelInfer(request(x), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        answers = [logits(f.result(timeout=30)) for f in queued]
+    assert all(np.array_equal(a, answers[0]) for a in answers)
+    assert server.proc.wait(30) == 0
