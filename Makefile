@@ -4,8 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUN ?= runs/demo
+REPO ?= $(RUN)/model_repository
+PORT ?= 8001
+METRICS_PORT ?= 8002
 
-.PHONY: demo test lint install clean
+.PHONY: demo train export serve test lint stubs install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,15 +17,34 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# train -> export -> serve -> classify a few held-out digits through the gRPC API.
+demo: train export
+	@$(BIN)/python -m service --repo $(REPO) --port $(PORT) --metrics-port $(METRICS_PORT) \
+	    > $(RUN)/server.log 2>&1 & pid=$$!; \
+	  trap 'kill $$pid 2>/dev/null' EXIT; \
+	  $(BIN)/python -m service.client --address 127.0.0.1:$(PORT) --wait 120 --digits 8 \
+	    || { cat $(RUN)/server.log; exit 1; }; \
+	  kill -TERM $$pid && wait $$pid && echo "server stopped cleanly; its log: $(RUN)/server.log"
+
+train: $(STAMP)
 	$(BIN)/python -m training --preset quick --model lenet alexnet vgg11_bn --out $(RUN)
+
+export: $(STAMP)
+	rm -rf $(REPO)
+	$(BIN)/python -m export --all $(RUN) --repo $(REPO) --fp16
+
+serve: $(STAMP)
+	$(BIN)/python -m service --repo $(REPO) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy training export
+	$(BIN)/mypy training export service
+
+stubs: $(STAMP)
+	$(BIN)/python -m protos.generate
 
 clean:
-	rm -rf $(VENV) runs model_repository
+	rm -rf $(VENV) runs

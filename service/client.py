@@ -1,0 +1,107 @@
+"""`python -m service.client`: classify image files (or held-out digits) with a running server.
+
+Uses the typed classifier API, so it sends the images' encoded bytes and needs no
+numpy; the digits fallback encodes mnist5k test images as PNG first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from protos import classifier_pb2 as pb
+from protos import classifier_pb2_grpc as pb_grpc
+from training.table import format_table
+
+
+def test_digits(count: int) -> list[tuple[str, bytes, str]]:
+    """(name, PNG bytes, true label) for the first `count` mnist5k test images."""
+    from PIL import Image
+
+    from training.datasets import load_dataset
+
+    test = load_dataset("mnist5k").test
+    out = []
+    for i in range(min(count, len(test))):
+        buf = io.BytesIO()
+        Image.fromarray(test.images[i][..., 0]).save(buf, format="PNG")
+        out.append((f"mnist5k-test-{i}", buf.getvalue(), str(test.labels[i])))
+    return out
+
+
+def wait_until_serving(channel: grpc.Channel, timeout: float) -> None:
+    """Block until the health service says SERVING; raise after `timeout` seconds."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            # wait_for_ready holds the call until the server accepts connections.
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=max(remaining, 0.1),
+                                  wait_for_ready=True).status
+        except grpc.RpcError:
+            if time.monotonic() >= deadline:
+                raise
+            continue
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"server not SERVING after {timeout:.0f}s (status {status})")
+        time.sleep(0.2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m service.client", description=__doc__)
+    p.add_argument("images", nargs="*", type=Path, help="image files (PNG, JPEG, ...)")
+    p.add_argument("--address", default="127.0.0.1:8001")
+    p.add_argument("--model", action="append", help="model(s) to ask (default: every model)")
+    p.add_argument("--digits", type=int, default=8,
+                   help="with no files: how many mnist5k test digits to send")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait up to this long for the server to report SERVING")
+    args = p.parse_args(argv)
+
+    inputs = ([(str(path), path.read_bytes(), "") for path in args.images] if args.images
+              else test_digits(args.digits))
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        try:
+            if args.wait:
+                wait_until_serving(channel, args.wait)
+            served = stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout).models
+            models = args.model or [m.name for m in served if m.ready]
+            rows = []
+            for model in models:
+                response = stub.Predict(pb.PredictRequest(
+                    model=model, top_k=args.top_k,
+                    images=[pb.Image(encoded=data) for _, data, _ in inputs]),
+                    timeout=args.timeout)
+                for (name, _, truth), result in zip(inputs, response.classifications,
+                                                    strict=True):
+                    best = result.predictions[0]
+                    rows.append([f"{model}:{response.version}", name, truth or "?",
+                                 ", ".join(f"{p.label} ({p.probability:.3f})"
+                                           for p in result.predictions),
+                                 "" if not truth else ("ok" if best.label == truth else "MISS")])
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        except TimeoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print(format_table(("model", "image", "true", "predicted (probability)", ""), rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
