@@ -43,6 +43,20 @@ def wants_cuda(device: str) -> bool:
     return device == "auto" and cuda_available()
 
 
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* wheels if that is where they are installed.
+
+    A CUDA base image has them on the library path already; a pip-only install does not,
+    and without this onnxruntime quietly falls back to the CPU.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # missing wheels: the system libraries may still serve
+            log.debug("onnxruntime.preload_dlls() did not load: %s", exc)
+
+
 class ModelRunner:
     """Runs float32 NCHW batches through one session; thread-safe (onnxruntime releases
     the GIL inside `run`, so several runners compute in parallel)."""
@@ -55,6 +69,7 @@ class ModelRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers: list[str | tuple[str, dict[str, str]]] = [CPU]
         if wants_cuda(settings.device):
+            preload_cuda_libraries()
             providers = [(CUDA, {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}),
                          CPU]
         self.session = ort.InferenceSession(str(path), opts, providers=providers)

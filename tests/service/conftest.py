@@ -67,7 +67,7 @@ def start_server(repo: Path, *args: str, env: dict[str, str] | None = None) -> S
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--repo", str(repo), "--host", "127.0.0.1",
          "--port", "0", "--metrics-port", str(metrics_port), "--device", "cpu",
-         "--intra-op-threads", "1", *args],
+         "--intra-op-threads", "1", *args],  # later flags win: args override these
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, **(env or {})})
     lines: queue.Queue[str | None] = queue.Queue()

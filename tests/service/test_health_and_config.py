@@ -13,7 +13,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from pydantic import ValidationError
 
 from service.settings import ServiceSettings
 from tests.service.conftest import ROOT, ServerProcess
