@@ -58,6 +58,8 @@ class ServiceSettings(BaseSettings):
     """onnxruntime sessions per model, each running its own batches."""
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     """EXHAUSTIVE benchmarks every convolution per new shape: fastest kernels, slow warm-up."""
+    allow_tf32: bool = False
+    """Let CUDA run FP32 convolutions in TF32: faster on Ampere and later, ~1e-3 less exact."""
     warmup: bool = True
     """Run every batch size the batcher can form before reporting ready."""
 

@@ -73,6 +73,7 @@ class TrainingRecipe(_Frozen):
     init: str
     seed: int
     early_stopping_patience: int | None = None
+    ema_decay: float | None = None
 
 
 class ModelMetadata(_Frozen):

@@ -61,12 +61,13 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
-def start_server(repo: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start `python -m service` and wait (bounded) for its ready line."""
+def start_server(repo: Path, *args: str, env: dict[str, str] | None = None, port: int = 0,
+                 processes: int = 1) -> ServerProcess:
+    """Start `python -m service` and wait (bounded) for each process's ready line."""
     metrics_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--repo", str(repo), "--host", "127.0.0.1",
-         "--port", "0", "--metrics-port", str(metrics_port), "--device", "cpu",
+         "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu",
          "--intra-op-threads", "1", *args],  # later flags win: args override these
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, **(env or {})})
@@ -81,6 +82,7 @@ def start_server(repo: Path, *args: str, env: dict[str, str] | None = None) -> S
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
+    ready = 0
     while True:
         try:
             line = lines.get(timeout=START_TIMEOUT_S)
@@ -91,15 +93,17 @@ def start_server(repo: Path, *args: str, env: dict[str, str] | None = None) -> S
         if line is None:
             raise RuntimeError(f"server exited with {proc.wait()}:\n{''.join(output)}")
         if line.startswith("cnnserve ready on "):
-            return ServerProcess(proc, int(line.rsplit(":", 1)[1]), metrics_port, output)
+            ready += 1
+            if ready == processes:
+                return ServerProcess(proc, int(line.rsplit(":", 1)[1]), metrics_port, output)
 
 
 @pytest.fixture
 def server_factory() -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
-    def factory(repo: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-        server = start_server(repo, *args, env=env)
+    def factory(repo: Path, *args: str, **kwargs: object) -> ServerProcess:
+        server = start_server(repo, *args, **kwargs)  # type: ignore[arg-type]
         started.append(server)
         return server
 

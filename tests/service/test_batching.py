@@ -140,3 +140,19 @@ def test_sigterm_answers_queued_requests_refuses_new_ones_and_exits_0(
         answers = [logits(f.result(timeout=30)) for f in queued]
     assert all(np.array_equal(a, answers[0]) for a in answers)
     assert server.proc.wait(30) == 0
+
+
+def test_workers_share_one_port_and_their_metrics_are_summed(
+        served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    from tests.service.conftest import free_port
+
+    server = server_factory(served_repo, "--workers", "2", port=free_port(), processes=2)
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    for _ in range(10):  # a new channel is a new connection: the kernel picks a worker
+        with grpc.insecure_channel(server.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert logits(stub.ModelInfer(request(x), timeout=30)).shape == (2, 10)
+    text = server.metrics()
+    assert metric(text, "cnnserve_inference_count_total") == 20
+    assert len(re.findall(r"^cnnserve_requests_total\{", text, re.M)) >= 1
+    assert server.terminate() == 0
