@@ -8,7 +8,7 @@ REPO ?= $(RUN)/model_repository
 PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: demo train export serve test lint stubs install clean
+.PHONY: demo train export serve bench test lint stubs install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# train -> export -> serve -> classify a few held-out digits through the gRPC API.
+# train -> export -> serve -> classify a few held-out digits -> a short load test.
 demo: train export
 	@$(BIN)/python -m service --repo $(REPO) --port $(PORT) --metrics-port $(METRICS_PORT) \
 	    > $(RUN)/server.log 2>&1 & pid=$$!; \
@@ -25,6 +25,11 @@ demo: train export
 	  $(BIN)/python -m service.client --address 127.0.0.1:$(PORT) --wait 120 --digits 8 \
 	    || { cat $(RUN)/server.log; exit 1; }; \
 	  kill -TERM $$pid && wait $$pid && echo "server stopped cleanly; its log: $(RUN)/server.log"
+	$(BIN)/python -m loadtests.bench --repo $(REPO) --quick --seconds 5 --out $(RUN)/reports
+
+# The full benchmark (about 10 minutes): every scenario, report under reports/<timestamp>/.
+bench: $(STAMP)
+	$(BIN)/python -m loadtests.bench --repo $(REPO) --out reports
 
 train: $(STAMP)
 	$(BIN)/python -m training --preset quick --model lenet alexnet vgg11_bn --out $(RUN)

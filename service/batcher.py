@@ -66,6 +66,9 @@ class DynamicBatcher:
         self._runners = list(runners)
         self._executor = executor
         self._metrics, self._stats = metrics, stats
+        for family in (metrics.queue_depth, metrics.queue_wait, metrics.compute,
+                       metrics.batch_size, metrics.inferences, metrics.executions):
+            family.labels(name)  # export zeros from the start, not from the first request
         self._queue: deque[_Request] = deque()
         self._arrived = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []

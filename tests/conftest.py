@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.servers import ServerProcess, start_server
 from training.datasets import Dataset, load_dataset
 
 # Small but real configurations of every family, fast enough for CI on two cores.
@@ -34,3 +36,37 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, mnist5k: Dataset) -> P
                           optimizer="adamw", lr=3e-3, weight_decay=1e-4, device="cpu")
         train(cfg, mnist5k, out / name, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def served_repo(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.pipeline import export_checkpoint
+
+    repo = tmp_path_factory.mktemp("served-repo")
+    for name in TINY_CONFIGS:
+        export_checkpoint(trained_run / name / "checkpoint.pt", repo, fp16=True)
+    return repo
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def factory(repo: Path, *args: str, **kwargs: object) -> ServerProcess:
+        server = start_server(repo, *args, **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(served_repo: Path) -> Iterator[ServerProcess]:
+    """One shared server for tests that do not change its state."""
+    server = start_server(served_repo)
+    yield server
+    assert server.terminate() == 0, "".join(server.lines)

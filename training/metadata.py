@@ -73,7 +73,6 @@ class TrainingRecipe(_Frozen):
     init: str
     seed: int
     early_stopping_patience: int | None = None
-    ema_decay: float | None = None
 
 
 class ModelMetadata(_Frozen):

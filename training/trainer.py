@@ -42,8 +42,6 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     augment: bool = True
     patience: int | None = Field(default=None, gt=0)
-    ema_decay: float | None = Field(default=None, gt=0, lt=1)
-    """Validate and keep an exponential moving average of the weights (None: raw weights)."""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_steps: int | None = Field(default=None, gt=0)
@@ -186,13 +184,8 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
     shuffle = torch.Generator().manual_seed(cfg.seed)
     augment = torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.augment else None
 
-    # The EMA copy (batch-norm statistics averaged too) is what gets validated and saved.
-    ema = (torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
-        use_buffers=True) if cfg.ema_decay else None)
-    kept: nn.Module = ema.module if ema is not None else model
     history: list[EpochRecord] = []
-    best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(kept.state_dict())
+    best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     label = name or cfg.arch
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -212,8 +205,6 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
             loss.backward()
             opt.step()
             sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(idx)
@@ -222,7 +213,7 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
                                 acc=f"{int(correct) / seen:.4f}", img_s=f"{rate:.0f}")
         train_seconds = time.perf_counter() - t0
-        val_loss, val_acc = evaluate(kept, val_data)
+        val_loss, val_acc = evaluate(model, val_data)
         record = EpochRecord(epoch, float(loss_sum) / seen, int(correct) / seen, val_loss, val_acc,
                              opt.param_groups[0]["lr"], seen / train_seconds,
                              time.perf_counter() - t0)
@@ -230,7 +221,7 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
         improved = val_acc > best_acc
         if improved:
             best_acc, best_epoch = val_acc, epoch
-            best_state = copy.deepcopy(kept.state_dict())
+            best_state = copy.deepcopy(model.state_dict())
         print(f"{label} epoch {epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
               f"train {record.train_accuracy:.4f} val {val_acc:.4f}{' *' if improved else ''} "
               f"{record.images_per_s:.0f} img/s", flush=True)
@@ -238,8 +229,8 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
             print(f"{label}: no validation gain for {cfg.patience} epochs, stopping early")
             break
 
-    kept.load_state_dict(best_state)
-    _, test_acc = evaluate(kept, test_data)
+    model.load_state_dict(best_state)
+    _, test_acc = evaluate(model, test_data)
     metadata = ModelMetadata(
         name=label, arch=cfg.arch, arch_kwargs=arch_kwargs, preprocessing=prep,
         class_names=dataset.class_names, dataset=dataset.name,
@@ -247,15 +238,14 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
             optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
             momentum=cfg.momentum, schedule=cfg.schedule, epochs=cfg.epochs,
             batch_size=cfg.batch_size, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
-            init=INIT_SCHEME, seed=cfg.seed, early_stopping_patience=cfg.patience,
-            ema_decay=cfg.ema_decay),
+            init=INIT_SCHEME, seed=cfg.seed, early_stopping_patience=cfg.patience),
         epochs_trained=len(history), best_epoch=best_epoch, val_accuracy=best_acc,
         test_accuracy=test_acc, torch_version=torch.__version__, device=str(device),
         created_at=datetime.now(timezone.utc))
     result = TrainResult(metadata, history)
     if out_dir is not None:
         result.checkpoint = out_dir / "checkpoint.pt"
-        save_checkpoint(result.checkpoint, kept, metadata)
+        save_checkpoint(result.checkpoint, model, metadata)
         write_metrics(out_dir, metadata, history)
     result.seconds = time.perf_counter() - started
     return result

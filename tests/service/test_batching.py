@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.service.conftest import ServerProcess, start_server
+from tests.servers import ServerProcess, start_server
 
 
 def request(x: np.ndarray, model: str = "lenet") -> service_pb2.ModelInferRequest:
@@ -144,7 +144,7 @@ def test_sigterm_answers_queued_requests_refuses_new_ones_and_exits_0(
 
 def test_workers_share_one_port_and_their_metrics_are_summed(
         served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
-    from tests.service.conftest import free_port
+    from tests.servers import free_port
 
     server = server_factory(served_repo, "--workers", "2", port=free_port(), processes=2)
     x = np.zeros((2, 1, 28, 28), np.float32)

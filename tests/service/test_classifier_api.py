@@ -17,7 +17,7 @@ from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
 from service.repository import REPORT_FILE
 from tests.conftest import TINY_CONFIGS
-from tests.service.conftest import ServerProcess
+from tests.servers import ServerProcess
 from training.datasets import Dataset
 from training.metadata import Preprocessing
 from training.preprocessing import resize_images, to_input

@@ -13,7 +13,7 @@ import pytest
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
 from service.runtime import cuda_available
-from tests.service.conftest import ServerProcess
+from tests.servers import ServerProcess
 
 pytestmark = pytest.mark.skipif(not cuda_available(),
                                 reason="needs a CUDA GPU and onnxruntime-gpu's CUDA provider")

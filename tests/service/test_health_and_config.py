@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.settings import ServiceSettings
-from tests.service.conftest import ROOT, ServerProcess
+from tests.servers import ROOT, ServerProcess
 
 
 def test_health_reports_server_and_each_model(server: ServerProcess) -> None:

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.repository import MODEL_FILE
 from tests.conftest import TINY_CONFIGS
-from tests.service.conftest import ServerProcess
+from tests.servers import ServerProcess
 
 SHAPES = {"lenet": (1, 28, 28), "alexnet": (1, 64, 64), "vgg11_bn": (1, 32, 32)}
 

@@ -1,4 +1,4 @@
-"""A real server process on a loopback port, serving tiny real models."""
+"""Start real server processes on loopback ports for tests."""
 
 from __future__ import annotations
 
@@ -9,26 +9,11 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import TINY_CONFIGS
-
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120
-
-
-@pytest.fixture(scope="session")
-def served_repo(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.pipeline import export_checkpoint
-
-    repo = tmp_path_factory.mktemp("served-repo")
-    for name in TINY_CONFIGS:
-        export_checkpoint(trained_run / name / "checkpoint.pt", repo, fp16=True)
-    return repo
 
 
 def free_port() -> int:
@@ -96,27 +81,3 @@ def start_server(repo: Path, *args: str, env: dict[str, str] | None = None, port
             ready += 1
             if ready == processes:
                 return ServerProcess(proc, int(line.rsplit(":", 1)[1]), metrics_port, output)
-
-
-@pytest.fixture
-def server_factory() -> Iterator[Callable[..., ServerProcess]]:
-    started: list[ServerProcess] = []
-
-    def factory(repo: Path, *args: str, **kwargs: object) -> ServerProcess:
-        server = start_server(repo, *args, **kwargs)  # type: ignore[arg-type]
-        started.append(server)
-        return server
-
-    yield factory
-    for server in started:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def server(served_repo: Path) -> Iterator[ServerProcess]:
-    """One shared server for tests that do not change its state."""
-    server = start_server(served_repo)
-    yield server
-    assert server.terminate() == 0, "".join(server.lines)

@@ -1,0 +1,1 @@
+"""Locust load tests and the benchmark (`python -m loadtests.bench`)."""

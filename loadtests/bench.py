@@ -1,0 +1,229 @@
+"""`python -m loadtests.bench`: every scenario in one run, so ratios are fair on a noisy host.
+
+Starts the service (batching on, then off) and a trivial echo server on loopback, runs
+Locust headless for each scenario, scrapes the server's batch-size metrics, measures
+onnxruntime in-process as the ceiling, and writes `reports/<timestamp>/` with the
+Markdown summary, Locust's CSV/HTML files and PNG plots. Every run is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from loadtests.report import Reference, ScenarioResult, read_locust_stats, write_report
+from service.repository import MODEL_FILE, list_models, list_versions, read_config, version_dir
+from service.runtime import ModelRunner
+from service.settings import ServiceSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
+METHOD = {"oip": ("InferenceUser", "ModelInfer"), "classifier": ("ClassifierUser", "Predict")}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    model: str
+    api: str
+    users: int
+    images_per_request: int
+    batching: bool
+    echo: bool = False
+
+    @property
+    def slug(self) -> str:
+        mode = "echo" if self.echo else ("on" if self.batching else "off")
+        return (f"{self.name}-{self.model}-{self.api}-u{self.users}-i{self.images_per_request}"
+                f"-{mode}")
+
+
+def plan(models: Sequence[str], quick: bool) -> list[Scenario]:
+    """The scenario list: quick for the demo, full for the report."""
+    if quick:
+        return [Scenario("batching", m, "oip", 16, 1, True) for m in models]
+    focus = "alexnet" if "alexnet" in models else models[0]
+    smallest = "lenet" if "lenet" in models else models[0]
+    scenarios = [Scenario("batching", m, "oip", 32, 1, on) for on in (True, False) for m in models]
+    scenarios += [Scenario("sweep", m, "oip", u, 1, True) for m in models for u in (1, 8, 64)]
+    scenarios += [Scenario("multi-image", m, "oip", 8, 8, True) for m in models]
+    scenarios += [Scenario("png", focus, "classifier", 32, 1, True),
+                  Scenario("transport", smallest, "oip", 32, 1, True),
+                  Scenario("transport", "echo", "oip", 32, 1, False, echo=True)]
+    return scenarios
+
+
+@contextmanager
+def launched(cmd: list[str], ready_prefix: str, timeout: float = 180) -> Iterator[int]:
+    """Run `cmd` until its stdout says `ready_prefix ... :PORT`; yield PORT; SIGTERM after."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        while True:
+            line = proc.stdout.readline()
+            if line.startswith(ready_prefix):
+                break
+            if not line or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(cmd)} did not become ready (exit {proc.poll()})")
+        yield int(line.rsplit(":", 1)[1])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def batch_buckets(metrics_url: str | None, model: str) -> dict[str, float]:
+    if metrics_url is None:
+        return {}
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    label = f'model="{re.escape(model)}"'
+    found = re.findall(rf'^cnnserve_batch_size_bucket\{{le="([^"]+)",{label}\}} (\S+)$', text,
+                       re.M)
+    cumulative = {le: float(v) for le, v in found if le != "+Inf"}
+    bounds = sorted(cumulative, key=float)
+    return {b: cumulative[b] - (cumulative[bounds[i - 1]] if i else 0.0)
+            for i, b in enumerate(bounds)}
+
+
+def run_locust(target: str, scenario: Scenario, seconds: float, prefix: Path) -> None:
+    user_class, _ = METHOD[scenario.api]
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", target,
+           "-u", str(scenario.users), "-r", str(scenario.users), "-t", f"{seconds:g}s",
+           "--stop-timeout", "5", "--csv", str(prefix), "--html", f"{prefix}.html",
+           "--only-summary", "--model", scenario.model,
+           "--images-per-request", str(scenario.images_per_request), user_class]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=seconds + 120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def measure(scenario: Scenario, target: str, metrics_url: str | None, seconds: float,
+            out: Path) -> ScenarioResult:
+    before = batch_buckets(metrics_url, scenario.model)
+    prefix = out / scenario.slug
+    run_locust(target, scenario, seconds, prefix)
+    after = batch_buckets(metrics_url, scenario.model)
+    stats = read_locust_stats(Path(f"{prefix}_stats.csv"), METHOD[scenario.api][1])
+    result = ScenarioResult(
+        scenario=scenario.name, model=scenario.model, api=scenario.api, users=scenario.users,
+        images_per_request=scenario.images_per_request, batching=scenario.batching,
+        stats=stats, batch_sizes={b: after[b] - before.get(b, 0.0) for b in after})
+    print(f"  {scenario.slug}: {stats.rps:.0f} req/s, p50 {stats.p50_ms:.0f} ms, "
+          f"p99 {stats.p99_ms:.0f} ms, {stats.failures} errors", flush=True)
+    return result
+
+
+def in_process(repo: Path, model: str, batch_size: int, settings: ServiceSettings,
+               seconds: float = 3.0) -> Reference:
+    """onnxruntime's own throughput with the server's session options, no gRPC."""
+    config = read_config(repo, model)
+    path = version_dir(repo, model, max(list_versions(repo, model))) / MODEL_FILE
+    runner = ModelRunner(path, settings, config.input.name, config.output.name)
+    x = np.random.default_rng(0).standard_normal((batch_size, *config.input.shape)).astype(
+        np.float32)
+    runner.warmup([batch_size], config.input.shape)
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds and runs < 100_000:
+        runner.run(x)
+        runs += 1
+    return Reference(model=model, batch_size=batch_size,
+                     images_per_s=runs * batch_size / (time.perf_counter() - started))
+
+
+def ratios(results: list[ScenarioResult], refs: list[Reference]) -> list[tuple[str, float, str]]:
+    out = []
+
+    def find(**kw: object) -> ScenarioResult | None:
+        return next((r for r in results if all(getattr(r, k) == v for k, v in kw.items())),
+                    None)
+
+    for ref in (r for r in refs if r.batch_size == 32):
+        best = max((r.images_per_s for r in results if r.model == ref.model and r.batching
+                    and r.api == "oip"), default=0.0)
+        target = ">= 0.9" if ref.model != "lenet" else "(no target)"
+        out.append((f"{ref.model}: served / in-process img/s at batch 32", best /
+                    ref.images_per_s, target))
+    for on in (r for r in results if r.scenario == "batching" and r.batching):
+        off = find(scenario="batching", model=on.model, batching=False)
+        if off is not None and off.images_per_s > 0:
+            target = ">= 1.5" if on.model == "alexnet" else "(no target)"
+            out.append((f"{on.model}: batching on / off img/s at {on.users} users",
+                        on.images_per_s / off.images_per_s, target))
+    served = find(scenario="transport", batching=True)
+    echo = find(scenario="transport", batching=False)
+    if served and echo and echo.stats.rps > 0:
+        out.append((f"{served.model}: req/s / echo req/s (1 image)",
+                    served.stats.rps / echo.stats.rps, ">= 0.8"))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__)
+    p.add_argument("--repo", type=Path, default=Path("runs/demo/model_repository"))
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.add_argument("--seconds", type=float, default=20.0, help="Locust run time per scenario")
+    p.add_argument("--quick", action="store_true", help="a short load test (the demo's)")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--models", nargs="*", help="default: every model in --repo")
+    args = p.parse_args(argv)
+
+    models = args.models or list_models(args.repo)
+    out = args.out / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True)
+    scenarios = plan(models, args.quick)
+    settings = ServiceSettings(device=args.device)
+    print(f"benchmark: {len(scenarios)} scenarios of {args.seconds:g}s, models {models}, "
+          f"device {args.device}; report in {out}", flush=True)
+    results: list[ScenarioResult] = []
+    metrics_port = free_port()
+    serve = [sys.executable, "-m", "service", "--repo", str(args.repo), "--port", "0",
+             "--metrics-port", str(metrics_port), "--device", args.device]
+    for batching in (True, False):
+        todo = [s for s in scenarios if s.batching == batching and not s.echo]
+        if not todo:
+            continue
+        extra = [] if batching else ["--max-batch-size", "1"]
+        with launched(serve + extra, "cnnserve ready on ") as port:
+            for scenario in todo:
+                results.append(measure(scenario, f"127.0.0.1:{port}",
+                                       f"http://127.0.0.1:{metrics_port}/metrics",
+                                       args.seconds, out))
+    echo = [s for s in scenarios if s.echo]
+    if echo:
+        with launched([sys.executable, "-m", "loadtests.echo"], "echo ready on ") as port:
+            results += [measure(s, f"127.0.0.1:{port}", None, args.seconds, out) for s in echo]
+    refs = [in_process(args.repo, m, bs, settings) for m in models for bs in (1, 32)]
+    notes = [f"Run {out.name}: {len(scenarios)} scenarios x {args.seconds:g}s, device "
+             f"{args.device}, Locust on the same host as the server; requests are single "
+             "test digits unless img/req says otherwise."]
+    summary = write_report(out, results, refs, ratios(results, refs), notes)
+    print(summary.read_text().split("## onnxruntime")[0])
+    print(f"report: {summary}")
+    return 0 if all(r.stats.failures == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
