@@ -67,17 +67,21 @@ def plan(models: Sequence[str], quick: bool) -> list[Scenario]:
 
 
 @contextmanager
-def launched(cmd: list[str], ready_prefix: str, timeout: float = 180) -> Iterator[int]:
-    """Run `cmd` until its stdout says `ready_prefix ... :PORT`; yield PORT; SIGTERM after."""
+def launched(cmd: list[str], ready_prefix: str, timeout: float = 180, processes: int = 1
+             ) -> Iterator[int]:
+    """Run `cmd` until `processes` stdout lines say `ready_prefix ... :PORT`; yield PORT;
+    SIGTERM after."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     try:
         deadline = time.monotonic() + timeout
         assert proc.stdout is not None
-        while True:
+        ready = 0
+        while ready < processes:
             line = proc.stdout.readline()
             if line.startswith(ready_prefix):
-                break
+                ready += 1
+                continue
             if not line or time.monotonic() > deadline:
                 raise RuntimeError(f"{' '.join(cmd)} did not become ready (exit {proc.poll()})")
         yield int(line.rsplit(":", 1)[1])
@@ -109,9 +113,11 @@ def batch_buckets(metrics_url: str | None, model: str) -> dict[str, float]:
             for i, b in enumerate(bounds)}
 
 
-def run_locust(target: str, scenario: Scenario, seconds: float, prefix: Path) -> None:
+def run_locust(target: str, scenario: Scenario, seconds: float, prefix: Path,
+               processes: int = 1) -> None:
     user_class, _ = METHOD[scenario.api]
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", target,
+           *(["--processes", str(processes)] if processes > 1 else []),
            "-u", str(scenario.users), "-r", str(scenario.users), "-t", f"{seconds:g}s",
            "--stop-timeout", "5", "--csv", str(prefix), "--html", f"{prefix}.html",
            "--only-summary", "--model", scenario.model,
@@ -121,10 +127,10 @@ def run_locust(target: str, scenario: Scenario, seconds: float, prefix: Path) ->
 
 
 def measure(scenario: Scenario, target: str, metrics_url: str | None, seconds: float,
-            out: Path) -> ScenarioResult:
+            out: Path, processes: int = 1) -> ScenarioResult:
     before = batch_buckets(metrics_url, scenario.model)
     prefix = out / scenario.slug
-    run_locust(target, scenario, seconds, prefix)
+    run_locust(target, scenario, seconds, prefix, processes)
     after = batch_buckets(metrics_url, scenario.model)
     stats = read_locust_stats(Path(f"{prefix}_stats.csv"), METHOD[scenario.api][1])
     result = ScenarioResult(
@@ -188,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a short load test (the demo's)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--models", nargs="*", help="default: every model in --repo")
+    p.add_argument("--processes", type=int, default=1,
+                   help="Locust load-generator processes (more for a fast GPU server)")
+    p.add_argument("--workers", type=int, default=1, help="server processes (--workers)")
     args = p.parse_args(argv)
 
     models = args.models or list_models(args.repo)
@@ -201,24 +210,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics_port = free_port()
     serve = [sys.executable, "-m", "service", "--repo", str(args.repo), "--port", "0",
              "--metrics-port", str(metrics_port), "--device", args.device]
+    if args.workers > 1:
+        serve[serve.index("--port") + 1] = str(free_port())
     for batching in (True, False):
         todo = [s for s in scenarios if s.batching == batching and not s.echo]
         if not todo:
             continue
         extra = [] if batching else ["--max-batch-size", "1"]
-        with launched(serve + extra, "cnnserve ready on ") as port:
+        with launched(serve + extra + ["--workers", str(args.workers)], "cnnserve ready on ",
+                      processes=args.workers) as port:
             for scenario in todo:
                 results.append(measure(scenario, f"127.0.0.1:{port}",
                                        f"http://127.0.0.1:{metrics_port}/metrics",
-                                       args.seconds, out))
+                                       args.seconds, out, args.processes))
     echo = [s for s in scenarios if s.echo]
     if echo:
         with launched([sys.executable, "-m", "loadtests.echo"], "echo ready on ") as port:
-            results += [measure(s, f"127.0.0.1:{port}", None, args.seconds, out) for s in echo]
+            results += [measure(s, f"127.0.0.1:{port}", None, args.seconds, out, args.processes)
+                        for s in echo]
     refs = [in_process(args.repo, m, bs, settings) for m in models for bs in (1, 32)]
     notes = [f"Run {out.name}: {len(scenarios)} scenarios x {args.seconds:g}s, device "
-             f"{args.device}, Locust on the same host as the server; requests are single "
-             "test digits unless img/req says otherwise."]
+             f"{args.device}, {args.workers} server process(es), {args.processes} Locust "
+             "process(es) on the same host as the server; requests are single test digits "
+             "unless img/req says otherwise."]
     summary = write_report(out, results, refs, ratios(results, refs), notes)
     print(summary.read_text().split("## onnxruntime")[0])
     print(f"report: {summary}")
