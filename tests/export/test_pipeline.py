@@ -26,11 +26,9 @@ from training.metadata import ONNX_METADATA_KEY
 
 
 @pytest.fixture(scope="module")
-def repo(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("repo")
-    for name in TINY_CONFIGS:
-        export_checkpoint(trained_run / name / "checkpoint.pt", repo, fp16=True)
-    return repo
+def repo(served_repo: Path) -> Path:
+    """Every tiny model exported with --fp16 (the shared session fixture)."""
+    return served_repo
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
