@@ -9,7 +9,15 @@ import numpy as np
 
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
-from service.dispatch import Call, answer, find_model, infer, invalid
+from service.dispatch import (
+    Call,
+    RequestLimits,
+    answer,
+    check_image_count,
+    find_model,
+    infer,
+    invalid,
+)
 from service.images import ImageError, decode
 from service.metrics import Metrics
 from service.models import ModelSet, ServedModel
@@ -29,13 +37,12 @@ def _tensor(image: pb.Tensor, index: int, model: ServedModel) -> np.ndarray:
     return np.asarray(image.data, dtype=np.float32).reshape(expected)
 
 
-def _inputs(request: pb.PredictRequest, model: ServedModel, max_pixels: int) -> np.ndarray:
+def _inputs(request: pb.PredictRequest, model: ServedModel, limits: RequestLimits
+            ) -> np.ndarray:
     """Every image of the request as one float32 NCHW batch, in request order."""
     if not request.images:
         invalid("the request holds no images")
-    if len(request.images) > model.max_batch_size:
-        invalid(f"model {model.name!r} takes at most {model.max_batch_size} images per request "
-                f"(its max_batch_size), got {len(request.images)}")
+    check_image_count(model, len(request.images), limits)
     assert model.metadata is not None
     prep = model.metadata.model.preprocessing
     rows: list[np.ndarray] = []
@@ -43,7 +50,8 @@ def _inputs(request: pb.PredictRequest, model: ServedModel, max_pixels: int) -> 
         kind = image.WhichOneof("source")
         if kind == "encoded":
             try:
-                rows.append(to_input(decode(image.encoded, prep, max_pixels)[None], prep)[0])
+                pixels = decode(image.encoded, prep, limits.max_image_pixels)
+                rows.append(to_input(pixels[None], prep)[0])
             except ImageError as exc:
                 invalid(f"image {i}: {exc}")
         elif kind == "tensor":
@@ -65,10 +73,10 @@ def _classifications(logits: np.ndarray, labels: tuple[str, ...], top_k: int
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, models: ModelSet, metrics: Metrics, max_image_pixels: int) -> None:
+    def __init__(self, models: ModelSet, metrics: Metrics, limits: RequestLimits) -> None:
         self.models = models
         self.metrics = metrics
-        self.max_image_pixels = max_image_pixels
+        self.limits = limits
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
                       ) -> pb.PredictResponse:
@@ -76,10 +84,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             call.model = model = find_model(self.models, request.model, request.version)
             encoded = sum(len(i.encoded) for i in request.images)
             if encoded >= _OFFLOAD_BYTES:
-                inputs = await asyncio.to_thread(_inputs, request, model, self.max_image_pixels)
+                inputs = await asyncio.to_thread(_inputs, request, model, self.limits)
             else:
-                inputs = _inputs(request, model, self.max_image_pixels)
-            logits = await infer(model, inputs, context)
+                inputs = _inputs(request, model, self.limits)
+            logits = await infer(call, self.models, inputs, context, self.limits)
+            model = call.model or model
             labels = model.config.labels
             top_k = min(max(request.top_k, 1), len(labels))
             return pb.PredictResponse(model=model.name, version=str(model.version),

@@ -50,17 +50,49 @@ def find_model(models: ModelSet, name: str, version: str = "") -> ServedModel:
     return model
 
 
-async def infer(model: ServedModel, inputs: np.ndarray, context: grpc.aio.ServicerContext
-                ) -> np.ndarray:
-    """Batch `inputs` with other requests for `model`; map batcher failures to statuses."""
-    assert model.batcher is not None  # find_model only returns ready models
-    if len(inputs) > model.max_batch_size:
-        invalid(f"model {model.name!r} takes at most {model.max_batch_size} images per "
-                f"request (its max_batch_size), got {len(inputs)}")
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request limits from the settings, shared by both APIs."""
+
+    max_images_per_request: int
+    max_image_pixels: int
+    request_timeout_s: float
+
+
+def check_image_count(model: ServedModel, count: int, limits: RequestLimits) -> None:
+    """Refuse a request before its images are decoded if it holds too many."""
+    limit = min(model.max_batch_size, limits.max_images_per_request)
+    if count > limit:
+        invalid(f"model {model.name!r} takes at most {limit} images per request (its "
+                f"max_batch_size {model.max_batch_size}, server max_images_per_request "
+                f"{limits.max_images_per_request}), got {count}")
+
+
+async def infer(call: Call, models: ModelSet, inputs: np.ndarray,
+                context: grpc.aio.ServicerContext, limits: RequestLimits) -> np.ndarray:
+    """Batch `inputs` with other requests for `call.model`; map failures to statuses.
+
+    If a hot reload retired the model after the request found it, the request moves to
+    the version now served (and `call.model` says so) instead of failing.
+    """
+    model = call.model
+    assert model is not None and model.batcher is not None  # set by find_model
+    check_image_count(model, len(inputs), limits)
     remaining = context.time_remaining()
-    deadline = None if remaining is None else time.monotonic() + remaining
+    timeout = limits.request_timeout_s if remaining is None else min(
+        remaining, limits.request_timeout_s)
+    deadline = time.monotonic() + timeout
     try:
-        return await model.batcher.infer(inputs, deadline)
+        try:
+            return await model.batcher.infer(inputs, deadline)
+        except BatcherClosedError:
+            current = models.models.get(model.name)
+            if (current is None or current is model or not current.ready
+                    or current.config.input.shape != model.config.input.shape):
+                raise
+            call.model = current
+            assert current.batcher is not None
+            return await current.batcher.infer(inputs, deadline)
     except QueueFullError as exc:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
     except DeadlineExceededError as exc:

@@ -12,7 +12,16 @@ import numpy as np
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from service.dispatch import Call, RequestError, answer, find_model, infer, invalid
+from service.dispatch import (
+    Call,
+    RequestError,
+    RequestLimits,
+    answer,
+    check_image_count,
+    find_model,
+    infer,
+    invalid,
+)
 from service.metrics import Duration, Metrics
 from service.models import ModelSet, ServedModel
 
@@ -21,7 +30,8 @@ SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
 
 
-def _decode_input(request: pb.ModelInferRequest, model: ServedModel) -> np.ndarray:
+def _decode_input(request: pb.ModelInferRequest, model: ServedModel, limits: RequestLimits
+                  ) -> np.ndarray:
     """The request's single FP32 input as an (n, C, H, W) array, or INVALID_ARGUMENT."""
     spec = model.config.input
     if len(request.inputs) != 1 or request.inputs[0].name != spec.name:
@@ -35,9 +45,7 @@ def _decode_input(request: pb.ModelInferRequest, model: ServedModel) -> np.ndarr
     if len(shape) != 1 + len(spec.shape) or shape[1:] != spec.shape or shape[0] < 1:
         invalid(f"input {spec.name!r} must have shape [N, {', '.join(map(str, spec.shape))}] "
                 f"with N >= 1, got {list(shape)}")
-    if shape[0] > model.max_batch_size:
-        invalid(f"model {model.name!r} takes at most {model.max_batch_size} images per request "
-                f"(its max_batch_size), got {shape[0]}")
+    check_image_count(model, shape[0], limits)
     count = int(np.prod(shape))
     typed = tensor.HasField("contents")
     if request.raw_input_contents:
@@ -80,9 +88,10 @@ def _duration(d: Duration) -> pb.StatisticDuration:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelSet, metrics: Metrics) -> None:
+    def __init__(self, models: ModelSet, metrics: Metrics, limits: RequestLimits) -> None:
         self.models = models
         self.metrics = metrics
+        self.limits = limits
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ServerLiveResponse:
@@ -123,9 +132,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def handle(call: Call) -> pb.ModelInferResponse:
             call.model = model = find_model(self.models, request.model_name,
                                             request.model_version)
-            inputs = _decode_input(request, model)
+            inputs = _decode_input(request, model, self.limits)
             _check_outputs(request, model)
-            logits = await infer(model, inputs, context)
+            logits = await infer(call, self.models, inputs, context, self.limits)
+            model = call.model or model
             return pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id,
                 outputs=[pb.ModelInferResponse.InferOutputTensor(

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,9 +16,18 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from service.classifier_api import ClassifierServicer
+from service.dispatch import RequestLimits
 from service.inference_api import InferenceServicer
 from service.metrics import Metrics
 from service.models import ModelSet, load_models
+from service.reload import RepositoryWatcher
+from service.repository import RepositoryError
+from service.security import (
+    TokenAuthInterceptor,
+    load_tokens,
+    server_credentials,
+    warn_if_exposed,
+)
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -33,6 +42,8 @@ class RunningServer:
     models: ModelSet
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
+    watcher: asyncio.Task[None] | None = None
+    _announced: set[str] = field(default_factory=set)
 
     async def set_serving(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
@@ -42,9 +53,14 @@ class RunningServer:
             await self.health.set(name, overall)
         for model in self.models.models.values():
             await self.health.set(model.name, serving if model.ready else not_serving)
+        for gone in self._announced - set(self.models.models):
+            await self.health.set(gone, not_serving)
+        self._announced |= set(self.models.models)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls, answer those in flight (up to `grace_s`), then drain batchers."""
+        if self.watcher is not None:
+            self.watcher.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         await self.models.close()
@@ -54,12 +70,16 @@ class RunningServer:
 def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
             ("grpc.so_reuseport", int(reuse_port))]
 
 
 async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: bool = False
                        ) -> RunningServer:
     """Load and warm every model, then listen; returns once the port is bound."""
+    credentials = server_credentials(settings)
+    interceptors = [TokenAuthInterceptor(load_tokens(settings), settings.auth_open_services)
+                    ] if settings.auth else []
     # Each model instance keeps at most one batch in flight, so threads are only made as
     # instances need them; the cap is a backstop.
     executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="onnxruntime")
@@ -68,21 +88,30 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
         if model.batcher is not None:
             model.batcher.start()
     server = grpc.aio.server(options=server_options(settings, reuse_port),
+                             interceptors=interceptors,
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    limits = RequestLimits(settings.max_images_per_request, settings.max_image_pixels,
+                           settings.request_timeout_s)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(models, metrics), server)
+        InferenceServicer(models, metrics, limits), server)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(
-        ClassifierServicer(models, metrics, settings.max_image_pixels), server)
+        ClassifierServicer(models, metrics, limits), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (OIP_SERVICE, CLASSIFIER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    port = (server.add_insecure_port(address) if credentials is None
+            else server.add_secure_port(address, credentials))
     if port == 0:
-        raise OSError(f"could not bind {settings.host}:{settings.port}")
+        raise OSError(f"could not bind {address}")
+    warn_if_exposed(settings)
     await server.start()
     running = RunningServer(server, port, models, health_servicer, executor)
     await running.set_serving()
+    if settings.reload_interval_s > 0:
+        watcher = RepositoryWatcher(settings, models, executor, metrics, running.set_serving)
+        running.watcher = asyncio.create_task(watcher.run(), name="repository-watcher")
     return running
 
 
@@ -92,7 +121,9 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
     metrics = Metrics(registry)
     running = await start_server(settings, metrics, reuse_port)
     ready = [m.name for m in running.models.models.values() if m.ready]
-    log.info("listening on %s:%d; serving %s", settings.host, running.port, ", ".join(ready))
+    log.info("listening on %s:%d (%s%s); serving %s", settings.host, running.port,
+             "mutual TLS" if settings.tls_client_ca_file else "TLS" if settings.tls
+             else "plaintext", ", bearer tokens" if settings.auth else "", ", ".join(ready))
     print(f"cnnserve ready on {settings.host}:{running.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -111,6 +142,6 @@ def run(settings: ServiceSettings, reuse_port: bool = False) -> int:
         start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
     try:
         return asyncio.run(serve(settings, registry, reuse_port))
-    except OSError as exc:
+    except (OSError, ValueError, RepositoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -70,10 +70,32 @@ class ServiceSettings(BaseSettings):
     models: dict[str, ModelOverrides] = Field(default_factory=dict)
 
     max_message_bytes: int = Field(default=64 * MiB, ge=MiB)
+    max_images_per_request: int = Field(default=256, ge=1)
+    """Server-wide cap on images in one request; a model's max_batch_size may be lower."""
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     """Largest decoded image accepted (width x height), against decompression bombs."""
-    max_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    max_concurrent_rpcs: int | None = Field(default=2048, ge=1)
+    """RPCs in progress per process; beyond it gRPC answers RESOURCE_EXHAUSTED."""
+    max_streams_per_connection: int = Field(default=256, ge=1)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    """Deadline for requests whose client set none (or a later one)."""
     grace_period_s: float = Field(default=10.0, ge=0)
+    reload_interval_s: float = Field(default=0.0, ge=0)
+    """Poll the repository this often for new versions and models; 0 turns it off."""
+
+    tls_cert_file: Path | None = None
+    """PEM certificate chain; with tls_key_file the gRPC port speaks TLS only."""
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+    auth_token: SecretStr | None = None
+    """Bearer token every call must carry (CNNSERVE_AUTH_TOKEN); never logged."""
+    auth_tokens_file: Path | None = None
+    """File of accepted bearer tokens, one per line (blank lines and # comments skipped)."""
+    auth_open_services: tuple[str, ...] = (
+        "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection")
+    """gRPC services callable without a token (probes and tooling)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
 
@@ -99,7 +121,25 @@ class ServiceSettings(BaseSettings):
     def _coherent(self) -> ServiceSettings:
         if self.workers > 1 and self.port == 0:
             raise ValueError("workers > 1 share one port: set an explicit port, not 0")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file, got only "
+                             f"{'tls_cert_file' if self.tls_cert_file else 'tls_key_file'}")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
+                             "tls_key_file too")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: expected a readable file, got {path} (not found)")
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def auth(self) -> bool:
+        return self.auth_token is not None or self.auth_tokens_file is not None
 
     def overrides(self, model: str) -> ModelOverrides:
         """Server-wide batching flags, then the model's own entry, over config.json."""

@@ -8,6 +8,7 @@ SIGTERM/SIGINT, serves the merged Prometheus metrics, and exits when they have.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -30,8 +31,12 @@ def supervise(settings: ServiceSettings) -> int:
         from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
         child = settings.model_copy(update={"workers": 1, "metrics_port": None})
-        settings_file = Path(metrics_dir) / "settings.json"
-        settings_file.write_text(child.model_dump_json())
+        settings_file = Path(metrics_dir) / "settings.json"  # in a 0700 folder
+        fields = child.model_dump(mode="json")
+        if child.auth_token is not None:  # model_dump masks secrets; the workers need it
+            fields["auth_token"] = child.auth_token.get_secret_value()
+        settings_file.write_text(json.dumps(fields))
+        settings_file.chmod(0o600)
         if settings.metrics_port is not None:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)

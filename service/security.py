@@ -1,0 +1,119 @@
+"""Who may connect (TLS, mutual TLS) and who may call (bearer tokens).
+
+Plaintext is the default only because development happens on loopback; listening in
+plaintext anywhere else is logged as a warning at start. Tokens are compared in
+constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+AUTH_HEADER = "authorization"
+BEARER = "Bearer "
+
+
+def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files, or None for plaintext."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    ca = settings.tls_client_ca_file
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=ca.read_bytes() if ca else None,
+        require_client_auth=ca is not None)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(settings: ServiceSettings) -> None:
+    if not settings.tls and not is_loopback(settings.host):
+        log.warning("PLAINTEXT gRPC on %s:%s: anyone on the network can read and forge "
+                    "requests; set tls_cert_file and tls_key_file outside development",
+                    settings.host, settings.port)
+    if settings.auth and not settings.tls and not is_loopback(settings.host):
+        log.warning("bearer tokens travel in plaintext on %s: enable TLS", settings.host)
+
+
+def load_tokens(settings: ServiceSettings) -> list[bytes]:
+    """Every accepted token; raises ValueError when auth is on but no token is usable."""
+    tokens = []
+    if settings.auth_token is not None:
+        tokens.append(settings.auth_token.get_secret_value())
+    if settings.auth_tokens_file is not None:
+        lines = settings.auth_tokens_file.read_text().splitlines()
+        tokens += [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
+    if settings.auth and not (tokens and all(tokens)):
+        raise ValueError(f"authentication is on, so expected non-empty tokens in auth_token "
+                         f"or auth_tokens_file, got none usable ({settings.auth_tokens_file})")
+    return [t.encode() for t in tokens]
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without an accepted `authorization: Bearer <token>` with UNAUTHENTICATED."""
+
+    def __init__(self, tokens: Sequence[bytes], open_services: Sequence[str]) -> None:
+        if not tokens:
+            raise ValueError("TokenAuthInterceptor needs at least one token")
+        self._tokens = list(tokens)
+        self._open = frozenset(open_services)
+
+    def _accepts(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        presented = next((v for k, v in metadata or () if k == AUTH_HEADER), None)
+        if not isinstance(presented, str) or not presented.startswith(BEARER):
+            return False
+        candidate = presented[len(BEARER):].encode()
+        # Compare with every token, without stopping early, so timing tells nothing.
+        matches = [hmac.compare_digest(candidate, token) for token in self._tokens]
+        return any(matches)
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler | None]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        service = details.method.lstrip("/").split("/", 1)[0]
+        if service in self._open or self._accepts(details.invocation_metadata):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        log.info("refused unauthenticated call to %s", details.method)
+        return _refusing(handler)
+
+
+async def _refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                        "missing or unaccepted bearer token: send metadata "
+                        "'authorization: Bearer <token>'")
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind that answers UNAUTHENTICATED."""
+    serializers = {"request_deserializer": handler.request_deserializer,
+                   "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(_refuse, **serializers)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(_refuse, **serializers)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(_refuse, **serializers)
+    return grpc.unary_unary_rpc_method_handler(_refuse, **serializers)
