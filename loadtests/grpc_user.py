@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,8 @@ from locust import User
 from locust.env import Environment
 from locust.exception import LocustError
 
+from service.client import open_channel
+
 grpc_gevent.init_gevent()
 
 
@@ -25,12 +28,23 @@ class GrpcCallError(Exception):
     """A failed call as Locust reports it: `<STATUS>: <details>`."""
 
 
+class _CallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+    def __init__(self, details: Any, metadata: list[tuple[str, str]]) -> None:
+        self.method, self.timeout = details.method, details.timeout
+        self.credentials, self.wait_for_ready = details.credentials, details.wait_for_ready
+        self.compression = details.compression
+        self.metadata = [*(details.metadata or ()), *metadata]
+
+
 class _ReportingInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    def __init__(self, environment: Environment) -> None:
+    def __init__(self, environment: Environment, metadata: list[tuple[str, str]]) -> None:
         self.environment = environment
+        self.metadata = metadata
 
     def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any,
                               request: Any) -> Any:
+        if self.metadata:
+            details = _CallDetails(details, self.metadata)
         started = time.perf_counter()
         outcome = continuation(details, request)
         exception: Exception | None = None
@@ -47,7 +61,11 @@ class _ReportingInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[m
 
 
 class GrpcUser(User):
-    """Opens one channel per simulated user to `host` (host:port, no scheme)."""
+    """Opens one channel per simulated user to `host` (host:port, no scheme).
+
+    TLS and bearer tokens come from the --grpc-ca-file, --grpc-cert-file, --grpc-key-file
+    and --grpc-token options when the locustfile defines them.
+    """
 
     abstract = True
     stub_class: Any = None
@@ -59,10 +77,19 @@ class GrpcUser(User):
         target = self.host.split("://", 1)[-1]
         options = [("grpc.max_receive_message_length", 64 << 20),
                    ("grpc.max_send_message_length", 64 << 20)]
-        self.setup_channel = grpc.insecure_channel(target, options)
+        parsed = environment.parsed_options
+
+        def option(name: str) -> Any:
+            return getattr(parsed, name, None) if parsed is not None else None
+
+        ca, cert, key = (Path(p) if p else None for p in (
+            option("grpc_ca_file"), option("grpc_cert_file"), option("grpc_key_file")))
+        self.setup_channel = open_channel(target, ca, cert, key, options=options)
         """For set-up calls that should not count in the statistics."""
-        self.channel = grpc.intercept_channel(self.setup_channel,
-                                              _ReportingInterceptor(environment))
+        token = option("grpc_token")
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.channel = grpc.intercept_channel(
+            self.setup_channel, _ReportingInterceptor(environment, self.metadata))
         self.stub = self.stub_class(self.channel)
 
     def on_stop(self) -> None:

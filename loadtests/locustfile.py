@@ -6,8 +6,9 @@
     locust -f loadtests/locustfile.py --master / --worker --master-host HOST   # distributed
     locust -f loadtests/locustfile.py,loadtests/step_shape.py ...            # stepped load
 
-Options (or LOCUST_MODEL, LOCUST_IMAGES_PER_REQUEST, LOCUST_GRPC_TIMEOUT): --model,
---images-per-request, --grpc-timeout. Pick one user class by naming it last on the
+Options (or LOCUST_MODEL, LOCUST_IMAGES_PER_REQUEST, LOCUST_GRPC_TIMEOUT, ...): --model,
+--images-per-request, --grpc-timeout, and for a secured server --grpc-ca-file,
+--grpc-cert-file, --grpc-key-file, --grpc-token. Pick one user class by naming it last on the
 command line (`... ClassifierUser`); by default both run.
 """
 
@@ -39,6 +40,13 @@ def _options(parser: Any) -> None:
                         env_var="LOCUST_IMAGES_PER_REQUEST")
     parser.add_argument("--grpc-timeout", type=float, default=10.0, env_var="LOCUST_GRPC_TIMEOUT",
                         help="deadline of each call, seconds")
+    parser.add_argument("--grpc-ca-file", env_var="LOCUST_GRPC_CA_FILE",
+                        help="CA bundle: connect with TLS")
+    parser.add_argument("--grpc-cert-file", env_var="LOCUST_GRPC_CERT_FILE",
+                        help="client certificate for mutual TLS")
+    parser.add_argument("--grpc-key-file", env_var="LOCUST_GRPC_KEY_FILE")
+    parser.add_argument("--grpc-token", env_var="LOCUST_GRPC_TOKEN", is_secret=True,
+                        help="bearer token sent with every call")
 
 
 @cache
@@ -123,7 +131,7 @@ class InferenceUser(_CnnUser):
         every request up front so the user measures the server, not numpy."""
         try:
             listing = classifier_pb2_grpc.ClassifierStub(self.setup_channel).ListModels(
-                classifier_pb2.ListModelsRequest(), timeout=self.timeout)
+                classifier_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
             info = {m.name: m for m in listing.models}.get(self.model)
         except grpc.RpcError:
             info = None

@@ -28,6 +28,14 @@ _FLAGS: dict[str, dict[str, object]] = {
     "max_batch_size": {"type": int, "help": "override every model's max batch size"},
     "max_queue_delay_us": {"type": int, "help": "override every model's batching delay"},
     "max_queue_size": {"type": int},
+    "max_images_per_request": {"type": int},
+    "request_timeout_s": {"type": float, "help": "deadline for calls that set none"},
+    "reload_interval_s": {"type": float, "help": "poll the repository for new versions; 0: off"},
+    "tls_cert_file": {"type": Path, "help": "PEM certificate chain: serve TLS only"},
+    "tls_key_file": {"type": Path, "help": "PEM private key of the certificate"},
+    "tls_client_ca_file": {"type": Path, "help": "require client certificates (mutual TLS)"},
+    "auth_tokens_file": {"type": Path, "help": "accepted bearer tokens, one per line "
+                                               "(or CNNSERVE_AUTH_TOKEN)"},
     "log_level": {"choices": ("DEBUG", "INFO", "WARNING", "ERROR")},
 }
 

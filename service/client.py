@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +34,21 @@ def test_digits(count: int) -> list[tuple[str, bytes, str]]:
         Image.fromarray(test.images[i][..., 0]).save(buf, format="PNG")
         out.append((f"mnist5k-test-{i}", buf.getvalue(), str(test.labels[i])))
     return out
+
+
+def open_channel(address: str, tls_ca: Path | None = None, tls_cert: Path | None = None,
+                 tls_key: Path | None = None,
+                 options: Sequence[tuple[str, int]] = ()) -> grpc.Channel:
+    """Plaintext, or TLS when a CA (or a client certificate, for mutual TLS) is given."""
+    if tls_ca is None and tls_cert is None:
+        return grpc.insecure_channel(address, options=list(options))
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("a client certificate needs both tls_cert and tls_key")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls_ca.read_bytes() if tls_ca else None,
+        private_key=tls_key.read_bytes() if tls_key else None,
+        certificate_chain=tls_cert.read_bytes() if tls_cert else None)
+    return grpc.secure_channel(address, credentials, options=list(options))
 
 
 def wait_until_serving(channel: grpc.Channel, timeout: float) -> None:
@@ -69,23 +85,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to this long for the server to report SERVING")
+    p.add_argument("--tls-ca", type=Path, help="CA bundle to verify a TLS server with")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, help="client private key (mutual TLS)")
+    p.add_argument("--token", default=os.environ.get("CNNSERVE_CLIENT_TOKEN"),
+                   help="bearer token (default: $CNNSERVE_CLIENT_TOKEN)")
     args = p.parse_args(argv)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
 
     inputs = ([(str(path), path.read_bytes(), "") for path in args.images] if args.images
               else test_digits(args.digits))
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args.address, args.tls_ca, args.tls_cert, args.tls_key) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         try:
             if args.wait:
                 wait_until_serving(channel, args.wait)
-            served = stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout).models
+            served = stub.ListModels(pb.ListModelsRequest(), timeout=args.timeout,
+                                     metadata=metadata).models
             models = args.model or [m.name for m in served if m.ready]
             rows = []
             for model in models:
                 response = stub.Predict(pb.PredictRequest(
                     model=model, top_k=args.top_k,
                     images=[pb.Image(encoded=data) for _, data, _ in inputs]),
-                    timeout=args.timeout)
+                    timeout=args.timeout, metadata=metadata)
                 for (name, _, truth), result in zip(inputs, response.classifications,
                                                     strict=True):
                     best = result.predictions[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -15,37 +14,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.servers import ServerProcess, start_server
-
-
-def request(x: np.ndarray, model: str = "lenet") -> service_pb2.ModelInferRequest:
-    return service_pb2.ModelInferRequest(
-        model_name=model, inputs=[service_pb2.ModelInferRequest.InferInputTensor(
-            name="input", datatype="FP32", shape=list(x.shape))],
-        raw_input_contents=[x.astype("<f4").tobytes()])
-
-
-def logits(response: service_pb2.ModelInferResponse) -> np.ndarray:
-    return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(
-        tuple(response.outputs[0].shape))
-
-
-def metric(text: str, name: str, model: str = "lenet") -> float:
-    match = re.search(rf'^{name}\{{model="{model}"(?:,le="[^"]*")?\}} (\S+)$', text, re.M)
-    assert match, f"{name} for {model} not in metrics"
-    return float(match.group(1))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll a condition on the server, bounded in time."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
-def stub_for(server: ServerProcess) -> service_pb2_grpc.GRPCInferenceServiceStub:
-    return service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.address))
+from tests.service.oip import logits, metric, request, stub_for, wait_until
 
 
 def test_concurrent_single_images_are_batched_and_answered_individually(
