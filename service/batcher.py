@@ -97,12 +97,19 @@ class DynamicBatcher:
         if len(self._queue) >= self.max_queue_size:
             raise QueueFullError(f"model {self.name!r} has {len(self._queue)} requests queued "
                                  f"(limit {self.max_queue_size}); retry later")
-        request = _Request(inputs, asyncio.get_running_loop().create_future(), time.monotonic(),
-                           deadline)
+        loop = asyncio.get_running_loop()
+        request = _Request(inputs, loop.create_future(), time.monotonic(), deadline)
         self._queue.append(request)
         self._metrics.queue_depth.labels(self.name).inc()
         self._arrived.set()
-        return await request.future
+        # Wake the workers at the deadline so an expired request is failed then, not
+        # whenever its batch would have formed. (Both clocks are time.monotonic().)
+        timer = None if deadline is None else loop.call_at(deadline, self._arrived.set)
+        try:
+            return await request.future
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def close(self) -> None:
         """Run everything already queued, then stop the workers."""

@@ -114,6 +114,8 @@ async def answer(metrics: Metrics, api: str, context: grpc.aio.ServicerContext,
                  handler: Callable[[Call], Awaitable[T]]) -> T:
     """Run `handler`, turning RequestError into the call's status; count and time the call."""
     started = time.perf_counter()
+    metrics.last_call_at = time.monotonic()
+    metrics.in_flight += 1
     call = Call()
     code = grpc.StatusCode.OK
     try:
@@ -129,6 +131,7 @@ async def answer(metrics: Metrics, api: str, context: grpc.aio.ServicerContext,
         code = grpc.StatusCode.INTERNAL
         raise
     finally:
+        metrics.in_flight -= 1
         elapsed = time.perf_counter() - started
         # Unknown names are not labels: a client must not be able to grow the metric set.
         model = call.model

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 OIP_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+DRAIN_QUIET_S = 0.2
+"""At shutdown, gRPC stops once no API call has arrived for this long (or grace ends)."""
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 
 
@@ -42,6 +45,7 @@ class RunningServer:
     models: ModelSet
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
+    metrics: Metrics
     watcher: asyncio.Task[None] | None = None
     _announced: set[str] = field(default_factory=set)
 
@@ -58,12 +62,27 @@ class RunningServer:
         self._announced |= set(self.models.models)
 
     async def stop(self, grace_s: float) -> None:
-        """Refuse new calls, answer those in flight (up to `grace_s`), then drain batchers."""
+        """Answer what was accepted, refuse the rest with UNAVAILABLE, within `grace_s`.
+
+        The batchers close first, while the port stays open: new inference calls get a
+        clear UNAVAILABLE from the handlers and queued ones are answered. gRPC stops only
+        once calls have stopped arriving (DRAIN_QUIET_S) or the grace period is over:
+        stopping it earlier would cancel calls it had received but not yet dispatched,
+        and the client would see CANCELLED instead of a retryable UNAVAILABLE.
+        """
+        deadline = time.monotonic() + grace_s
         if self.watcher is not None:
             self.watcher.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
-        await self.models.close()
+        try:
+            await asyncio.wait_for(self.models.close(), timeout=grace_s)
+        except TimeoutError:
+            log.warning("queued requests not finished within the %.1fs grace period", grace_s)
+        while time.monotonic() < deadline and (
+                self.metrics.in_flight
+                or time.monotonic() - self.metrics.last_call_at < DRAIN_QUIET_S):
+            await asyncio.sleep(0.01)
+        await self.server.stop(max(deadline - time.monotonic(), 0.0))
         self.executor.shutdown(wait=True)
 
 
@@ -107,7 +126,7 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
         raise OSError(f"could not bind {address}")
     warn_if_exposed(settings)
     await server.start()
-    running = RunningServer(server, port, models, health_servicer, executor)
+    running = RunningServer(server, port, models, health_servicer, executor, metrics)
     await running.set_serving()
     if settings.reload_interval_s > 0:
         watcher = RepositoryWatcher(settings, models, executor, metrics, running.set_serving)

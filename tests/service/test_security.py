@@ -213,3 +213,15 @@ def test_plaintext_on_a_non_loopback_address_is_logged_loudly(
     with caplog.at_level(logging.WARNING, logger="service.security"):
         warn_if_exposed(settings)
     assert ("PLAINTEXT" in caplog.text) == warned
+
+
+def test_the_serving_path_loads_no_torch_and_unpickles_nothing(server: ServerProcess) -> None:
+    """Models reach the server only as ONNX graphs: no torch, no pickle on that path."""
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps
+    service_dir = ROOT / "service"
+    for source in sorted(service_dir.glob("*.py")):
+        text = source.read_text()
+        for unsafe in ("import pickle", "torch.load", "allow_pickle=True", "import joblib",
+                       "import dill"):
+            assert unsafe not in text, f"{source.name} uses {unsafe}"
