@@ -81,6 +81,10 @@ def test_a_broken_model_is_unready_while_the_others_serve(
     shutil.copytree(served_repo, repo)
     model = repo / "alexnet" / "1" / "model.onnx"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # truncated file
+    config = repo / "vgg11_bn" / "config.json"  # a config that contradicts its model
+    fields = json.loads(config.read_text())
+    fields["input"]["shape"] = [1, 28, 28]
+    config.write_text(json.dumps(fields))
     server = server_factory(repo)
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
 
@@ -88,9 +92,12 @@ def test_a_broken_model_is_unready_while_the_others_serve(
         return stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
 
     assert status("alexnet") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert status("vgg11_bn") == health_pb2.HealthCheckResponse.NOT_SERVING
     assert status("lenet") == health_pb2.HealthCheckResponse.SERVING
     assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING  # not every model ready
-    assert any("model alexnet version 1 not served" in line for line in server.lines)
+    log = "".join(server.lines)
+    assert "model alexnet version 1 not served" in log
+    assert "config.json says input (1, 28, 28)" in log
 
 
 def test_generated_stubs_are_up_to_date() -> None:
