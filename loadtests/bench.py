@@ -66,11 +66,17 @@ def plan(models: Sequence[str], quick: bool) -> list[Scenario]:
     return scenarios
 
 
+@dataclass(frozen=True)
+class Launched:
+    port: int
+    pid: int
+
+
 @contextmanager
 def launched(cmd: list[str], ready_prefix: str, timeout: float = 180, processes: int = 1
-             ) -> Iterator[int]:
-    """Run `cmd` until `processes` stdout lines say `ready_prefix ... :PORT`; yield PORT;
-    SIGTERM after."""
+             ) -> Iterator[Launched]:
+    """Run `cmd` until `processes` stdout lines say `ready_prefix ... :PORT`; yield its
+    port and pid; SIGTERM after."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     try:
@@ -84,7 +90,7 @@ def launched(cmd: list[str], ready_prefix: str, timeout: float = 180, processes:
                 continue
             if not line or time.monotonic() > deadline:
                 raise RuntimeError(f"{' '.join(cmd)} did not become ready (exit {proc.poll()})")
-        yield int(line.rsplit(":", 1)[1])
+        yield Launched(int(line.rsplit(":", 1)[1]), proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -114,14 +120,14 @@ def batch_buckets(metrics_url: str | None, model: str) -> dict[str, float]:
 
 
 def run_locust(target: str, scenario: Scenario, seconds: float, prefix: Path,
-               processes: int = 1) -> None:
+               processes: int = 1, extra: Sequence[str] = ()) -> None:
     user_class, _ = METHOD[scenario.api]
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", target,
            *(["--processes", str(processes)] if processes > 1 else []),
            "-u", str(scenario.users), "-r", str(scenario.users), "-t", f"{seconds:g}s",
            "--stop-timeout", "5", "--csv", str(prefix), "--html", f"{prefix}.html",
            "--only-summary", "--model", scenario.model,
-           "--images-per-request", str(scenario.images_per_request), user_class]
+           "--images-per-request", str(scenario.images_per_request), *extra, user_class]
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=seconds + 120,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -218,15 +224,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         extra = [] if batching else ["--max-batch-size", "1"]
         with launched(serve + extra + ["--workers", str(args.workers)], "cnnserve ready on ",
-                      processes=args.workers) as port:
+                      processes=args.workers) as server:
             for scenario in todo:
-                results.append(measure(scenario, f"127.0.0.1:{port}",
+                results.append(measure(scenario, f"127.0.0.1:{server.port}",
                                        f"http://127.0.0.1:{metrics_port}/metrics",
                                        args.seconds, out, args.processes))
     echo = [s for s in scenarios if s.echo]
     if echo:
-        with launched([sys.executable, "-m", "loadtests.echo"], "echo ready on ") as port:
-            results += [measure(s, f"127.0.0.1:{port}", None, args.seconds, out, args.processes)
+        with launched([sys.executable, "-m", "loadtests.echo"], "echo ready on ") as echo_server:
+            results += [measure(s, f"127.0.0.1:{echo_server.port}", None, args.seconds, out,
+                                args.processes)
                         for s in echo]
     refs = [in_process(args.repo, m, bs, settings) for m in models for bs in (1, 32)]
     notes = [f"Run {out.name}: {len(scenarios)} scenarios x {args.seconds:g}s, device "

@@ -76,7 +76,8 @@ class ServiceSettings(BaseSettings):
     """Largest decoded image accepted (width x height), against decompression bombs."""
     max_concurrent_rpcs: int | None = Field(default=2048, ge=1)
     """RPCs in progress per process; beyond it gRPC answers RESOURCE_EXHAUSTED."""
-    max_streams_per_connection: int = Field(default=256, ge=1)
+    max_streams_per_connection: int = Field(default=1024, ge=1)
+    """HTTP/2 streams per client connection; calls beyond it are refused (UNAVAILABLE)."""
     request_timeout_s: float = Field(default=30.0, gt=0)
     """Deadline for requests whose client set none (or a later one)."""
     grace_period_s: float = Field(default=10.0, ge=0)

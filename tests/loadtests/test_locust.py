@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from loadtests.report import (
@@ -117,3 +118,31 @@ def test_quick_benchmark_runs_end_to_end(served_repo: Path, tmp_path: Path) -> N
     assert (run / "batching-lenet-oip-u16-i1-on_stats.csv").is_file()
     assert (run / "batching-lenet-oip-u16-i1-on.html").is_file()
     assert (run / "batch_sizes.png").is_file()
+
+
+def test_locust_sends_the_bearer_token_a_secured_server_requires(
+        served_repo: Path, tmp_path: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory(served_repo, env={"CNNSERVE_AUTH_TOKEN": "load-test-token"})
+    locust(server.address, tmp_path / "with", "InferenceUser", "--grpc-token",
+           "load-test-token", seconds=2)
+    stats = read_locust_stats(tmp_path / "with_stats.csv", "ModelInfer")
+    assert stats.requests > 0 and stats.failures == 0
+    locust(server.address, tmp_path / "without", "InferenceUser", seconds=2)
+    stats = read_locust_stats(tmp_path / "without_stats.csv", "ModelInfer")
+    assert stats.failures == stats.requests > 0
+    assert "UNAUTHENTICATED" in (tmp_path / "without_failures.csv").read_text()
+
+
+def test_overload_run_reports_refusals_and_memory(served_repo: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests.soak", "--repo", str(served_repo), "--overload",
+         "--queue-size", "1", "--users", "32", "--minutes", "0.1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = tmp_path.iterdir()
+    summary = (run / "summary.md").read_text()
+    refused = re.search(r"failed RESOURCE_EXHAUSTED\s+(\d+)", summary)
+    assert refused and int(refused.group(1)) > 0, summary
+    assert "failed UNAVAILABLE" not in summary
+    assert re.search(r"RSS MiB peak \(VmHWM\)\s+\d+", summary)
+    assert (run / "rss.csv").read_text().startswith("seconds,rss_mib\n")
