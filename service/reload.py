@@ -57,8 +57,13 @@ class RepositoryWatcher:
             if (current is not None and newest <= current.version) or \
                     self._failed.get(name) == newest:
                 continue
-            candidate = await asyncio.to_thread(load_model, self._settings, name,
-                                                self._executor, self._metrics)
+            try:
+                candidate = await asyncio.to_thread(load_model, self._settings, name,
+                                                    self._executor, self._metrics)
+            except RepositoryError as exc:  # e.g. an invalid config.json: skip this model
+                self._failed[name] = newest
+                log.error("model %s version %d not loaded: %s", name, newest, exc)
+                continue
             if not candidate.ready:
                 self._failed[name] = candidate.version
                 if current is not None and current.ready:
