@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from training.datasets import DATASETS, DatasetNotFoundError, load_dataset
+from training.distributed import close_world, init_world
 from training.models import ARCHITECTURES
 from training.presets import PRESETS, recipe
 from training.table import format_table
@@ -51,6 +52,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, help="stop after this many epochs without val gain")
     p.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke runs)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="keep a model whose <out>/<model>/checkpoint.pt exists (resume a run)")
     return p.parse_args(argv)
 
 
@@ -87,7 +90,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValidationError, ValueError, DatasetNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    results = [train(cfg, dataset, args.out / cfg.arch, progress=args.progress) for cfg in configs]
+    if args.skip_existing:
+        for cfg in [c for c in configs if (args.out / c.arch / "checkpoint.pt").is_file()]:
+            print(f"{cfg.arch}: {args.out / cfg.arch / 'checkpoint.pt'} exists, not retraining")
+            configs.remove(cfg)
+    world = init_world(args.device)  # torchrun: join the process group; else one process
+    try:
+        results = [train(cfg, dataset, args.out / cfg.arch, progress=args.progress, world=world)
+                   for cfg in configs]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        close_world(world)
+    if not world.is_main or not results:
+        return 0
     table = results_table(results)
     print(f"\nTest accuracy on {dataset.name} ({len(dataset.test)} held-out images):\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training.checkpoint import save_checkpoint
 from training.datasets import Dataset, Split
+from training.distributed import SINGLE_PROCESS, World
 from training.metadata import ModelMetadata, Preprocessing, TrainingRecipe
 from training.models import INIT_SCHEME, build_model
 
@@ -68,12 +70,12 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, world: World = SINGLE_PROCESS) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(device)
+    return torch.device("cuda", world.local_rank) if device == "cuda" else torch.device("cpu")
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -156,10 +158,14 @@ def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: in
 
 
 def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train one model; write checkpoint.pt, metrics.json and curves.png to `out_dir`."""
+          progress: bool = True, world: World = SINGLE_PROCESS) -> TrainResult:
+    """Train one model; write checkpoint.pt, metrics.json and curves.png to `out_dir`.
+
+    Under torchrun (`world.distributed`) every rank runs this with the same arguments;
+    rank 0 alone reports and writes files.
+    """
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, world)
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
@@ -173,16 +179,27 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
     arch_kwargs = {"in_channels": prep.channels, "num_classes": len(dataset.class_names),
                    **cfg.arch_kwargs}
     model = build_model(cfg.arch, **arch_kwargs).to(device)
+    # DDP broadcasts rank 0's initial weights and averages gradients across ranks.
+    net: nn.Module = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world.distributed else model
     train_data, val_data, test_data = (_Batches(s, mean, std, device)
                                        for s in (data.train, data.val, data.test))
 
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    if world.distributed and cfg.batch_size % world.size:
+        raise ValueError(f"batch size {cfg.batch_size} must divide evenly over "
+                         f"{world.size} processes")
+    # Distributed runs drop a last partial batch so that every rank's share is equal.
+    steps_per_epoch = (len(train_data) // cfg.batch_size if world.distributed
+                       else math.ceil(len(train_data) / cfg.batch_size))
     if cfg.max_steps is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
     opt = _optimizer(cfg, model)
     sched = _scheduler(cfg, opt, steps_per_epoch)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    augment = torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.augment else None
+    shuffle = torch.Generator().manual_seed(cfg.seed)  # same order on every rank
+    augment = torch.Generator(device=device).manual_seed(cfg.seed + 1 + world.rank) \
+        if cfg.augment else None
+    progress = progress and world.is_main
 
     history: list[EpochRecord] = []
     best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
@@ -197,9 +214,9 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
         bar = tqdm(range(steps_per_epoch), desc=f"{label} {epoch}/{cfg.epochs}", unit="batch",
                    leave=False, disable=not progress or None)
         for step in bar:
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            idx = world.shard(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
             x, y = train_data.batch(idx, augment)
-            logits = model(x)
+            logits = net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -213,6 +230,9 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
                                 acc=f"{int(correct) / seen:.4f}", img_s=f"{rate:.0f}")
         train_seconds = time.perf_counter() - t0
+        loss_sum, correct = world.sum(loss_sum), world.sum(correct)
+        seen *= world.size
+        # Every rank holds the same weights, so every rank reaches the same decisions.
         val_loss, val_acc = evaluate(model, val_data)
         record = EpochRecord(epoch, float(loss_sum) / seen, int(correct) / seen, val_loss, val_acc,
                              opt.param_groups[0]["lr"], seen / train_seconds,
@@ -222,11 +242,13 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
         if improved:
             best_acc, best_epoch = val_acc, epoch
             best_state = copy.deepcopy(model.state_dict())
-        print(f"{label} epoch {epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
-              f"train {record.train_accuracy:.4f} val {val_acc:.4f}{' *' if improved else ''} "
-              f"{record.images_per_s:.0f} img/s", flush=True)
+        if world.is_main:
+            print(f"{label} epoch {epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
+                  f"train {record.train_accuracy:.4f} val {val_acc:.4f}"
+                  f"{' *' if improved else ''} {record.images_per_s:.0f} img/s", flush=True)
         if cfg.patience is not None and epoch - best_epoch >= cfg.patience:
-            print(f"{label}: no validation gain for {cfg.patience} epochs, stopping early")
+            if world.is_main:
+                print(f"{label}: no validation gain for {cfg.patience} epochs, stopping early")
             break
 
     model.load_state_dict(best_state)
@@ -240,10 +262,11 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
             batch_size=cfg.batch_size, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
             init=INIT_SCHEME, seed=cfg.seed, early_stopping_patience=cfg.patience),
         epochs_trained=len(history), best_epoch=best_epoch, val_accuracy=best_acc,
-        test_accuracy=test_acc, torch_version=torch.__version__, device=str(device),
+        test_accuracy=test_acc, torch_version=torch.__version__,
+        device=f"{device.type} x{world.size} (DDP)" if world.distributed else str(device),
         created_at=datetime.now(timezone.utc))
     result = TrainResult(metadata, history)
-    if out_dir is not None:
+    if out_dir is not None and world.is_main:
         result.checkpoint = out_dir / "checkpoint.pt"
         save_checkpoint(result.checkpoint, model, metadata)
         write_metrics(out_dir, metadata, history)

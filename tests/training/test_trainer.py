@@ -100,3 +100,16 @@ def test_cli_reports_a_missing_dataset_without_a_traceback(
     code = main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
     assert code == 2
     assert "train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_skip_existing_keeps_trained_checkpoints(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--model", "lenet", "--epochs", "1", "--max-steps", "2", "--out", str(tmp_path),
+            "--no-progress", "--device", "cpu", "--skip-existing"]
+    assert main(args) == 0
+    checkpoint = tmp_path / "lenet" / "checkpoint.pt"
+    first = checkpoint.read_bytes()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "exists, not retraining" in capsys.readouterr().out
+    assert checkpoint.read_bytes() == first
