@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from export.onnx_export import DEFAULT_OPSET, ExportError
-from export.pipeline import ExportReport, ParityError, export_checkpoint
+from export.pipeline import ExportReport, ParityError, export_checkpoint, find_published
 from service.repository import RepositoryError
 from training.datasets import DatasetNotFoundError
 from training.table import format_table
@@ -30,6 +30,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32,
                    help="written to a new model's config.json")
     p.add_argument("--data-dir", type=Path, help="where mnist/fashion-mnist/cifar10 live")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip checkpoints the repository already holds a version of")
     args = p.parse_args(argv)
     if args.all and (args.name or args.version):
         p.error("--name and --version name one model; they do not combine with --all")
@@ -62,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[list[str]] = []
     failures = 0
     for checkpoint in checkpoints:
+        if args.skip_existing and (found := find_published(checkpoint, args.repo)):
+            print(f"{checkpoint}: already published as {found[0]} version {found[1]}, skipped")
+            continue
         try:
             report = export_checkpoint(
                 checkpoint, args.repo, name=args.name, version=args.version, opset=args.opset,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -31,9 +32,11 @@ from service.repository import (
     RepositoryError,
     TensorSpec,
     check_model_name,
+    list_models,
     list_versions,
     publish_version,
     read_config,
+    version_dir,
     write_config,
 )
 from training.checkpoint import file_sha256, load_checkpoint
@@ -137,6 +140,20 @@ def _ensure_config(repo: Path, fresh: ModelConfig) -> None:
             f"{current.output.shape} and labels {list(current.labels)}; this checkpoint has "
             f"{fresh.input.shape}, {fresh.output.shape} and {list(fresh.labels)}: export it "
             "under a new --name")
+
+
+def find_published(checkpoint: Path, repo: Path) -> tuple[str, int] | None:
+    """The (model, version) already exported from this exact checkpoint file, if any."""
+    if not repo.is_dir():
+        return None
+    digest = file_sha256(checkpoint)
+    for name in list_models(repo):
+        for version in list_versions(repo, name):
+            report = version_dir(repo, name, version) / REPORT_FILE
+            if report.is_file() and \
+                    json.loads(report.read_text()).get("source_sha256") == digest:
+                return name, version
+    return None
 
 
 def export_checkpoint(checkpoint: Path, repo: Path, name: str | None = None,

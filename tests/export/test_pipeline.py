@@ -111,6 +111,11 @@ def test_cli_exports_a_run_and_prints_the_table(trained_run: Path, tmp_path: Pat
     # A second export of the same run becomes version 2 of each model.
     assert main([str(trained_run / "lenet" / "checkpoint.pt"), "--repo", str(tmp_path)]) == 0
     assert list_versions(tmp_path, "lenet") == [1, 2]
+    # --skip-existing recognises checkpoints already published (by content hash).
+    capsys.readouterr()
+    assert main(["--all", str(trained_run), "--repo", str(tmp_path), "--skip-existing"]) == 0
+    assert capsys.readouterr().out.count("already published") == 3
+    assert list_versions(tmp_path, "lenet") == [1, 2]
 
 
 def test_cli_refuses_an_existing_version_and_a_bad_name(trained_run: Path, tmp_path: Path,
