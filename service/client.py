@@ -74,6 +74,22 @@ def wait_until_serving(channel: grpc.Channel, timeout: float) -> None:
         time.sleep(0.2)
 
 
+def health_check(address: str, timeout: float, tls_ca: Path | None) -> int:
+    """Print the server's overall health status; 0 if SERVING, 1 otherwise."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with open_channel(address, tls_ca) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout).status
+        except grpc.RpcError as exc:
+            print(f"{address}: {exc.code().name}", file=sys.stderr)
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(f"{address}: {name}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m service.client", description=__doc__)
     p.add_argument("images", nargs="*", type=Path, help="image files (PNG, JPEG, ...)")
@@ -90,7 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tls-key", type=Path, help="client private key (mutual TLS)")
     p.add_argument("--token", default=os.environ.get("CNNSERVE_CLIENT_TOKEN"),
                    help="bearer token (default: $CNNSERVE_CLIENT_TOKEN)")
+    p.add_argument("--health", action="store_true",
+                   help="only ask the gRPC health service; exit 0 if SERVING (probes)")
     args = p.parse_args(argv)
+    if args.health:
+        return health_check(args.address, args.timeout, args.tls_ca)
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
 
     inputs = ([(str(path), path.read_bytes(), "") for path in args.images] if args.images

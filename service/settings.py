@@ -35,8 +35,9 @@ class ModelOverrides(BaseModel):
 
 
 class ServiceSettings(BaseSettings):
+    # Empty variables count as unset, so a compose file can list every setting.
     model_config = SettingsConfigDict(env_prefix="CNNSERVE_", env_nested_delimiter="__",
-                                      extra="forbid", frozen=True)
+                                      env_ignore_empty=True, extra="forbid", frozen=True)
 
     config_file: Path | None = None
     """A .json or .toml file holding any of these settings (CNNSERVE_CONFIG_FILE)."""

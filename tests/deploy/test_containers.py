@@ -1,0 +1,139 @@
+"""The Dockerfile: lint-clean, and each image's role imports only what its extra installs."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, distribution, packages_distributions
+from pathlib import Path
+
+import pytest
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.servers import ROOT
+
+LOCAL = {"training", "export", "service", "protos", "loadtests"}
+# Each image: its build target, its pyproject extra, the modules its commands run.
+ROLES = {
+    "trainer": ("train", ["training.__main__", "export.__main__"]),
+    "server": ("serve", ["service.__main__", "service.client"]),
+    "loadtest": ("loadtest", ["loadtests.locustfile"]),
+}
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name, path=str(Path(sys.executable).parent))
+    assert path, f"{name} is a dev dependency: make install"
+    return path
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run([tool("hadolint"), "--no-color", "Dockerfile"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _module_file(module: str) -> Path | None:
+    path = ROOT.joinpath(*module.split("."))
+    for candidate in (path / "__init__.py", path.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def import_closure(entries: list[str]) -> tuple[set[str], set[Path]]:
+    """Third-party top-level modules imported at module level (not inside functions) by
+    `entries` and every project module they import, and the project files involved."""
+    third: set[str] = set()
+    files: set[Path] = set()
+    todo, seen = list(entries), set()
+    while todo:
+        module = todo.pop()
+        path = _module_file(module)
+        if module in seen or path is None:
+            continue
+        seen.add(module)
+        files.add(path)
+        if module.count(".") and _module_file(module.rsplit(".", 1)[0]):
+            todo.append(module.rsplit(".", 1)[0])  # a package's __init__ runs first
+        for node in ast.parse(path.read_text()).body:
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            for name in names:
+                top = name.split(".")[0]
+                if top in LOCAL:
+                    todo.append(name)
+                elif top not in sys.stdlib_module_names and top != "__future__":
+                    third.add(top)
+    return third, files
+
+
+def extra_distributions(extra: str) -> set[str]:
+    """Distributions an image installs for `extra`: named in pyproject, and theirs."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r) for r in project["dependencies"] +
+            project["optional-dependencies"][extra]]
+    found: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in found or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        found.add(name)
+        try:
+            todo += [Requirement(r) for r in distribution(name).requires or []]
+        except PackageNotFoundError:  # another platform's variant (onnxruntime on macOS)
+            continue
+    return found
+
+
+@pytest.mark.parametrize("role", list(ROLES))
+def test_each_image_installs_what_its_commands_import(role: str) -> None:
+    extra, entries = ROLES[role]
+    modules, files = import_closure(entries)
+    provided = extra_distributions(extra)
+    owners = packages_distributions()
+    missing = {m: owners.get(m, ["?"]) for m in modules
+               if not {canonicalize_name(d) for d in owners.get(m, [])} & provided}
+    assert not missing, f"{role} imports {missing} but the [{extra}] extra lacks them"
+    # And the Dockerfile copies every project file those commands load.
+    stage = re.search(rf"FROM \S+ AS {role}\n(.*?)(?=\nFROM |\Z)",
+                      (ROOT / "Dockerfile").read_text(), re.S)
+    assert stage, f"no {role} target in Dockerfile"
+    copied = re.findall(r"^COPY (\S+) ", stage.group(1), re.M)
+    for path in files:
+        relative = path.relative_to(ROOT).as_posix()
+        assert any(relative == c or relative.startswith(c.rstrip("/") + "/") for c in copied), \
+            f"{role} image lacks {relative}"
+
+
+def test_the_server_image_has_no_torch() -> None:
+    assert "torch" not in extra_distributions("serve")
+    modules, _ = import_closure(ROLES["server"][1])
+    assert "torch" not in modules
+
+
+def test_dockerignore_admits_everything_the_images_copy() -> None:
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    allowed = [line[1:] for line in ignore if line.startswith("!")]
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", (ROOT / "Dockerfile").read_text(),
+                             re.M):
+        for item in source.split():
+            matches = [a for a in allowed
+                       if a == item or a.startswith(item.rstrip("/") + "/")]
+            assert matches, f".dockerignore excludes {item}, which the Dockerfile copies"
+
+
+def test_images_run_as_a_non_root_user() -> None:
+    stages = re.split(r"^FROM ", (ROOT / "Dockerfile").read_text(), flags=re.M)[1:]
+    for stage in stages:
+        users = re.findall(r"^USER (\S+)", stage, re.M)
+        assert users and users[-1] not in ("root", "0"), stage.splitlines()[0]
