@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -181,7 +181,7 @@ def export_checkpoint(checkpoint: Path, repo: Path, name: str | None = None,
             output_name=OUTPUT_NAME, source_checkpoint=checkpoint.name,
             source_sha256=file_sha256(checkpoint), torch_version=meta.torch_version,
             onnx_version=onnx.__version__, graph_optimization=optimization,
-            exported_at=datetime.now(timezone.utc))
+            exported_at=datetime.now(UTC))
         return attach_metadata(proto, OnnxModelMetadata(model=meta, export=info))
 
     graph = export_onnx(model, meta, opset)

@@ -7,7 +7,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -264,7 +264,7 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
         epochs_trained=len(history), best_epoch=best_epoch, val_accuracy=best_acc,
         test_accuracy=test_acc, torch_version=torch.__version__,
         device=f"{device.type} x{world.size} (DDP)" if world.distributed else str(device),
-        created_at=datetime.now(timezone.utc))
+        created_at=datetime.now(UTC))
     result = TrainResult(metadata, history)
     if out_dir is not None and world.is_main:
         result.checkpoint = out_dir / "checkpoint.pt"
