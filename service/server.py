@@ -137,6 +137,12 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
 async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_port: bool = False
                 ) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
+    # Handlers first: a SIGTERM during start-up (or right after the ready line) must
+    # still shut down gracefully, not kill the process.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     metrics = Metrics(registry)
     running = await start_server(settings, metrics, reuse_port)
     ready = [m.name for m in running.models.models.values() if m.ready]
@@ -144,10 +150,6 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
              "mutual TLS" if settings.tls_client_ca_file else "TLS" if settings.tls
              else "plaintext", ", bearer tokens" if settings.auth else "", ", ".join(ready))
     print(f"cnnserve ready on {settings.host}:{running.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests (grace %.1fs)", settings.grace_period_s)
     await running.stop(settings.grace_period_s)

@@ -41,17 +41,20 @@ def supervise(settings: ServiceSettings) -> int:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
-        procs = [subprocess.Popen([sys.executable, "-m", "service", "--settings-json",
-                                   str(settings_file)]) for _ in range(settings.workers)]
-        log.info("started %d workers: pids %s", len(procs), [p.pid for p in procs])
+        procs: list[subprocess.Popen[bytes]] = []
 
         def forward(signum: int, frame: FrameType | None) -> None:
             for proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signum)
 
+        # Before the workers start, so a signal that comes early still reaches them.
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
+        for _ in range(settings.workers):
+            procs.append(subprocess.Popen([sys.executable, "-m", "service", "--settings-json",
+                                           str(settings_file)]))
+        log.info("started %d workers: pids %s", len(procs), [p.pid for p in procs])
         codes = []
         for proc in procs:
             codes.append(proc.wait())
