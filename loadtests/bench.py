@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from loadtests.report import Reference, ScenarioResult, read_locust_stats, write_report
+from service.cli import parse_settings
 from service.repository import MODEL_FILE, list_models, list_versions, read_config, version_dir
 from service.runtime import ModelRunner
 from service.settings import ServiceSettings
@@ -60,6 +62,9 @@ def plan(models: Sequence[str], quick: bool) -> list[Scenario]:
     scenarios = [Scenario("batching", m, "oip", 32, 1, on) for on in (True, False) for m in models]
     scenarios += [Scenario("sweep", m, "oip", u, 1, True) for m in models for u in (1, 8, 64)]
     scenarios += [Scenario("multi-image", m, "oip", 8, 8, True) for m in models]
+    # Whole-batch requests: the least client work per image, so the closest the server
+    # gets to onnxruntime's own batch-32 throughput with the load generator on this host.
+    scenarios += [Scenario("saturation", m, "oip", 4, 32, True) for m in models]
     scenarios += [Scenario("png", focus, "classifier", 32, 1, True),
                   Scenario("transport", smallest, "oip", 32, 1, True),
                   Scenario("transport", "echo", "oip", 32, 1, False, echo=True)]
@@ -203,19 +208,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=1,
                    help="Locust load-generator processes (more for a fast GPU server)")
     p.add_argument("--workers", type=int, default=1, help="server processes (--workers)")
+    p.add_argument("--server-args", default="",
+                   help="extra server flags, e.g. \"--instances 2 --intra-op-threads 1\"")
     args = p.parse_args(argv)
 
     models = args.models or list_models(args.repo)
     out = args.out / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
     scenarios = plan(models, args.quick)
-    settings = ServiceSettings(device=args.device)
+    # The in-process reference uses the served sessions' options, flags included.
+    settings, _ = parse_settings(["--device", args.device, *shlex.split(args.server_args)])
     print(f"benchmark: {len(scenarios)} scenarios of {args.seconds:g}s, models {models}, "
           f"device {args.device}; report in {out}", flush=True)
     results: list[ScenarioResult] = []
     metrics_port = free_port()
     serve = [sys.executable, "-m", "service", "--repo", str(args.repo), "--port", "0",
-             "--metrics-port", str(metrics_port), "--device", args.device]
+             "--metrics-port", str(metrics_port), "--device", args.device,
+             *shlex.split(args.server_args)]
     if args.workers > 1:
         serve[serve.index("--port") + 1] = str(free_port())
     for batching in (True, False):

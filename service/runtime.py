@@ -67,6 +67,9 @@ class ModelRunner:
         opts.intra_op_num_threads = settings.intra_op_threads
         opts.inter_op_num_threads = settings.inter_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spin = str(int(settings.allow_spinning))
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         providers: list[str | tuple[str, dict[str, str]]] = [CPU]
         if wants_cuda(settings.device):
             preload_cuda_libraries()
