@@ -20,7 +20,9 @@ _COMMON: dict[str, Any] = {
 # family -> preset -> TrainConfig fields (merged over _COMMON).
 RECIPES: dict[str, dict[Preset, dict[str, Any]]] = {
     "lenet": {
-        "full": {"image_size": 28, "epochs": 40, "lr": 3e-3, "weight_decay": 1e-4},
+        # 60 epochs and more weight decay: best mean validation accuracy of the recipes
+        # tried (1,000 validation images over 2 folds x 2 seeds, and 3 seeds on the split).
+        "full": {"image_size": 28, "epochs": 60, "lr": 3e-3, "weight_decay": 5e-4},
         "quick": {"image_size": 28, "epochs": 20, "lr": 3e-3, "weight_decay": 1e-4},
     },
     "alexnet": {
