@@ -9,7 +9,6 @@ batch gathers while the current one runs; each model instance has its own worker
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -97,19 +96,12 @@ class DynamicBatcher:
         if len(self._queue) >= self.max_queue_size:
             raise QueueFullError(f"model {self.name!r} has {len(self._queue)} requests queued "
                                  f"(limit {self.max_queue_size}); retry later")
-        loop = asyncio.get_running_loop()
-        request = _Request(inputs, loop.create_future(), time.monotonic(), deadline)
+        request = _Request(inputs, asyncio.get_running_loop().create_future(), time.monotonic(),
+                           deadline)
         self._queue.append(request)
         self._metrics.queue_depth.labels(self.name).inc()
         self._arrived.set()
-        # Wake the workers at the deadline so an expired request is failed then, not
-        # whenever its batch would have formed. (Both clocks are time.monotonic().)
-        timer = None if deadline is None else loop.call_at(deadline, self._arrived.set)
-        try:
-            return await request.future
-        finally:
-            if timer is not None:
-                timer.cancel()
+        return await request.future
 
     async def close(self) -> None:
         """Run everything already queued, then stop the workers."""
@@ -163,10 +155,18 @@ class DynamicBatcher:
             batch = self._ready_batch()
             if batch is not None:
                 return batch
-            remaining = self.max_queue_delay_s - (time.monotonic() - self._queue[0].enqueued)
+            # Sleep until the head's delay is over, a request arrives, or the first
+            # deadline passes (so an expired request is failed then, not when its batch
+            # forms). The queue holds less than one batch here, so the scan is short.
+            wake = min([self._queue[0].enqueued + self.max_queue_delay_s,
+                        *(r.deadline for r in self._queue if r.deadline is not None)])
             self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), timeout=max(remaining, 0))
+            # loop.time() is time.monotonic(): one timer instead of a wait_for task.
+            timer = asyncio.get_running_loop().call_at(wake, self._arrived.set)
+            try:
+                await self._arrived.wait()
+            finally:
+                timer.cancel()
 
     async def _work(self, runner: ModelRunner) -> None:
         loop = asyncio.get_running_loop()

@@ -11,7 +11,6 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import grpc
 
@@ -43,11 +42,12 @@ def is_loopback(host: str) -> bool:
 
 
 def warn_if_exposed(settings: ServiceSettings) -> None:
-    if not settings.tls and not is_loopback(settings.host):
-        log.warning("PLAINTEXT gRPC on %s:%s: anyone on the network can read and forge "
-                    "requests; set tls_cert_file and tls_key_file outside development",
-                    settings.host, settings.port)
-    if settings.auth and not settings.tls and not is_loopback(settings.host):
+    if settings.tls or is_loopback(settings.host):
+        return
+    log.warning("PLAINTEXT gRPC on %s:%s: anyone on the network can read and forge "
+                "requests; set tls_cert_file and tls_key_file outside development",
+                settings.host, settings.port)
+    if settings.auth:
         log.warning("bearer tokens travel in plaintext on %s: enable TLS", settings.host)
 
 
@@ -65,16 +65,11 @@ def load_tokens(settings: ServiceSettings) -> list[bytes]:
     return [t.encode() for t in tokens]
 
 
-Handler = Callable[..., Awaitable[Any]]
-
-
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without an accepted `authorization: Bearer <token>` with UNAUTHENTICATED."""
 
     def __init__(self, tokens: Sequence[bytes], open_services: Sequence[str]) -> None:
-        if not tokens:
-            raise ValueError("TokenAuthInterceptor needs at least one token")
-        self._tokens = list(tokens)
+        self._tokens = list(tokens)  # load_tokens guarantees at least one
         self._open = frozenset(open_services)
 
     def _accepts(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
