@@ -11,8 +11,9 @@ from __future__ import annotations
 import io
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -111,37 +112,28 @@ def fuzzed_server(served_repo: Path) -> Iterator[ServerProcess]:
     assert server.terminate() == 0, "".join(server.lines)
 
 
-def code_of(call: object) -> grpc.StatusCode:
-    try:
-        call()  # type: ignore[operator]
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
+def fuzz(strategy: st.SearchStrategy[Any], rpc: Callable[..., Any]) -> None:
+    """Send every example `strategy` draws through `rpc`; each must end deliberately."""
+    @FUZZ
+    @given(strategy)
+    def check(request: Any) -> None:
+        try:
+            rpc(request, timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() in DELIBERATE, (exc.code(), request)
+
+    check()
 
 
 def test_fuzzed_inference_requests_get_deliberate_statuses(fuzzed_server: ServerProcess) -> None:
-    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(fuzzed_server.address))
-
-    @FUZZ
-    @given(infer_requests())
-    def check(req: service_pb2.ModelInferRequest) -> None:
-        code = code_of(lambda: stub.ModelInfer(req, timeout=30))
-        assert code in DELIBERATE, (code, req)
-
-    check()
+    channel = grpc.insecure_channel(fuzzed_server.address)
+    fuzz(infer_requests(), service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer)
 
 
 def test_fuzzed_classifier_requests_get_deliberate_statuses(
         fuzzed_server: ServerProcess) -> None:
-    stub = cpb_grpc.ClassifierStub(grpc.insecure_channel(fuzzed_server.address))
-
-    @FUZZ
-    @given(predict_requests())
-    def check(req: cpb.PredictRequest) -> None:
-        code = code_of(lambda: stub.Predict(req, timeout=30))
-        assert code in DELIBERATE, (code, req)
-
-    check()
+    channel = grpc.insecure_channel(fuzzed_server.address)
+    fuzz(predict_requests(), cpb_grpc.ClassifierStub(channel).Predict)
 
 
 def test_after_fuzzing_the_server_is_alive_and_correct(fuzzed_server: ServerProcess) -> None:
