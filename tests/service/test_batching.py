@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -11,8 +12,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from service.batcher import DynamicBatcher
+from service.metrics import Metrics, ModelStats
+from service.repository import MODEL_FILE, list_versions, read_config, version_dir
+from service.runtime import ModelRunner
+from service.settings import ServiceSettings
 from tests.servers import ServerProcess, start_server
 from tests.service.oip import logits, metric, request, stub_for, wait_until
 
@@ -125,3 +132,52 @@ def test_workers_share_one_port_and_their_metrics_are_summed(
     assert metric(text, "cnnserve_inference_count_total") == 20
     assert len(re.findall(r"^cnnserve_requests_total\{", text, re.M)) >= 1
     assert server.terminate() == 0
+
+
+class _GatedRunner(ModelRunner):
+    """A real runner whose first batch waits until the test has blocked the event loop."""
+
+    def __init__(self, *args: object, loop_blocked: threading.Event) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.loop_blocked = loop_blocked
+        self.started = [threading.Event(), threading.Event()]
+        self.calls = 0
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        self.started[min(self.calls, 2) - 1].set()
+        if self.calls == 1:
+            assert self.loop_blocked.wait(10), "the test never blocked its loop"
+        return super().run(batch)
+
+
+def test_a_ready_batch_runs_without_waiting_for_the_event_loop(served_repo: Path) -> None:
+    """A busy model goes straight to its next full batch, even while the loop is stalled
+    (by a burst of gRPC work, say): the compute thread takes the batch itself."""
+    config = read_config(served_repo, "lenet")
+    path = version_dir(served_repo, "lenet", max(list_versions(served_repo, "lenet"))) / MODEL_FILE
+    loop_blocked = threading.Event()
+    runner = _GatedRunner(path, ServiceSettings(repo=served_repo), config.input.name,
+                          config.output.name, loop_blocked=loop_blocked)
+    metrics = Metrics(CollectorRegistry())
+    images = np.random.default_rng(0).standard_normal((2, 4, 1, 28, 28)).astype(np.float32)
+
+    async def scenario() -> tuple[bool, list[np.ndarray]]:
+        with ThreadPoolExecutor(2) as executor:
+            batcher = DynamicBatcher("lenet", [runner], executor, max_batch_size=4,
+                                     max_queue_delay_s=10.0, preferred_batch_sizes=(),
+                                     max_queue_size=8, metrics=metrics, stats=ModelStats())
+            batcher.start()
+            calls = [asyncio.create_task(batcher.infer(x)) for x in images]  # two full batches
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, runner.started[0].wait, 10)
+            loop_blocked.set()
+            second_ran_while_blocked = runner.started[1].wait(10)  # blocks the loop on purpose
+            answers = await asyncio.gather(*calls)
+            await batcher.close()
+            return second_ran_while_blocked, answers
+
+    second_ran_while_blocked, answers = asyncio.run(scenario())
+    assert second_ran_while_blocked
+    assert [a.shape for a in answers] == [(4, 10), (4, 10)]
+    np.testing.assert_allclose(answers[1], ModelRunner.run(runner, images[1]), atol=1e-6)

@@ -51,8 +51,9 @@ def test_overload_is_refused_fast_while_accepted_requests_are_answered(
     futures = []
     for _ in range(3):  # three waves, each far beyond what the queue holds
         for _ in range(150):
+            started = time.monotonic()  # before the send: the server may enqueue at once
             future = stub.ModelInfer.future(request(X), timeout=60)
-            future.add_done_callback(record(time.monotonic()))
+            future.add_done_callback(record(started))
             futures.append(future)
         for future in futures:
             future.exception(timeout=60)
