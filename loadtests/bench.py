@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -155,17 +156,28 @@ def measure(scenario: Scenario, target: str, metrics_url: str | None, seconds: f
 
 def in_process(repo: Path, model: str, batch_size: int, settings: ServiceSettings,
                seconds: float = 3.0) -> Reference:
-    """onnxruntime's own throughput with the server's session options, no gRPC."""
+    """onnxruntime's own throughput with the server's session options, no gRPC: as many
+    sessions as the server's instances, each run back to back in its own thread."""
     config = read_config(repo, model)
     path = version_dir(repo, model, max(list_versions(repo, model))) / MODEL_FILE
-    runner = ModelRunner(path, settings, config.input.name, config.output.name)
+    instances = settings.overrides(model).instances or settings.instances
+    runners = [ModelRunner(path, settings, config.input.name, config.output.name)
+               for _ in range(instances)]
     x = np.random.default_rng(0).standard_normal((batch_size, *config.input.shape)).astype(
         np.float32)
-    runner.warmup([batch_size], config.input.shape)
-    runs, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds and runs < 100_000:
-        runner.run(x)
-        runs += 1
+    for runner in runners:
+        runner.warmup([batch_size], config.input.shape)
+    started = time.perf_counter()
+
+    def loop(runner: ModelRunner) -> int:
+        runs = 0
+        while time.perf_counter() - started < seconds and runs < 100_000:
+            runner.run(x)
+            runs += 1
+        return runs
+
+    with ThreadPoolExecutor(instances) as pool:
+        runs = sum(pool.map(loop, runners))
     return Reference(model=model, batch_size=batch_size,
                      images_per_s=runs * batch_size / (time.perf_counter() - started))
 
