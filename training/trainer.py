@@ -203,6 +203,7 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
 
     history: list[EpochRecord] = []
     best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    last_gain = 0  # the epoch of the latest strict gain, for early stopping
     label = name or cfg.arch
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -238,15 +239,19 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
                              opt.param_groups[0]["lr"], seen / train_seconds,
                              time.perf_counter() - t0)
         history.append(record)
-        improved = val_acc > best_acc
-        if improved:
+        # A tie keeps the later, further-annealed weights: on 500 held-out training digits
+        # that never did worse than keeping the first (VGG, 6 runs: up to +1.2%).
+        kept = val_acc >= best_acc
+        if val_acc > best_acc:
+            last_gain = epoch
+        if kept:
             best_acc, best_epoch = val_acc, epoch
             best_state = copy.deepcopy(model.state_dict())
         if world.is_main:
             print(f"{label} epoch {epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
                   f"train {record.train_accuracy:.4f} val {val_acc:.4f}"
-                  f"{' *' if improved else ''} {record.images_per_s:.0f} img/s", flush=True)
-        if cfg.patience is not None and epoch - best_epoch >= cfg.patience:
+                  f"{' *' if kept else ''} {record.images_per_s:.0f} img/s", flush=True)
+        if cfg.patience is not None and epoch - last_gain >= cfg.patience:
             if world.is_main:
                 print(f"{label}: no validation gain for {cfg.patience} epochs, stopping early")
             break

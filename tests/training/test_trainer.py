@@ -24,7 +24,17 @@ def test_short_training_run_lowers_the_loss_and_beats_chance(mnist5k: Dataset) -
     assert losses[-1] < losses[0] * 0.7
     assert result.metadata.val_accuracy > 0.5  # chance is 0.1
     assert result.metadata.best_epoch == max(range(1, 4), key=lambda e: (
-        result.history[e - 1].val_accuracy, -e))
+        result.history[e - 1].val_accuracy, e))
+
+
+def test_a_validation_tie_keeps_the_later_epoch_but_does_not_reset_patience(
+        mnist5k: Dataset) -> None:
+    # A learning rate this small leaves every epoch with the same validation accuracy.
+    result = train(lenet_config(epochs=4, max_steps=2, lr=1e-12, patience=2), mnist5k, None,
+                   progress=False)
+    assert len({r.val_accuracy for r in result.history}) == 1
+    assert len(result.history) == 3  # no gain after epoch 1: stopped after 2 more
+    assert result.metadata.best_epoch == 3
 
 
 def test_training_is_deterministic_on_cpu_for_a_seed(mnist5k: Dataset, tmp_path: Path) -> None:
