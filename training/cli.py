@@ -21,7 +21,8 @@ from training.trainer import TrainConfig, TrainResult, train
 _OVERRIDES = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
               "optimizer": "optimizer", "weight_decay": "weight_decay", "schedule": "schedule",
               "image_size": "image_size", "label_smoothing": "label_smoothing",
-              "patience": "patience", "max_steps": "max_steps"}
+              "patience": "patience", "max_steps": "max_steps",
+              "average_last": "average_last"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -51,6 +52,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     p.add_argument("--patience", type=int, help="stop after this many epochs without val gain")
     p.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke runs)")
+    p.add_argument("--average-last", type=int,
+                   help="also try the mean of the last N epochs' weights; 0 turns it off")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--skip-existing", action="store_true",
                    help="keep a model whose <out>/<model>/checkpoint.pt exists (resume a run)")

@@ -73,6 +73,8 @@ class TrainingRecipe(_Frozen):
     init: str
     seed: int
     early_stopping_patience: int | None = None
+    average_last: int = 0
+    """Epochs whose weights were averaged as a candidate checkpoint (0: none)."""
 
 
 class ModelMetadata(_Frozen):
@@ -88,6 +90,9 @@ class ModelMetadata(_Frozen):
     recipe: TrainingRecipe
     epochs_trained: int = Field(ge=0)
     best_epoch: int = Field(ge=0)
+    averaged: bool = False
+    """The weights are the mean of the recipe's last `average_last` epochs, which beat or
+    tied the best single epoch on validation (best_epoch is then the last epoch)."""
     val_accuracy: float = Field(ge=0, le=1)
     test_accuracy: float = Field(ge=0, le=1)
     torch_version: str

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
 from training.checkpoint import save_checkpoint
@@ -44,6 +45,8 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     augment: bool = True
     patience: int | None = Field(default=None, gt=0)
+    average_last: int = Field(default=0, ge=0)
+    """Also try the mean of the last N epochs' weights (SWA, batch norm re-estimated)."""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_steps: int | None = Field(default=None, gt=0)
@@ -204,6 +207,7 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
     history: list[EpochRecord] = []
     best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     last_gain = 0  # the epoch of the latest strict gain, for early stopping
+    averaged = AveragedModel(model) if cfg.average_last else None
     label = name or cfg.arch
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -251,11 +255,27 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
             print(f"{label} epoch {epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
                   f"train {record.train_accuracy:.4f} val {val_acc:.4f}"
                   f"{' *' if kept else ''} {record.images_per_s:.0f} img/s", flush=True)
+        if averaged is not None and epoch > cfg.epochs - cfg.average_last:
+            averaged.update_parameters(model)
         if cfg.patience is not None and epoch - last_gain >= cfg.patience:
             if world.is_main:
                 print(f"{label}: no validation gain for {cfg.patience} epochs, stopping early")
             break
 
+    used_average = False
+    if averaged is not None and int(averaged.n_averaged) > 0:
+        # Batch-norm statistics of averaged weights must be measured again, on clean images.
+        update_bn((train_data.batch(torch.arange(i, min(i + cfg.batch_size, len(train_data)),
+                                                 device=device))[0]
+                   for i in range(0, len(train_data), cfg.batch_size)), averaged.module)
+        _, avg_acc = evaluate(averaged.module, val_data)
+        used_average = avg_acc >= best_acc
+        if world.is_main:
+            print(f"{label}: mean of the last {int(averaged.n_averaged)} epochs: val "
+                  f"{avg_acc:.4f}{' *' if used_average else ''}", flush=True)
+        if used_average:
+            best_acc, best_epoch = avg_acc, len(history)
+            best_state = averaged.module.state_dict()
     model.load_state_dict(best_state)
     _, test_acc = evaluate(model, test_data)
     metadata = ModelMetadata(
@@ -265,8 +285,10 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
             optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
             momentum=cfg.momentum, schedule=cfg.schedule, epochs=cfg.epochs,
             batch_size=cfg.batch_size, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
-            init=INIT_SCHEME, seed=cfg.seed, early_stopping_patience=cfg.patience),
-        epochs_trained=len(history), best_epoch=best_epoch, val_accuracy=best_acc,
+            init=INIT_SCHEME, seed=cfg.seed, early_stopping_patience=cfg.patience,
+            average_last=cfg.average_last),
+        epochs_trained=len(history), best_epoch=best_epoch, averaged=used_average,
+        val_accuracy=best_acc,
         test_accuracy=test_acc, torch_version=torch.__version__,
         device=f"{device.type} x{world.size} (DDP)" if world.distributed else str(device),
         created_at=datetime.now(UTC))

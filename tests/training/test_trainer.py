@@ -123,3 +123,27 @@ def test_skip_existing_keeps_trained_checkpoints(tmp_path: Path,
     assert main(args) == 0
     assert "exists, not retraining" in capsys.readouterr().out
     assert checkpoint.read_bytes() == first
+
+
+def test_averaging_the_last_epochs_is_a_validated_candidate(
+        mnist5k: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The candidate is the plain mean of the last epochs' weights, and it is kept exactly
+    when it ties or beats every single epoch on validation."""
+    import training.trainer as trainer
+
+    seen: list[tuple[dict[str, torch.Tensor], float]] = []
+    evaluate = trainer.evaluate
+
+    def spy(model: torch.nn.Module, data: object, batch_size: int = 500) -> tuple[float, float]:
+        loss, acc = evaluate(model, data, batch_size)  # type: ignore[arg-type]
+        seen.append(({k: v.clone() for k, v in model.state_dict().items()}, acc))
+        return loss, acc
+
+    monkeypatch.setattr(trainer, "evaluate", spy)
+    result = train(lenet_config(epochs=3, average_last=2), mnist5k, None, progress=False)
+    epochs, candidate, _test = seen[:3], seen[3], seen[4]
+    for key, value in candidate[0].items():
+        torch.testing.assert_close(value, (epochs[1][0][key] + epochs[2][0][key]) / 2)
+    assert result.metadata.recipe.average_last == 2
+    assert result.metadata.averaged == (candidate[1] >= max(acc for _, acc in epochs))
+    assert result.metadata.val_accuracy == max(acc for _, acc in seen[:4])
