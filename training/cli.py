@@ -53,7 +53,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, help="stop after this many epochs without val gain")
     p.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke runs)")
     p.add_argument("--average-last", type=int,
-                   help="also try the mean of the last N epochs' weights; 0 turns it off")
+                   help="keep the mean of the last N epochs' weights instead of the best "
+                        "epoch on validation; 0 keeps the best epoch")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--skip-existing", action="store_true",
                    help="keep a model whose <out>/<model>/checkpoint.pt exists (resume a run)")

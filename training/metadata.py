@@ -74,7 +74,8 @@ class TrainingRecipe(_Frozen):
     seed: int
     early_stopping_patience: int | None = None
     average_last: int = 0
-    """Epochs whose weights were averaged as a candidate checkpoint (0: none)."""
+    """The last N epochs' weights are averaged into the checkpoint (0: best epoch kept);
+    the window used, at most a third of `epochs`."""
 
 
 class ModelMetadata(_Frozen):
@@ -91,8 +92,8 @@ class ModelMetadata(_Frozen):
     epochs_trained: int = Field(ge=0)
     best_epoch: int = Field(ge=0)
     averaged: bool = False
-    """The weights are the mean of the recipe's last `average_last` epochs, which beat or
-    tied the best single epoch on validation (best_epoch is then the last epoch)."""
+    """The weights are the mean of the recipe's last `average_last` epochs (best_epoch is
+    then the last epoch); False if early stopping came first."""
     val_accuracy: float = Field(ge=0, le=1)
     test_accuracy: float = Field(ge=0, le=1)
     torch_version: str
