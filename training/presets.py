@@ -33,7 +33,11 @@ RECIPES: dict[str, dict[Preset, dict[str, Any]]] = {
     "vgg": {
         # Narrow VGGs on 32x32 digits: one pooled position feeds a small head, so the
         # paper's 7x7 pool (49 copies of a 1x1 map) and 0.5 dropout only slow learning.
+        # The full preset keeps the mean of the last 10 epochs: on 500 digits held out of
+        # training (4 folds x 2 seeds) it scored 99.08% on average (98.6-99.4) against 98.88%
+        # (98.0-99.4) for the best epoch on validation; the last 5 or 15 epochs: 98.95 / 99.0%.
         "full": {"image_size": 32, "epochs": 30, "lr": 2e-3, "weight_decay": 5e-2,
+                 "average_last": 10,
                  "arch_kwargs": {"width_divisor": 2, "pool_size": 1, "dropout": 0.2}},
         "quick": {"image_size": 32, "epochs": 15, "lr": 2e-3, "weight_decay": 5e-2,
                   "arch_kwargs": {"width_divisor": 4, "pool_size": 1, "dropout": 0.2}},
