@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,6 +110,12 @@ class _Batches:
             x = random_affine(x, augment)
         return (x - self.mean) / self.std, self.labels[idx]
 
+    def in_order(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The whole split, unaugmented, in consecutive batches."""
+        for start in range(0, len(self), batch_size):
+            yield self.batch(torch.arange(start, min(start + batch_size, len(self)),
+                                          device=self.labels.device))
+
 
 def random_affine(x: torch.Tensor, gen: torch.Generator, max_degrees: float = 10.0,
                   max_shift: float = 0.1, scale: tuple[float, float] = (0.9, 1.1)) -> torch.Tensor:
@@ -130,9 +137,7 @@ def evaluate(model: nn.Module, data: _Batches, batch_size: int = 500) -> tuple[f
     """Mean cross-entropy and top-1 accuracy over a whole split."""
     model.eval()
     loss_sum, correct = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)), device=data.labels.device)
-        x, y = data.batch(idx)
+    for x, y in data.in_order(batch_size):
         logits = model(x)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
@@ -265,17 +270,16 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
                 print(f"{label}: no validation gain for {cfg.patience} epochs, stopping early")
             break
 
-    used_average = averaged is not None and int(averaged.n_averaged) > 0
-    if averaged is not None and used_average:
+    used_average = False
+    if averaged is not None and int(averaged.n_averaged) > 0:
         # The mean is kept whatever its validation score: a 500-image split picks among
         # near-equal epochs by noise, and the pick scores on it are biased upward. On held-out
         # training digits the mean generalised better than the epoch validation picked.
         # Batch-norm statistics of averaged weights must be measured again, on clean images.
-        update_bn((train_data.batch(torch.arange(i, min(i + cfg.batch_size, len(train_data)),
-                                                 device=device))[0]
-                   for i in range(0, len(train_data), cfg.batch_size)), averaged.module)
+        update_bn((x for x, _ in train_data.in_order(cfg.batch_size)), averaged.module)
         _, best_acc = evaluate(averaged.module, val_data)
         best_epoch, best_state = len(history), averaged.module.state_dict()
+        used_average = True
         if world.is_main:
             print(f"{label}: keeping the mean of the last {int(averaged.n_averaged)} epochs: "
                   f"val {best_acc:.4f}", flush=True)
