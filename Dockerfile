@@ -18,6 +18,7 @@ WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt ".[train]" \
     && pip uninstall -y cnnserve
+COPY contract contract
 COPY training training
 COPY export export
 COPY service service
@@ -49,7 +50,7 @@ RUN if ! command -v python3 >/dev/null; then \
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 RUN pip install -c constraints.txt ".[serve]" && pip uninstall -y cnnserve
-COPY training training
+COPY contract contract
 COPY service service
 COPY protos protos
 RUN pip install --no-deps . \
@@ -70,7 +71,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 RUN pip install -c constraints.txt ".[loadtest]" && pip uninstall -y cnnserve
-COPY training training
+COPY contract contract
 COPY service service
 COPY protos protos
 COPY loadtests loadtests

@@ -7,11 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from contract.datasets import DatasetNotFoundError
+from contract.repository import RepositoryError
+from contract.table import format_table
 from export.onnx_export import DEFAULT_OPSET, ExportError
 from export.pipeline import ExportReport, ParityError, export_checkpoint, find_published
-from service.repository import RepositoryError
-from training.datasets import DatasetNotFoundError
-from training.table import format_table
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from training.metadata import ONNX_METADATA_KEY, ModelMetadata, OnnxModelMetadata
+from contract.metadata import ONNX_METADATA_KEY, ModelMetadata, OnnxModelMetadata
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"

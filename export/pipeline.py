@@ -11,20 +11,10 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict
 
-from export.onnx_export import (
-    DEFAULT_OPSET,
-    EXPORTER,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    ExportError,
-    attach_metadata,
-    check_graph,
-    export_onnx,
-    optimize_basic,
-    to_fp16,
-)
-from export.parity import ParityFigures, compare, cpu_session, latency_ms, torch_logits
-from service.repository import (
+from contract.datasets import load_dataset
+from contract.metadata import ExportInfo, ModelMetadata, OnnxModelMetadata
+from contract.preprocessing import resize_images, to_input
+from contract.repository import (
     FP16_MODEL_FILE,
     MODEL_FILE,
     REPORT_FILE,
@@ -39,10 +29,20 @@ from service.repository import (
     version_dir,
     write_config,
 )
+from export.onnx_export import (
+    DEFAULT_OPSET,
+    EXPORTER,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ExportError,
+    attach_metadata,
+    check_graph,
+    export_onnx,
+    optimize_basic,
+    to_fp16,
+)
+from export.parity import ParityFigures, compare, cpu_session, latency_ms, torch_logits
 from training.checkpoint import file_sha256, load_checkpoint
-from training.datasets import load_dataset
-from training.metadata import ExportInfo, ModelMetadata, OnnxModelMetadata
-from training.preprocessing import resize_images, to_input
 
 Precision = Literal["fp32", "fp16"]
 # (max |logit difference|, minimum top-1 agreement) a variant must meet to be published.
@@ -121,7 +121,6 @@ def _verify(proto: onnx.ModelProto, blob: bytes, precision: Precision, file: str
 def _serving_config(name: str, meta: ModelMetadata, max_batch_size: int) -> ModelConfig:
     return ModelConfig(
         name=name, max_batch_size=max_batch_size,
-        preferred_batch_sizes=tuple(b for b in (8, 16, 32) if b <= max_batch_size),
         input=TensorSpec(name=INPUT_NAME, shape=meta.preprocessing.input_shape),
         output=TensorSpec(name=OUTPUT_NAME, shape=(meta.num_classes,)),
         labels=meta.class_names)

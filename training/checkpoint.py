@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.metadata import ModelMetadata
+from contract.metadata import ModelMetadata
 from training.models import build_model
 
 CHECKPOINT_FORMAT = "cnnserve-checkpoint/1"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from training.datasets import DATASETS, DatasetNotFoundError, load_dataset
+from contract.datasets import DATASETS, DatasetNotFoundError, load_dataset
+from contract.table import format_table
 from training.distributed import close_world, init_world
 from training.models import ARCHITECTURES
 from training.presets import PRESETS, recipe
-from training.table import format_table
 from training.trainer import TrainConfig, TrainResult, train
 
 # CLI flag -> TrainConfig field, for flags that override the preset when given.

@@ -8,6 +8,7 @@ definition serves 224x224 paper-sized inputs and 32-64 pixel CPU-sized ones.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
@@ -83,13 +84,27 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
-class AlexNet(nn.Module):
+class _PooledClassifier(nn.Module):
+    """Convolutional `layers`, adaptive pooling and the two-hidden-layer head: the shape
+    AlexNet and VGG share (as torchvision's `features`/`avgpool`/`classifier`)."""
+
+    def __init__(self, layers: list[nn.Module], channels: int, num_classes: int,
+                 width_divisor: int, pool_size: int, dropout: float) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(pool_size))
+        self.classifier = _classifier(channels * pool_size * pool_size,
+                                      _scaled(4096, width_divisor), num_classes, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class AlexNet(_PooledClassifier):
     """AlexNet from `ALEXNET_CONFIG` for inputs of 63x63 and up; `width_divisor` narrows
     every layer for CPU runs."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1000, width_divisor: int = 1,
                  pool_size: int = 6, dropout: float = 0.5) -> None:
-        super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
         for out, kernel, stride, padding, pool_after in ALEXNET_CONFIG:
@@ -98,22 +113,15 @@ class AlexNet(nn.Module):
             if pool_after:
                 layers.append(nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True))
             channels = out
-        layers.append(nn.AdaptiveAvgPool2d(pool_size))
-        self.features = nn.Sequential(*layers)
-        self.classifier = _classifier(channels * pool_size * pool_size,
-                                      _scaled(4096, width_divisor), num_classes, dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        super().__init__(layers, channels, num_classes, width_divisor, pool_size, dropout)
 
 
-class VGG(nn.Module):
+class VGG(_PooledClassifier):
     """VGG from a `VGG_CONFIGS` entry, optionally with batch norm after each convolution."""
 
     def __init__(self, config: list[int | str], in_channels: int = 3, num_classes: int = 1000,
                  batch_norm: bool = False, width_divisor: int = 1, pool_size: int = 7,
                  dropout: float = 0.5) -> None:
-        super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
         for item in config:
@@ -126,13 +134,7 @@ class VGG(nn.Module):
                 layers.append(nn.BatchNorm2d(out))
             layers.append(nn.ReLU(inplace=True))
             channels = out
-        layers.append(nn.AdaptiveAvgPool2d(pool_size))
-        self.features = nn.Sequential(*layers)
-        self.classifier = _classifier(channels * pool_size * pool_size,
-                                      _scaled(4096, width_divisor), num_classes, dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        super().__init__(layers, channels, num_classes, width_divisor, pool_size, dropout)
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -151,26 +153,23 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-ARCHITECTURES: tuple[str, ...] = (
-    "lenet", "alexnet", *VGG_CONFIGS, *(f"{name}_bn" for name in VGG_CONFIGS)
-)
+# Architecture name -> constructor taking the checkpoint's keyword arguments.
+_CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {
+    "lenet": LeNet5,
+    "alexnet": AlexNet,
+    **{name: partial(VGG, config) for name, config in VGG_CONFIGS.items()},
+    **{f"{name}_bn": partial(VGG, config, batch_norm=True) for name, config in VGG_CONFIGS.items()},
+}
+ARCHITECTURES: tuple[str, ...] = tuple(_CONSTRUCTORS)
 INIT_SCHEME = "kaiming (lenet classic: pytorch default)"
 
 
 def build_model(arch: str, **kwargs: int | float | str | bool) -> nn.Module:
     """Construct `arch` with constructor keyword arguments as stored in the checkpoint."""
-    model: nn.Module
-    if arch == "lenet":
-        model = LeNet5(**kwargs)  # type: ignore[arg-type]
-        if kwargs.get("variant", "modern") == "classic":
-            return model  # the 1998 net keeps its sigmoid-friendly default init
-    elif arch == "alexnet":
-        model = AlexNet(**kwargs)  # type: ignore[arg-type]
-    elif arch.removesuffix("_bn") in VGG_CONFIGS:
-        model = VGG(VGG_CONFIGS[arch.removesuffix("_bn")], batch_norm=arch.endswith("_bn"),
-                    **kwargs)  # type: ignore[arg-type]
-    else:
-        choices = ", ".join(ARCHITECTURES)
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {choices}")
-    _init_weights(model)
+    if arch not in _CONSTRUCTORS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of "
+                         f"{', '.join(ARCHITECTURES)}")
+    model = _CONSTRUCTORS[arch](**kwargs)
+    if not (arch == "lenet" and kwargs.get("variant", "modern") == "classic"):
+        _init_weights(model)  # the 1998 net keeps its sigmoid-friendly default init
     return model

@@ -15,45 +15,45 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm import tqdm
 
+from contract.datasets import Dataset, Split
+from contract.metadata import ModelMetadata, Preprocessing, Recipe, TrainingRecipe
 from training.checkpoint import save_checkpoint
-from training.datasets import Dataset, Split
 from training.distributed import SINGLE_PROCESS, World
-from training.metadata import ModelMetadata, Preprocessing, TrainingRecipe
 from training.models import INIT_SCHEME, build_model
 
 
-class TrainConfig(BaseModel):
-    """One model's training run, fully resolved (preset defaults plus CLI overrides)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class TrainConfig(Recipe):
+    """One model's training run, fully resolved (preset defaults plus CLI overrides): the
+    recipe, and what it trains on which device."""
 
     arch: str
     arch_kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
     image_size: int = Field(gt=0)
-    epochs: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    optimizer: Literal["sgd", "adamw"]
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    augment: bool = True
     patience: int | None = Field(default=None, gt=0)
     average_last: int = Field(default=0, ge=0)
     """Keep the mean of the last N epochs' weights (SWA, batch norm re-estimated) rather
     than the best single epoch on validation; 0 keeps the best epoch. At most the last third
     of the run is averaged, so a shortened run (`--epochs 6`) leaves out its early epochs."""
-    seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_steps: int | None = Field(default=None, gt=0)
     """Stop each epoch after this many steps (for tests and smoke runs)."""
+
+    @property
+    def window(self) -> int:
+        """Epochs averaged into the checkpoint: `average_last`, at most a third of the run."""
+        return min(self.average_last, max(1, self.epochs // 3))
+
+    def recipe(self) -> TrainingRecipe:
+        """The recipe as the metadata records it: these choices and what the run applied."""
+        return TrainingRecipe(**self.model_dump(include=set(Recipe.model_fields)),
+                              init=INIT_SCHEME, early_stopping_patience=self.patience,
+                              average_last=self.window)
 
 
 @dataclass
@@ -167,6 +167,71 @@ def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: in
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+def _steps_per_epoch(cfg: TrainConfig, images: int, world: World) -> int:
+    if world.distributed and cfg.batch_size % world.size:
+        raise ValueError(f"batch size {cfg.batch_size} must divide evenly over "
+                         f"{world.size} processes")
+    # Distributed runs drop a last partial batch so that every rank's share is equal.
+    steps = images // cfg.batch_size if world.distributed else math.ceil(images / cfg.batch_size)
+    return min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
+
+
+@dataclass
+class _Run:
+    """What one run's epochs share: the model, its data, optimiser state and random streams."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    net: nn.Module
+    """`model`, wrapped in DistributedDataParallel under torchrun."""
+    train_data: _Batches
+    val_data: _Batches
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    shuffle: torch.Generator
+    augment: torch.Generator | None
+    world: World
+    label: str
+    progress: bool
+
+    def epoch(self, epoch: int) -> EpochRecord:
+        """One pass over the training split, then the validation score."""
+        cfg, world, device = self.cfg, self.world, self.train_data.labels.device
+        self.model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(len(self.train_data), generator=self.shuffle).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(range(self.steps_per_epoch), desc=f"{self.label} {epoch}/{cfg.epochs}",
+                   unit="batch", leave=False, disable=not self.progress or None)
+        for step in bar:
+            idx = world.shard(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+            x, y = self.train_data.batch(idx, self.augment)
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(idx)
+            if step % 10 == 0 or step == self.steps_per_epoch - 1:
+                rate = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
+                                acc=f"{int(correct) / seen:.4f}", img_s=f"{rate:.0f}")
+        train_seconds = time.perf_counter() - t0
+        loss_sum, correct = world.sum(loss_sum), world.sum(correct)
+        seen *= world.size
+        # Every rank holds the same weights, so every rank reaches the same decisions.
+        val_loss, val_acc = evaluate(self.model, self.val_data)
+        return EpochRecord(epoch, float(loss_sum) / seen, int(correct) / seen, val_loss, val_acc,
+                           self.opt.param_groups[0]["lr"], seen / train_seconds,
+                           time.perf_counter() - t0)
+
+
 def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | None = None,
           progress: bool = True, world: World = SINGLE_PROCESS) -> TrainResult:
     """Train one model; write checkpoint.pt, metrics.json and curves.png to `out_dir`.
@@ -189,117 +254,63 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
     arch_kwargs = {"in_channels": prep.channels, "num_classes": len(dataset.class_names),
                    **cfg.arch_kwargs}
     model = build_model(cfg.arch, **arch_kwargs).to(device)
-    # DDP broadcasts rank 0's initial weights and averages gradients across ranks.
-    net: nn.Module = DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world.distributed else model
     train_data, val_data, test_data = (_Batches(s, mean, std, device)
                                        for s in (data.train, data.val, data.test))
-
-    if world.distributed and cfg.batch_size % world.size:
-        raise ValueError(f"batch size {cfg.batch_size} must divide evenly over "
-                         f"{world.size} processes")
-    # Distributed runs drop a last partial batch so that every rank's share is equal.
-    steps_per_epoch = (len(train_data) // cfg.batch_size if world.distributed
-                       else math.ceil(len(train_data) / cfg.batch_size))
-    if cfg.max_steps is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
+    steps_per_epoch = _steps_per_epoch(cfg, len(train_data), world)
     opt = _optimizer(cfg, model)
-    sched = _scheduler(cfg, opt, steps_per_epoch)
-    shuffle = torch.Generator().manual_seed(cfg.seed)  # same order on every rank
-    augment = torch.Generator(device=device).manual_seed(cfg.seed + 1 + world.rank) \
-        if cfg.augment else None
-    progress = progress and world.is_main
+    run = _Run(
+        cfg, model,
+        # DDP broadcasts rank 0's initial weights and averages gradients across ranks.
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                else None) if world.distributed else model,
+        train_data, val_data, opt, _scheduler(cfg, opt, steps_per_epoch), steps_per_epoch,
+        shuffle=torch.Generator().manual_seed(cfg.seed),  # same order on every rank
+        augment=torch.Generator(device=device).manual_seed(cfg.seed + 1 + world.rank)
+        if cfg.augment else None,
+        world=world, label=name or cfg.arch, progress=progress and world.is_main)
 
     history: list[EpochRecord] = []
     best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     last_gain = 0  # the epoch of the latest strict gain, for early stopping
-    window = min(cfg.average_last, max(1, cfg.epochs // 3))
-    averaged = AveragedModel(model) if window else None
-    label = name or cfg.arch
+    averaged = AveragedModel(model) if cfg.window else None
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        order = torch.randperm(len(train_data), generator=shuffle).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        bar = tqdm(range(steps_per_epoch), desc=f"{label} {epoch}/{cfg.epochs}", unit="batch",
-                   leave=False, disable=not progress or None)
-        for step in bar:
-            idx = world.shard(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
-            x, y = train_data.batch(idx, augment)
-            logits = net(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(idx)
-            if step % 10 == 0 or step == steps_per_epoch - 1:
-                rate = seen / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
-                                acc=f"{int(correct) / seen:.4f}", img_s=f"{rate:.0f}")
-        train_seconds = time.perf_counter() - t0
-        loss_sum, correct = world.sum(loss_sum), world.sum(correct)
-        seen *= world.size
-        # Every rank holds the same weights, so every rank reaches the same decisions.
-        val_loss, val_acc = evaluate(model, val_data)
-        record = EpochRecord(epoch, float(loss_sum) / seen, int(correct) / seen, val_loss, val_acc,
-                             opt.param_groups[0]["lr"], seen / train_seconds,
-                             time.perf_counter() - t0)
+        record = run.epoch(epoch)
         history.append(record)
         # A tie keeps the later, further-annealed weights: on 500 held-out training digits
         # that never did worse than keeping the first (VGG, 6 runs: up to +1.2%).
-        kept = val_acc >= best_acc
-        if val_acc > best_acc:
+        kept = record.val_accuracy >= best_acc
+        if record.val_accuracy > best_acc:
             last_gain = epoch
         if kept:
-            best_acc, best_epoch = val_acc, epoch
+            best_acc, best_epoch = record.val_accuracy, epoch
             best_state = copy.deepcopy(model.state_dict())
         if world.is_main:
-            print(f"{label} epoch {epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
-                  f"train {record.train_accuracy:.4f} val {val_acc:.4f}"
+            print(f"{run.label} epoch {epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
+                  f"train {record.train_accuracy:.4f} val {record.val_accuracy:.4f}"
                   f"{' *' if kept else ''} {record.images_per_s:.0f} img/s", flush=True)
-        if averaged is not None and epoch > cfg.epochs - window:
+        if averaged is not None and epoch > cfg.epochs - cfg.window:
             averaged.update_parameters(model)
         if cfg.patience is not None and epoch - last_gain >= cfg.patience:
             if world.is_main:
-                print(f"{label}: no validation gain for {cfg.patience} epochs, stopping early")
+                print(f"{run.label}: no validation gain for {cfg.patience} epochs, "
+                      "stopping early")
             break
 
-    used_average = False
-    if averaged is not None and int(averaged.n_averaged) > 0:
-        # The mean is kept whatever its validation score: a 500-image split picks among
-        # near-equal epochs by noise, and the pick scores on it are biased upward. On held-out
-        # training digits the mean generalised better than the epoch validation picked.
-        # Batch-norm statistics of averaged weights must be measured again, on clean images.
-        update_bn((x for x, _ in train_data.in_order(cfg.batch_size)), averaged.module)
-        _, best_acc = evaluate(averaged.module, val_data)
-        best_epoch, best_state = len(history), averaged.module.state_dict()
-        used_average = True
-        if world.is_main:
-            print(f"{label}: keeping the mean of the last {int(averaged.n_averaged)} epochs: "
-                  f"val {best_acc:.4f}", flush=True)
+    used_average = averaged is not None and int(averaged.n_averaged) > 0
+    if used_average:
+        assert averaged is not None
+        best_acc, best_state = _keep_average(run, averaged)
+        best_epoch = len(history)
     elif averaged is not None and world.is_main:
-        print(f"{label}: stopped before the last {window} epochs; keeping the best "
+        print(f"{run.label}: stopped before the last {cfg.window} epochs; keeping the best "
               f"epoch ({best_epoch})", flush=True)
     model.load_state_dict(best_state)
     _, test_acc = evaluate(model, test_data)
     metadata = ModelMetadata(
-        name=label, arch=cfg.arch, arch_kwargs=arch_kwargs, preprocessing=prep,
-        class_names=dataset.class_names, dataset=dataset.name,
-        recipe=TrainingRecipe(
-            optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            momentum=cfg.momentum, schedule=cfg.schedule, epochs=cfg.epochs,
-            batch_size=cfg.batch_size, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
-            init=INIT_SCHEME, seed=cfg.seed, early_stopping_patience=cfg.patience,
-            average_last=window),
+        name=run.label, arch=cfg.arch, arch_kwargs=arch_kwargs, preprocessing=prep,
+        class_names=dataset.class_names, dataset=dataset.name, recipe=cfg.recipe(),
         epochs_trained=len(history), best_epoch=best_epoch, averaged=used_average,
-        val_accuracy=best_acc,
-        test_accuracy=test_acc, torch_version=torch.__version__,
+        val_accuracy=best_acc, test_accuracy=test_acc, torch_version=torch.__version__,
         device=f"{device.type} x{world.size} (DDP)" if world.distributed else str(device),
         created_at=datetime.now(UTC))
     result = TrainResult(metadata, history)
@@ -309,6 +320,22 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
         write_metrics(out_dir, metadata, history)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _keep_average(run: _Run, averaged: AveragedModel) -> tuple[float, dict[str, torch.Tensor]]:
+    """The averaged weights with batch-norm statistics measured again, and their val score.
+
+    The mean is kept whatever its validation score: a 500-image split picks among
+    near-equal epochs by noise, and the pick scores on it are biased upward. On held-out
+    training digits the mean generalised better than the epoch validation picked.
+    """
+    # Batch-norm statistics of averaged weights must be measured on clean images.
+    update_bn((x for x, _ in run.train_data.in_order(run.cfg.batch_size)), averaged.module)
+    _, val_acc = evaluate(averaged.module, run.val_data)
+    if run.world.is_main:
+        print(f"{run.label}: keeping the mean of the last {int(averaged.n_averaged)} epochs: "
+              f"val {val_acc:.4f}", flush=True)
+    return val_acc, averaged.module.state_dict()
 
 
 def write_metrics(out_dir: Path, metadata: ModelMetadata, history: list[EpochRecord]) -> None:

@@ -17,7 +17,7 @@ from packaging.utils import canonicalize_name
 
 from tests.servers import ROOT
 
-LOCAL = {"training", "export", "service", "protos", "loadtests"}
+LOCAL = {"contract", "training", "export", "service", "protos", "loadtests"}
 # Each image: its build target, its pyproject extra, the modules its commands run.
 ROLES = {
     "trainer": ("train", ["training.__main__", "export.__main__"]),

@@ -7,10 +7,8 @@ import onnxruntime as ort
 import pytest
 
 import export.pipeline
-from export.cli import main
-from export.onnx_export import export_onnx
-from export.pipeline import ParityError, export_checkpoint
-from service.repository import (
+from contract.metadata import ONNX_METADATA_KEY
+from contract.repository import (
     FP16_MODEL_FILE,
     MODEL_FILE,
     REPORT_FILE,
@@ -20,9 +18,11 @@ from service.repository import (
     read_config,
     read_onnx_metadata,
 )
+from export.cli import main
+from export.onnx_export import export_onnx
+from export.pipeline import ParityError, export_checkpoint
 from tests.conftest import TINY_CONFIGS
 from training.checkpoint import file_sha256, load_checkpoint
-from training.metadata import ONNX_METADATA_KEY
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.models import ARCHITECTURES, VGG_CONFIGS, build_model
+from training.models import ARCHITECTURES, VGG_CONFIGS, AlexNet, build_model
 
 # AlexNet's stride-4 stem and three pools need at least 63x63 inputs.
 SHAPES = [(arch, channels, size) for arch in ARCHITECTURES
@@ -22,6 +22,7 @@ def test_every_architecture_maps_any_input_size_to_class_logits(arch: str, chann
 
 def test_alexnet_at_paper_size_keeps_paper_feature_map() -> None:
     model = build_model("alexnet", in_channels=3, num_classes=1000)
+    assert isinstance(model, AlexNet)
     feats = model.features[:-1](torch.randn(1, 3, 224, 224))  # before adaptive pooling
     assert feats.shape == (1, 256, 6, 6)
     assert sum(p.numel() for p in model.parameters()) == 61_100_840  # torchvision's AlexNet

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from contract.datasets import Dataset
+from contract.metadata import ModelMetadata
 from training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from training.cli import main
-from training.datasets import Dataset
-from training.metadata import ModelMetadata
 from training.trainer import TrainConfig, random_affine, train
 
 

@@ -5,12 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.datasets import (
+from contract.datasets import (
     DatasetNotFoundError,
     load_dataset,
     read_idx,
 )
-from training.preprocessing import resize_images
+from contract.preprocessing import resize_images
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:

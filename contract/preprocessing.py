@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from training.metadata import Preprocessing
+from contract.metadata import Preprocessing
 
 
 def resize_images(images: np.ndarray, color: str, height: int, width: int) -> np.ndarray:

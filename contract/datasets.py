@@ -8,6 +8,7 @@ service makes on an encoded image, so training and serving preprocess identicall
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import shutil
 import tarfile
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
-from training.preprocessing import resize_images
+from contract.preprocessing import resize_images
 
 DIGIT_NAMES = tuple(str(d) for d in range(10))
 FASHION_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
@@ -218,6 +220,13 @@ DATASETS: dict[str, Loader] = {
     "fashion-mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
 }
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """One uint8 (H, W, C) image as PNG bytes: what a client sends the classifier."""
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def load_dataset(name: str, data_dir: Path | None = None, download: bool = False) -> Dataset:

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SCHEMA_VERSION: Literal[1] = 1
 ONNX_METADATA_KEY = "cnnserve.metadata"
 """Key under which export stores `OnnxModelMetadata` JSON in the ONNX `metadata_props`."""
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+"""Model names become repository folder names, so nothing that could leave the folder."""
 
 ArchKwarg = int | float | str | bool
 
@@ -58,20 +60,26 @@ class Preprocessing(_Frozen):
         return self
 
 
-class TrainingRecipe(_Frozen):
-    """The choices that produced the weights, kept so a run can be reproduced and judged."""
+class Recipe(_Frozen):
+    """The optimisation choices a training run makes; `TrainConfig` extends them with what
+    to train, and `TrainingRecipe` records them with what the run applied."""
 
     optimizer: Literal["sgd", "adamw"]
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
-    momentum: float = Field(ge=0, lt=1)
-    schedule: Literal["onecycle", "cosine", "constant"]
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0)
-    label_smoothing: float = Field(ge=0, lt=1)
-    augment: bool
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    augment: bool = True
+    seed: int = 0
+
+
+class TrainingRecipe(Recipe):
+    """The choices that produced the weights, kept so a run can be reproduced and judged."""
+
     init: str
-    seed: int
     early_stopping_patience: int | None = None
     average_last: int = 0
     """The last N epochs' weights are averaged into the checkpoint (0: best epoch kept);
@@ -82,7 +90,7 @@ class ModelMetadata(_Frozen):
     """Everything a later stage needs to rebuild, export or serve a trained model."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
     arch: str
     arch_kwargs: dict[str, ArchKwarg]
     preprocessing: Preprocessing

@@ -14,19 +14,19 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from training.metadata import ONNX_METADATA_KEY, OnnxModelMetadata
+from contract.metadata import MODEL_NAME_PATTERN, ONNX_METADATA_KEY, OnnxModelMetadata
 
 MODEL_FILE = "model.onnx"
 FP16_MODEL_FILE = "model.fp16.onnx"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "export_report.json"
-MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 _NAME_RE = re.compile(MODEL_NAME_PATTERN)
+DEFAULT_PREFERRED_BATCH_SIZES = (8, 16, 32)
 
 
 class RepositoryError(Exception):
@@ -49,11 +49,22 @@ class ModelConfig(BaseModel):
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
     max_batch_size: int = Field(default=32, ge=1)
-    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
+    preferred_batch_sizes: tuple[int, ...] = DEFAULT_PREFERRED_BATCH_SIZES
+    """Left out: the defaults that fit under max_batch_size."""
     max_queue_delay_us: int = Field(default=2000, ge=0)
     input: TensorSpec
     output: TensorSpec
     labels: tuple[str, ...]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_preferred(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "preferred_batch_sizes" not in data:
+            limit = data.get("max_batch_size", cls.model_fields["max_batch_size"].default)
+            if isinstance(limit, int):
+                data = {**data, "preferred_batch_sizes": tuple(
+                    b for b in DEFAULT_PREFERRED_BATCH_SIZES if b <= limit)}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from service.repository import (
+from contract.repository import (
     MODEL_FILE,
     RepositoryError,
     check_model_name,
@@ -66,7 +66,7 @@ def test_metadata_loader_never_imports_torch(trained_run: Path, tmp_path: Path) 
 
     export_checkpoint(trained_run / "lenet" / "checkpoint.pt", tmp_path)
     code = ("import sys; from pathlib import Path; "
-            "from service.repository import read_onnx_metadata, list_models, read_config; "
+            "from contract.repository import read_onnx_metadata, list_models, read_config; "
             f"repo = Path({str(tmp_path)!r}); "
             "meta = read_onnx_metadata(repo / 'lenet' / '1' / 'model.onnx'); "
             "assert list_models(repo) == ['lenet'] and read_config(repo, 'lenet'); "
