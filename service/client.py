@@ -7,7 +7,6 @@ numpy; the digits fallback encodes mnist5k test images as PNG first.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -16,24 +15,18 @@ from pathlib import Path
 
 import grpc
 
+from contract.table import format_table
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
-from training.table import format_table
 
 
 def test_digits(count: int) -> list[tuple[str, bytes, str]]:
     """(name, PNG bytes, true label) for the first `count` mnist5k test images."""
-    from PIL import Image
-
-    from training.datasets import load_dataset
+    from contract.datasets import encode_png, load_dataset
 
     test = load_dataset("mnist5k").test
-    out = []
-    for i in range(min(count, len(test))):
-        buf = io.BytesIO()
-        Image.fromarray(test.images[i][..., 0]).save(buf, format="PNG")
-        out.append((f"mnist5k-test-{i}", buf.getvalue(), str(test.labels[i])))
-    return out
+    return [(f"mnist5k-test-{i}", encode_png(test.images[i]), str(test.labels[i]))
+            for i in range(min(count, len(test)))]
 
 
 def open_channel(address: str, tls_ca: Path | None = None, tls_cert: Path | None = None,

@@ -20,10 +20,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.in_flight = 0
-        """API calls being handled now (for shutdown, not exported)."""
-        self.last_call_at = 0.0
-        """time.monotonic() when the latest API call arrived."""
         self.requests = Counter("cnnserve_requests", "RPCs answered, by model, API and status.",
                                 ["model", "api", "code"], registry=registry)
         self.latency = Histogram("cnnserve_request_latency_seconds",

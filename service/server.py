@@ -15,14 +15,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from contract.repository import RepositoryError
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from service.classifier_api import ClassifierServicer
-from service.dispatch import RequestLimits
-from service.inference_api import InferenceServicer
+from service.core import InferenceCore, RequestLimits
+from service.engine.models import ModelSet, load_models
+from service.engine.reload import RepositoryWatcher
+from service.frontends.grpc_classifier import ClassifierServicer
+from service.frontends.grpc_inference import InferenceServicer
 from service.metrics import Metrics
-from service.models import ModelSet, load_models
-from service.reload import RepositoryWatcher
-from service.repository import RepositoryError
+from service.ready import ready_line
 from service.security import (
     TokenAuthInterceptor,
     load_tokens,
@@ -42,12 +43,15 @@ CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].fu
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    models: ModelSet
+    core: InferenceCore
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
-    metrics: Metrics
     watcher: asyncio.Task[None] | None = None
     _announced: set[str] = field(default_factory=set)
+
+    @property
+    def models(self) -> ModelSet:
+        return self.core.models
 
     async def set_serving(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
@@ -55,11 +59,11 @@ class RunningServer:
         overall = serving if self.models.all_ready else not_serving
         for name in ("", OIP_SERVICE, CLASSIFIER_SERVICE):
             await self.health.set(name, overall)
-        for model in self.models.models.values():
+        for model in self.models:
             await self.health.set(model.name, serving if model.ready else not_serving)
-        for gone in self._announced - set(self.models.models):
+        for gone in self._announced - self.models.names():
             await self.health.set(gone, not_serving)
-        self._announced |= set(self.models.models)
+        self._announced |= self.models.names()
 
     async def stop(self, grace_s: float) -> None:
         """Answer what was accepted, refuse the rest with UNAVAILABLE, within `grace_s`.
@@ -79,8 +83,8 @@ class RunningServer:
         except TimeoutError:
             log.warning("queued requests not finished within the %.1fs grace period", grace_s)
         while time.monotonic() < deadline and (
-                self.metrics.in_flight
-                or time.monotonic() - self.metrics.last_call_at < DRAIN_QUIET_S):
+                self.core.in_flight
+                or time.monotonic() - self.core.last_call_at < DRAIN_QUIET_S):
             await asyncio.sleep(0.01)
         await self.server.stop(max(deadline - time.monotonic(), 0.0))
         self.executor.shutdown(wait=True)
@@ -103,18 +107,17 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     # instances need them; the cap is a backstop.
     executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="onnxruntime")
     models = await asyncio.to_thread(load_models, settings, executor, metrics)
-    for model in models.models.values():
+    for model in models:
         if model.batcher is not None:
             model.batcher.start()
     server = grpc.aio.server(options=server_options(settings, reuse_port),
                              interceptors=interceptors,
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-    limits = RequestLimits(settings.max_images_per_request, settings.max_image_pixels,
-                           settings.request_timeout_s)
+    core = InferenceCore(models, metrics, RequestLimits(
+        settings.max_images_per_request, settings.max_image_pixels, settings.request_timeout_s))
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(models, metrics, limits), server)
-    classifier_pb2_grpc.add_ClassifierServicer_to_server(
-        ClassifierServicer(models, metrics, limits), server)
+        InferenceServicer(core), server)
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -126,7 +129,7 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
         raise OSError(f"could not bind {address}")
     warn_if_exposed(settings)
     await server.start()
-    running = RunningServer(server, port, models, health_servicer, executor, metrics)
+    running = RunningServer(server, port, core, health_servicer, executor)
     await running.set_serving()
     if settings.reload_interval_s > 0:
         watcher = RepositoryWatcher(settings, models, executor, metrics, running.set_serving)
@@ -145,11 +148,11 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics(registry)
     running = await start_server(settings, metrics, reuse_port)
-    ready = [m.name for m in running.models.models.values() if m.ready]
+    ready = [m.name for m in running.models if m.ready]
     log.info("listening on %s:%d (%s%s); serving %s", settings.host, running.port,
              "mutual TLS" if settings.tls_client_ca_file else "TLS" if settings.tls
              else "plaintext", ", bearer tokens" if settings.auth else "", ", ".join(ready))
-    print(f"cnnserve ready on {settings.host}:{running.port}", flush=True)
+    print(ready_line("cnnserve", settings.host, running.port), flush=True)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests (grace %.1fs)", settings.grace_period_s)
     await running.stop(settings.grace_period_s)

@@ -1,8 +1,7 @@
 """Dynamic batching: concurrent requests for one model are run as one onnxruntime batch.
 
-A batch leaves the queue when it reaches `max_batch_size`, when it reaches a preferred
-size with nothing more waiting, or when its oldest request has waited
-`max_queue_delay`, whichever comes first. Compute runs in a thread pool, so the next
+What leaves the queue and when is decided by `batching.select_batch` (the policy's
+rules); this module applies it concurrently. Compute runs in a thread pool, so the next
 batch gathers while the current one runs; each model instance has its own worker.
 
 When a batch ends and the next one is already ready, the compute thread takes and runs it
@@ -23,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.engine.batching import BatchPolicy, Selection, select_batch
+from service.engine.runtime import ModelRunner
 from service.metrics import Metrics, ModelStats
-from service.runtime import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +52,21 @@ class InferenceError(BatcherError):
 @dataclass(eq=False)
 class _Request:
     inputs: np.ndarray
+    rows: int
     future: asyncio.Future[np.ndarray]
     enqueued: float
     deadline: float | None
 
+    @property
+    def cancelled(self) -> bool:
+        return self.future.done()
+
 
 class DynamicBatcher:
     def __init__(self, name: str, runners: Sequence[ModelRunner], executor: Executor,
-                 max_batch_size: int, max_queue_delay_s: float,
-                 preferred_batch_sizes: Sequence[int], max_queue_size: int,
-                 metrics: Metrics, stats: ModelStats) -> None:
+                 policy: BatchPolicy, metrics: Metrics, stats: ModelStats) -> None:
         self.name = name
-        self.max_batch_size = max_batch_size
-        self.max_queue_delay_s = max_queue_delay_s
-        self.preferred = frozenset(preferred_batch_sizes)
-        self.max_queue_size = max_queue_size
+        self.policy = policy
         self._runners = list(runners)
         self._executor = executor
         self._stats = stats
@@ -99,19 +99,20 @@ class DynamicBatcher:
 
         `deadline` is a `time.monotonic()` instant; a request still queued then is dropped.
         Cancelling the awaiting task removes the request before it reaches the model.
+        The caller has checked n against the policy; a larger n is a programming error.
         """
         if self._closing:
             raise BatcherClosedError(f"model {self.name!r} is shutting down")
         rows = len(inputs)
-        if not 1 <= rows <= self.max_batch_size:
-            raise ValueError(f"expected 1 to {self.max_batch_size} images per request for "
-                             f"model {self.name!r}, got {rows}")
-        request = _Request(inputs, asyncio.get_running_loop().create_future(), time.monotonic(),
-                           deadline)
+        if not 1 <= rows <= self.policy.max_batch_size:
+            raise ValueError(f"expected 1 to {self.policy.max_batch_size} images per request "
+                             f"for model {self.name!r}, got {rows}")
+        request = _Request(inputs, rows, asyncio.get_running_loop().create_future(),
+                           time.monotonic(), deadline)
         with self._lock:
-            if len(self._queue) >= self.max_queue_size:
+            if len(self._queue) >= self.policy.max_queue_size:
                 raise QueueFullError(f"model {self.name!r} has {len(self._queue)} requests "
-                                     f"queued (limit {self.max_queue_size}); retry later")
+                                     f"queued (limit {self.policy.max_queue_size}); retry later")
             self._queue.append(request)
             self._depth.inc()
         self._arrived.set()
@@ -123,44 +124,16 @@ class DynamicBatcher:
         self._arrived.set()
         await asyncio.gather(*self._workers)
 
-    def _take(self) -> tuple[list[_Request] | None, list[_Request], float | None]:
-        """Under the lock, from the loop or a compute thread: the batch to run now, the
-        expired requests it removed on the way, and when to look again if no batch is ready
-        (None: the queue is empty). Cancelled requests are dropped wherever they sit.
-        """
+    def _take(self) -> Selection[_Request]:
+        """From the loop or a compute thread: apply `select_batch` to the queue."""
         with self._lock:
-            now = time.monotonic()
-            alive: deque[_Request] = deque()
-            expired: list[_Request] = []
-            for request in self._queue:
-                if request.future.done():
-                    continue
-                if request.deadline is not None and now >= request.deadline:
-                    expired.append(request)
-                else:
-                    alive.append(request)
-            if len(alive) < len(self._queue):
-                self._depth.dec(len(self._queue) - len(alive))
-            self._queue = alive
-            if not alive:
-                return None, expired, None
-            taken, rows = 0, 0
-            for request in alive:
-                if rows + len(request.inputs) > self.max_batch_size:
-                    break
-                taken, rows = taken + 1, rows + len(request.inputs)
-            head = alive[0].enqueued
-            full = rows == self.max_batch_size or taken < len(alive)
-            preferred = rows in self.preferred and taken == len(alive)
-            if not (full or preferred or now - head >= self.max_queue_delay_s
-                    or self._closing):
-                # Less than one batch is queued, so this scan is short.
-                wake = min([head + self.max_queue_delay_s,
-                            *(r.deadline for r in alive if r.deadline is not None)])
-                return None, expired, wake
-            batch = [alive.popleft() for _ in range(taken)]
-        self._depth.dec(taken)
-        return batch, expired, None
+            selection = select_batch(self._queue, time.monotonic(), self.policy, self._closing)
+            removed = len(self._queue) - len(selection.waiting)
+            if removed:
+                self._queue = deque(selection.waiting)
+        if removed:
+            self._depth.dec(removed)
+        return selection
 
     def _fail_expired(self, expired: list[_Request]) -> None:
         now = time.monotonic()
@@ -172,11 +145,12 @@ class DynamicBatcher:
 
     async def _next_batch(self) -> list[_Request] | None:
         while True:
-            batch, expired, wake = self._take()
-            self._fail_expired(expired)
-            if batch is not None:
-                return batch
+            selection = self._take()
+            self._fail_expired(selection.expired)
+            if selection.batch:
+                return selection.batch
             self._arrived.clear()
+            wake = selection.wake_at
             if wake is None:
                 if self._closing:
                     return None
@@ -196,11 +170,11 @@ class DynamicBatcher:
         while (batch := await self._next_batch()) is not None:
             await loop.run_in_executor(self._executor, self._compute_while_ready, runner, batch)
 
-    def _compute_while_ready(self, runner: ModelRunner, batch: list[_Request] | None) -> None:
+    def _compute_while_ready(self, runner: ModelRunner, batch: list[_Request]) -> None:
         """In a compute thread: run `batch`, then each batch that is ready when one ends."""
         loop = self._loop
         assert loop is not None, "start() first"
-        while batch is not None:
+        while batch:
             started = time.monotonic()
             inputs = batch[0].inputs if len(batch) == 1 else np.concatenate(
                 [r.inputs for r in batch])
@@ -212,9 +186,10 @@ class DynamicBatcher:
                 result = InferenceError(
                     f"model {self.name!r} failed on a batch of {len(inputs)}: {exc}")
             loop.call_soon_threadsafe(self._finish, batch, started, time.monotonic(), result)
-            batch, expired, _ = self._take()
-            if expired:
-                loop.call_soon_threadsafe(self._fail_expired, expired)
+            selection = self._take()
+            batch = selection.batch
+            if selection.expired:
+                loop.call_soon_threadsafe(self._fail_expired, selection.expired)
 
     def _finish(self, batch: list[_Request], started: float, ended: float,
                 result: np.ndarray | InferenceError) -> None:
@@ -235,7 +210,6 @@ class DynamicBatcher:
         self._stats.record_batch(size, compute)
         offset = 0
         for request in batch:
-            rows = len(request.inputs)
             if not request.future.done():  # cancelled while computing: nobody to tell
-                request.future.set_result(result[offset:offset + rows])
-            offset += rows
+                request.future.set_result(result[offset:offset + request.rows])
+            offset += request.rows

@@ -7,13 +7,13 @@ is kept in the set as not ready, with the reason, while the others serve.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.batcher import DynamicBatcher
-from service.metrics import Metrics, ModelStats
-from service.repository import (
+from contract.metadata import OnnxModelMetadata
+from contract.repository import (
     FP16_MODEL_FILE,
     MODEL_FILE,
     ModelConfig,
@@ -24,9 +24,11 @@ from service.repository import (
     read_onnx_metadata,
     version_dir,
 )
-from service.runtime import ModelRunner, wants_cuda
+from service.engine.batcher import DynamicBatcher
+from service.engine.batching import BatchPolicy, resolve_policy
+from service.engine.runtime import ModelRunner, wants_cuda
+from service.metrics import Metrics, ModelStats
 from service.settings import ServiceSettings
-from training.metadata import OnnxModelMetadata
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class ServedModel:
     name: str
     version: int
     config: ModelConfig
-    max_batch_size: int
+    policy: BatchPolicy
     metadata: OnnxModelMetadata | None = None
     batcher: DynamicBatcher | None = None
     provider: str = ""
@@ -53,28 +55,53 @@ class ServedModel:
     def ready(self) -> bool:
         return self.batcher is not None and not self.reason
 
+    @property
+    def max_batch_size(self) -> int:
+        return self.policy.max_batch_size
 
-@dataclass
+
 class ModelSet:
-    models: dict[str, ServedModel]
+    """The model served under each name; hot reload swaps entries, requests look them up."""
+
+    def __init__(self, models: Iterable[ServedModel] = ()) -> None:
+        self._models = {m.name: m for m in models}
 
     def get(self, name: str, version: str = "") -> ServedModel:
         """The served model, or ModelNotFoundError saying what is served instead."""
-        model = self.models.get(name)
+        model = self._models.get(name)
         if model is None:
             raise ModelNotFoundError(f"unknown model {name!r}; served models: "
-                                     f"{', '.join(sorted(self.models)) or 'none'}")
+                                     f"{', '.join(sorted(self._models)) or 'none'}")
         if version and version != str(model.version):
             raise ModelNotFoundError(f"model {name!r} has no served version {version!r}; "
                                      f"served version: {model.version}")
         return model
 
+    def current(self, name: str) -> ServedModel | None:
+        return self._models.get(name)
+
+    def __iter__(self) -> Iterator[ServedModel]:
+        """Every model, by name."""
+        return iter(sorted(self._models.values(), key=lambda m: m.name))
+
+    def names(self) -> set[str]:
+        return set(self._models)
+
+    def put(self, model: ServedModel) -> ServedModel | None:
+        """Serve `model` under its name from now on; returns the one it replaces."""
+        previous = self._models.get(model.name)
+        self._models[model.name] = model
+        return previous
+
+    def remove(self, name: str) -> ServedModel:
+        return self._models.pop(name)
+
     @property
     def all_ready(self) -> bool:
-        return bool(self.models) and all(m.ready for m in self.models.values())
+        return bool(self._models) and all(m.ready for m in self._models.values())
 
     async def close(self) -> None:
-        for model in self.models.values():
+        for model in self._models.values():
             if model.batcher is not None:
                 await model.batcher.close()
 
@@ -93,11 +120,10 @@ def load_model(settings: ServiceSettings, name: str, executor: Executor,
     repo = settings.repo
     config = read_config(repo, name)
     version = max(list_versions(repo, name))
-    over = settings.overrides(name)
-    max_batch = over.max_batch_size or config.max_batch_size
-    served = ServedModel(name, version, config, max_batch)
+    policy = resolve_policy(name, config, settings)
+    served = ServedModel(name, version, config, policy)
     folder = version_dir(repo, name, version)
-    precision = over.precision or settings.precision
+    precision = settings.overrides(name).precision or settings.precision
     use_fp16 = (precision == "fp16" and wants_cuda(settings.device)
                 and (folder / FP16_MODEL_FILE).is_file())
     path = folder / (FP16_MODEL_FILE if use_fp16 else MODEL_FILE)
@@ -105,24 +131,19 @@ def load_model(settings: ServiceSettings, name: str, executor: Executor,
         served.metadata = read_onnx_metadata(path)
         _check_against_config(served.metadata, config, path)
         runners = [ModelRunner(path, settings, config.input.name, config.output.name)
-                   for _ in range(over.instances or settings.instances)]
+                   for _ in range(policy.instances)]
         if settings.warmup:
             for runner in runners:
-                runner.warmup(list(range(1, max_batch + 1)), config.input.shape)
+                runner.warmup(list(range(1, policy.max_batch_size + 1)), config.input.shape)
     except Exception as exc:  # any failure leaves this model unready, not the server down
         served.reason = str(exc)
         log.error("model %s version %s not served: %s", name, version, exc)
         return served
-    delay_us = (over.max_queue_delay_us if over.max_queue_delay_us is not None
-                else config.max_queue_delay_us)
-    preferred = over.preferred_batch_sizes or config.preferred_batch_sizes
-    served.batcher = DynamicBatcher(
-        name, runners, executor, max_batch, delay_us / 1e6,
-        [b for b in preferred if b <= max_batch], over.max_queue_size or settings.max_queue_size,
-        metrics, served.stats)
+    served.batcher = DynamicBatcher(name, runners, executor, policy, metrics, served.stats)
     served.provider, served.file = runners[0].provider, path.name
     log.info("model %s version %s ready: %s on %s, %d instance(s), max batch %d, delay %dus",
-             name, version, path.name, served.provider, len(runners), max_batch, delay_us)
+             name, version, path.name, served.provider, len(runners), policy.max_batch_size,
+             round(policy.max_queue_delay_s * 1e6))
     return served
 
 
@@ -133,4 +154,4 @@ def load_models(settings: ServiceSettings, executor: Executor, metrics: Metrics)
         raise RepositoryError(f"no models in {settings.repo}: export some with "
                               "`python -m export --all RUN_DIR --repo "
                               f"{settings.repo}`")
-    return ModelSet({name: load_model(settings, name, executor, metrics) for name in names})
+    return ModelSet(load_model(settings, name, executor, metrics) for name in names)

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
+from contract.repository import RepositoryError, list_models, list_versions
+from service.engine.models import ModelSet, ServedModel, load_model
 from service.metrics import Metrics
-from service.models import ModelSet, ServedModel, load_model
-from service.repository import RepositoryError, list_models, list_versions
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class RepositoryWatcher:
         retired: list[ServedModel] = []
         changed = False
         for name, newest in found.items():
-            current = self._models.models.get(name)
+            current = self._models.current(name)
             if (current is not None and newest <= current.version) or \
                     self._failed.get(name) == newest:
                 continue
@@ -72,15 +72,15 @@ class RepositoryWatcher:
                     continue
             if candidate.batcher is not None:
                 candidate.batcher.start()
-            self._models.models[name] = candidate
+            self._models.put(candidate)
             changed = True
             log.info("model %s: version %d now served%s", name, candidate.version,
                      f" (was {current.version})" if current else "")
             if current is not None:
                 retired.append(current)
-        for name in set(self._models.models) - set(found):
+        for name in self._models.names() - set(found):
             log.info("model %s left the repository: unloading", name)
-            retired.append(self._models.models.pop(name))
+            retired.append(self._models.remove(name))
         if changed or retired:
             await self._on_change()
         for old in retired:  # after the swap, so new requests already go to the new version

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 
 import grpc
 import numpy as np
 
+from contract.preprocessing import to_input
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
-from service.dispatch import (
-    Call,
-    RequestLimits,
-    answer,
-    check_image_count,
-    find_model,
-    infer,
-    invalid,
-)
-from service.images import ImageError, decode
-from service.metrics import Metrics
-from service.models import ModelSet, ServedModel
-from training.preprocessing import to_input
+from service.core import InferenceCore, InferRequest, invalid
+from service.engine.models import ServedModel
+from service.frontends.grpc_edge import grpc_status
+from service.frontends.images import ImageError, decode
 
 # Decoding this many encoded bytes or more moves off the event loop.
 _OFFLOAD_BYTES = 256 * 1024
@@ -37,12 +29,10 @@ def _tensor(image: pb.Tensor, index: int, model: ServedModel) -> np.ndarray:
     return np.asarray(image.data, dtype=np.float32).reshape(expected)
 
 
-def _inputs(request: pb.PredictRequest, model: ServedModel, limits: RequestLimits
-            ) -> np.ndarray:
+def _inputs(request: pb.PredictRequest, max_pixels: int, model: ServedModel) -> np.ndarray:
     """Every image of the request as one float32 NCHW batch, in request order."""
     if not request.images:
         invalid("the request holds no images")
-    check_image_count(model, len(request.images), limits)
     assert model.metadata is not None
     prep = model.metadata.model.preprocessing
     rows: list[np.ndarray] = []
@@ -50,7 +40,7 @@ def _inputs(request: pb.PredictRequest, model: ServedModel, limits: RequestLimit
         kind = image.WhichOneof("source")
         if kind == "encoded":
             try:
-                pixels = decode(image.encoded, prep, limits.max_image_pixels)
+                pixels = decode(image.encoded, prep, max_pixels)
                 rows.append(to_input(pixels[None], prep)[0])
             except ImageError as exc:
                 invalid(f"image {i}: {exc}")
@@ -73,32 +63,27 @@ def _classifications(logits: np.ndarray, labels: tuple[str, ...], top_k: int
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, models: ModelSet, metrics: Metrics, limits: RequestLimits) -> None:
-        self.models = models
-        self.metrics = metrics
-        self.limits = limits
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
 
+    @grpc_status
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
                       ) -> pb.PredictResponse:
-        async def handle(call: Call) -> pb.PredictResponse:
-            call.model = model = find_model(self.models, request.model, request.version)
-            encoded = sum(len(i.encoded) for i in request.images)
-            if encoded >= _OFFLOAD_BYTES:
-                inputs = await asyncio.to_thread(_inputs, request, model, self.limits)
-            else:
-                inputs = _inputs(request, model, self.limits)
-            logits = await infer(call, self.models, inputs, context, self.limits)
-            model = call.model or model
-            labels = model.config.labels
-            top_k = min(max(request.top_k, 1), len(labels))
-            return pb.PredictResponse(model=model.name, version=str(model.version),
-                                      classifications=_classifications(logits, labels, top_k))
-        return await answer(self.metrics, "classifier", context, handle)
+        encoded = sum(len(i.encoded) for i in request.images)
+        result = await self.core.infer(InferRequest(
+            api="classifier", model=request.model, version=request.version,
+            rows=len(request.images),
+            prepare=functools.partial(_inputs, request, self.core.limits.max_image_pixels),
+            timeout_s=context.time_remaining(), offload=encoded >= _OFFLOAD_BYTES))
+        labels = result.model.config.labels
+        top_k = min(max(request.top_k, 1), len(labels))
+        return pb.PredictResponse(model=result.model.name, version=str(result.model.version),
+                                  classifications=_classifications(result.outputs, labels, top_k))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:
         infos = []
-        for model in sorted(self.models.models.values(), key=lambda m: m.name):
+        for model in self.core.models:
             prep = model.metadata.model.preprocessing if model.metadata else None
             infos.append(pb.ModelInfo(
                 name=model.name, version=str(model.version), labels=model.config.labels,

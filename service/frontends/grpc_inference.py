@@ -7,31 +7,38 @@ tritonclient decodes outputs only from `raw_output_contents`.
 
 from __future__ import annotations
 
+import functools
+
 import grpc
 import numpy as np
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from service.dispatch import (
-    Call,
-    RequestError,
-    RequestLimits,
-    answer,
-    check_image_count,
-    find_model,
-    infer,
-    invalid,
-)
-from service.metrics import Duration, Metrics
-from service.models import ModelSet, ServedModel
+from service.core import InferenceCore, InferRequest, invalid
+from service.engine.models import ServedModel
+from service.frontends.grpc_edge import grpc_status
+from service.metrics import Duration
 
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
 
 
-def _decode_input(request: pb.ModelInferRequest, model: ServedModel, limits: RequestLimits
-                  ) -> np.ndarray:
+def _declared_rows(request: pb.ModelInferRequest) -> int:
+    """The batch dimension the request declares; 0 when its inputs are malformed (then
+    `_inputs` says how)."""
+    shape = request.inputs[0].shape if len(request.inputs) == 1 else ()
+    return shape[0] if shape else 0
+
+
+def _inputs(request: pb.ModelInferRequest, model: ServedModel) -> np.ndarray:
+    """The request checked against `model`: its input batch, or INVALID_ARGUMENT."""
+    inputs = _input(request, model)
+    _check_outputs(request, model)
+    return inputs
+
+
+def _input(request: pb.ModelInferRequest, model: ServedModel) -> np.ndarray:
     """The request's single FP32 input as an (n, C, H, W) array, or INVALID_ARGUMENT."""
     spec = model.config.input
     if len(request.inputs) != 1 or request.inputs[0].name != spec.name:
@@ -45,7 +52,6 @@ def _decode_input(request: pb.ModelInferRequest, model: ServedModel, limits: Req
     if len(shape) != 1 + len(spec.shape) or shape[1:] != spec.shape or shape[0] < 1:
         invalid(f"input {spec.name!r} must have shape [N, {', '.join(map(str, spec.shape))}] "
                 f"with N >= 1, got {list(shape)}")
-    check_image_count(model, shape[0], limits)
     count = int(np.prod(shape))
     typed = tensor.HasField("contents")
     if request.raw_input_contents:
@@ -88,10 +94,8 @@ def _duration(d: Duration) -> pb.StatisticDuration:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelSet, metrics: Metrics, limits: RequestLimits) -> None:
-        self.models = models
-        self.metrics = metrics
-        self.limits = limits
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ServerLiveResponse:
@@ -99,11 +103,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.models.all_ready)
+        return pb.ServerReadyResponse(ready=self.core.models.all_ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelReadyResponse:
-        model = self.models.models.get(request.name)
+        model = self.core.models.current(request.name)
         ready = (model is not None and model.ready
                  and request.version in ("", str(model.version)))
         return pb.ModelReadyResponse(ready=ready)
@@ -113,61 +117,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
                                          extensions=["statistics", "model_repository"])
 
+    @grpc_status
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        async def handle(call: Call) -> pb.ModelMetadataResponse:
-            model = find_model(self.models, request.name, request.version)
-            spec_in, spec_out = model.config.input, model.config.output
-            return pb.ModelMetadataResponse(
-                name=model.name, versions=[str(model.version)], platform=PLATFORM,
-                inputs=[pb.ModelMetadataResponse.TensorMetadata(
-                    name=spec_in.name, datatype=spec_in.datatype, shape=[-1, *spec_in.shape])],
-                outputs=[pb.ModelMetadataResponse.TensorMetadata(
-                    name=spec_out.name, datatype=spec_out.datatype,
-                    shape=[-1, *spec_out.shape])])
-        return await answer(self.metrics, "metadata", context, handle)
+        model = self.core.model("metadata", request.name, request.version)
+        spec_in, spec_out = model.config.input, model.config.output
+        return pb.ModelMetadataResponse(
+            name=model.name, versions=[str(model.version)], platform=PLATFORM,
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(
+                name=spec_in.name, datatype=spec_in.datatype, shape=[-1, *spec_in.shape])],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(
+                name=spec_out.name, datatype=spec_out.datatype, shape=[-1, *spec_out.shape])])
 
+    @grpc_status
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInferResponse:
-        async def handle(call: Call) -> pb.ModelInferResponse:
-            call.model = model = find_model(self.models, request.model_name,
-                                            request.model_version)
-            inputs = _decode_input(request, model, self.limits)
-            _check_outputs(request, model)
-            logits = await infer(call, self.models, inputs, context, self.limits)
-            model = call.model or model
-            return pb.ModelInferResponse(
-                model_name=model.name, model_version=str(model.version), id=request.id,
-                outputs=[pb.ModelInferResponse.InferOutputTensor(
-                    name=model.config.output.name, datatype="FP32", shape=list(logits.shape))],
-                raw_output_contents=[np.ascontiguousarray(logits, dtype="<f4").tobytes()])
-        return await answer(self.metrics, "oip", context, handle)
+        result = await self.core.infer(InferRequest(
+            api="oip", model=request.model_name, version=request.model_version,
+            rows=_declared_rows(request), prepare=functools.partial(_inputs, request),
+            timeout_s=context.time_remaining()))
+        model, logits = result.model, result.outputs
+        return pb.ModelInferResponse(
+            model_name=model.name, model_version=str(model.version), id=request.id,
+            outputs=[pb.ModelInferResponse.InferOutputTensor(
+                name=model.config.output.name, datatype="FP32", shape=list(logits.shape))],
+            raw_output_contents=[np.ascontiguousarray(logits, dtype="<f4").tobytes()])
 
+    @grpc_status
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
-        async def handle(call: Call) -> pb.ModelStatisticsResponse:
-            models = ([find_model(self.models, request.name, request.version)] if request.name
-                      else list(self.models.models.values()))
-            return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(
-                name=m.name, version=str(m.version), last_inference=m.stats.last_inference_ms,
-                inference_count=m.stats.inference_count,
-                execution_count=m.stats.execution_count,
-                inference_stats=pb.InferStatistics(
-                    success=_duration(m.stats.success), fail=_duration(m.stats.fail),
-                    queue=_duration(m.stats.queue), compute_infer=_duration(m.stats.compute)),
-                batch_stats=[pb.InferBatchStatistics(batch_size=size,
-                                                     compute_infer=_duration(d))
-                             for size, d in sorted(m.stats.batches.items())])
-                for m in models])
-        return await answer(self.metrics, "statistics", context, handle)
+        return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(
+            name=m.name, version=str(m.version), last_inference=m.stats.last_inference_ms,
+            inference_count=m.stats.inference_count, execution_count=m.stats.execution_count,
+            inference_stats=pb.InferStatistics(
+                success=_duration(m.stats.success), fail=_duration(m.stats.fail),
+                queue=_duration(m.stats.queue), compute_infer=_duration(m.stats.compute)),
+            batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
+                         for size, d in sorted(m.stats.batches.items())])
+            for m in self.core.statistics(request.name, request.version)])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
         entries = [pb.RepositoryIndexResponse.ModelIndex(
             name=m.name, version=str(m.version), state="READY" if m.ready else "UNAVAILABLE",
-            reason=m.reason) for m in sorted(self.models.models.values(), key=lambda m: m.name)
-            if m.ready or not request.ready]
+            reason=m.reason) for m in self.core.models if m.ready or not request.ready]
         return pb.RepositoryIndexResponse(models=entries)
-
-
-__all__ = ["InferenceServicer", "RequestError"]

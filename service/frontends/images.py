@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training.metadata import Preprocessing
-from training.preprocessing import resize_images
+from contract.metadata import Preprocessing
+from contract.preprocessing import resize_images
 
 
 class ImageError(ValueError):

@@ -15,10 +15,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from service.batcher import DynamicBatcher
+from contract.repository import MODEL_FILE, list_versions, read_config, version_dir
+from service.engine.batcher import DynamicBatcher
+from service.engine.batching import BatchPolicy
+from service.engine.runtime import ModelRunner
 from service.metrics import Metrics, ModelStats
-from service.repository import MODEL_FILE, list_versions, read_config, version_dir
-from service.runtime import ModelRunner
 from service.settings import ServiceSettings
 from tests.servers import ServerProcess, start_server
 from tests.service.oip import logits, metric, request, stub_for, wait_until
@@ -164,9 +165,10 @@ def test_a_ready_batch_runs_without_waiting_for_the_event_loop(served_repo: Path
 
     async def scenario() -> tuple[bool, list[np.ndarray]]:
         with ThreadPoolExecutor(2) as executor:
-            batcher = DynamicBatcher("lenet", [runner], executor, max_batch_size=4,
-                                     max_queue_delay_s=10.0, preferred_batch_sizes=(),
-                                     max_queue_size=8, metrics=metrics, stats=ModelStats())
+            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=10.0,
+                                 preferred_batch_sizes=frozenset(), max_queue_size=8, instances=1)
+            batcher = DynamicBatcher("lenet", [runner], executor, policy, metrics=metrics,
+                                     stats=ModelStats())
             batcher.start()
             calls = [asyncio.create_task(batcher.infer(x)) for x in images]  # two full batches
             loop = asyncio.get_running_loop()

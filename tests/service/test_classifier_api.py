@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from contract.datasets import Dataset
+from contract.metadata import Preprocessing
+from contract.preprocessing import resize_images, to_input
+from contract.repository import REPORT_FILE
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
-from service.repository import REPORT_FILE
 from tests.conftest import TINY_CONFIGS
 from tests.servers import ServerProcess
-from training.datasets import Dataset
-from training.metadata import Preprocessing
-from training.preprocessing import resize_images, to_input
 
 
 def png(image: np.ndarray) -> bytes:

@@ -12,7 +12,7 @@ import pytest
 
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
-from service.runtime import cuda_available
+from service.engine.runtime import cuda_available
 from tests.servers import ServerProcess
 
 pytestmark = pytest.mark.skipif(not cuda_available(),

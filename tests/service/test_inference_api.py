@@ -13,7 +13,7 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.repository import MODEL_FILE
+from contract.repository import MODEL_FILE
 from tests.conftest import TINY_CONFIGS
 from tests.servers import ServerProcess
 

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2
 
-from service.repository import MODEL_FILE, publish_version, version_dir
+from contract.repository import MODEL_FILE, publish_version, version_dir
 from tests.servers import ServerProcess
 from tests.service.oip import logits, metric, request, stub_for, wait_until
 
