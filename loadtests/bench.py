@@ -11,28 +11,26 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
+from contract.repository import MODEL_FILE, list_models, list_versions, read_config, version_dir
+from loadtests.launch import ROOT, free_port, launched
 from loadtests.report import Reference, ScenarioResult, read_locust_stats, write_report
 from service.cli import parse_settings
-from service.repository import MODEL_FILE, list_models, list_versions, read_config, version_dir
-from service.runtime import ModelRunner
+from service.engine.batching import resolve_policy
+from service.engine.runtime import ModelRunner
 from service.settings import ServiceSettings
 
-ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 METHOD = {"oip": ("InferenceUser", "ModelInfer"), "classifier": ("ClassifierUser", "Predict")}
 
@@ -70,45 +68,6 @@ def plan(models: Sequence[str], quick: bool) -> list[Scenario]:
                   Scenario("transport", smallest, "oip", 32, 1, True),
                   Scenario("transport", "echo", "oip", 32, 1, False, echo=True)]
     return scenarios
-
-
-@dataclass(frozen=True)
-class Launched:
-    port: int
-    pid: int
-
-
-@contextmanager
-def launched(cmd: list[str], ready_prefix: str, timeout: float = 180, processes: int = 1
-             ) -> Iterator[Launched]:
-    """Run `cmd` until `processes` stdout lines say `ready_prefix ... :PORT`; yield its
-    port and pid; SIGTERM after."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
-    try:
-        deadline = time.monotonic() + timeout
-        assert proc.stdout is not None
-        ready = 0
-        while ready < processes:
-            line = proc.stdout.readline()
-            if line.startswith(ready_prefix):
-                ready += 1
-                continue
-            if not line or time.monotonic() > deadline:
-                raise RuntimeError(f"{' '.join(cmd)} did not become ready (exit {proc.poll()})")
-        yield Launched(int(line.rsplit(":", 1)[1]), proc.pid)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def batch_buckets(metrics_url: str | None, model: str) -> dict[str, float]:
@@ -160,7 +119,7 @@ def in_process(repo: Path, model: str, batch_size: int, settings: ServiceSetting
     sessions as the server's instances, each run back to back in its own thread."""
     config = read_config(repo, model)
     path = version_dir(repo, model, max(list_versions(repo, model))) / MODEL_FILE
-    instances = settings.overrides(model).instances or settings.instances
+    instances = resolve_policy(model, config, settings).instances
     runners = [ModelRunner(path, settings, config.input.name, config.output.name)
                for _ in range(instances)]
     x = np.random.default_rng(0).standard_normal((batch_size, *config.input.shape)).astype(
@@ -244,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not todo:
             continue
         extra = [] if batching else ["--max-batch-size", "1"]
-        with launched(serve + extra + ["--workers", str(args.workers)], "cnnserve ready on ",
+        with launched(serve + extra + ["--workers", str(args.workers)],
                       processes=args.workers) as server:
             for scenario in todo:
                 results.append(measure(scenario, f"127.0.0.1:{server.port}",
@@ -252,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        args.seconds, out, args.processes))
     echo = [s for s in scenarios if s.echo]
     if echo:
-        with launched([sys.executable, "-m", "loadtests.echo"], "echo ready on ") as echo_server:
+        with launched([sys.executable, "-m", "loadtests.echo"]) as echo_server:
             results += [measure(s, f"127.0.0.1:{echo_server.port}", None, args.seconds, out,
                                 args.processes)
                         for s in echo]

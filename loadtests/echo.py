@@ -15,6 +15,7 @@ import grpc
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from service.ready import ready_line
 from service.server import server_options
 from service.settings import ServiceSettings
 
@@ -41,7 +42,7 @@ async def serve(host: str, port: int) -> None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    print(f"echo ready on {host}:{bound}", flush=True)
+    print(ready_line("echo", host, bound), flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

@@ -14,7 +14,6 @@ command line (`... ClassifierUser`); by default both run.
 
 from __future__ import annotations
 
-import io
 from functools import cache
 from typing import Any
 
@@ -24,10 +23,11 @@ import numpy as np
 from locust import events, task
 from locust.env import Environment
 
+from contract.datasets import encode_png, load_dataset
+from contract.metadata import Preprocessing
+from contract.preprocessing import resize_images, to_input
 from loadtests.grpc_user import GrpcUser
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from training.metadata import Preprocessing
-from training.preprocessing import resize_images, to_input
 
 IMAGES = 64  # distinct test images each user cycles through
 
@@ -52,21 +52,12 @@ def _options(parser: Any) -> None:
 @cache
 def test_digits() -> np.ndarray:
     """uint8 (N, 28, 28, 1) held-out mnist5k digits: real images, not noise."""
-    from training.datasets import load_dataset
-
     return load_dataset("mnist5k").test.images[:IMAGES]
 
 
 @cache
 def png_digits() -> tuple[bytes, ...]:
-    from PIL import Image
-
-    out = []
-    for image in test_digits():
-        buf = io.BytesIO()
-        Image.fromarray(image[..., 0]).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return tuple(out)
+    return tuple(encode_png(image) for image in test_digits())
 
 
 @events.init.add_listener

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from training.table import format_table
+from contract.table import format_table
 
 
 class LocustStats(BaseModel):

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from loadtests.bench import Scenario, free_port, launched, run_locust
+from contract.table import format_table
+from loadtests.bench import Scenario, run_locust
+from loadtests.launch import free_port, launched
 from loadtests.report import read_locust_stats
-from training.table import format_table
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -120,15 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{kind}: {users} users on {args.model} for {seconds:g}s; report in {out}",
           flush=True)
     samples: list[tuple[float, float]] = []
-    with launched(serve, "cnnserve ready on ") as server:
+    with launched(serve) as server:
         stop = threading.Event()
-        sampler = threading.Thread(target=sample_rss, args=(server.pid, stop, samples))
+        sampler = threading.Thread(target=sample_rss, args=(server.proc.pid, stop, samples))
         sampler.start()
         try:
             run_locust(f"127.0.0.1:{server.port}", scenario, seconds, prefix,
                        extra=["--csv-full-history",  # refusals are the point of overload
                               *(["--exit-code-on-error", "0"] if args.overload else [])])
-            peak = rss_mib(server.pid, "VmHWM")
+            peak = rss_mib(server.proc.pid, "VmHWM")
         finally:
             stop.set()
             sampler.join()

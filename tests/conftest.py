@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from contract.datasets import Dataset, load_dataset
 from tests.servers import ServerProcess, start_server
-from training.datasets import Dataset, load_dataset
 
 # Small but real configurations of every family, fast enough for CI on two cores.
 TINY_CONFIGS: dict[str, dict[str, object]] = {
