@@ -46,7 +46,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy training export service
+	$(BIN)/mypy contract training export service loadtests tests
 
 stubs: $(STAMP)
 	$(BIN)/python -m protos.generate

@@ -1,1 +1,3 @@
-"""The gRPC inference service and the model repository it reads."""
+"""The inference service: `frontends/` translate protocols, `core.py` admits, batches, runs
+and records, `engine/` holds the models, batchers and onnxruntime sessions
+(docs/architecture.md draws the path)."""
