@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,9 +74,10 @@ def launch(cmd: Sequence[str], processes: int = 1, timeout: float = START_TIMEOU
 
     threading.Thread(target=pump, daemon=True).start()
     ready = 0
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            line = arrived.get(timeout=timeout)
+            line = arrived.get(timeout=max(deadline - time.monotonic(), 0.0))
         except queue.Empty:
             proc.kill()
             raise RuntimeError(f"{cmd[-1]}: not ready in {timeout:g}s:\n{''.join(output)}"

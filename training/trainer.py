@@ -296,11 +296,10 @@ def train(cfg: TrainConfig, dataset: Dataset, out_dir: Path | None, name: str | 
                       "stopping early")
             break
 
-    used_average = averaged is not None and int(averaged.n_averaged) > 0
-    if used_average:
-        assert averaged is not None
+    used_average = False
+    if averaged is not None and int(averaged.n_averaged) > 0:
         best_acc, best_state = _keep_average(run, averaged)
-        best_epoch = len(history)
+        best_epoch, used_average = len(history), True
     elif averaged is not None and world.is_main:
         print(f"{run.label}: stopped before the last {cfg.window} epochs; keeping the best "
               f"epoch ({best_epoch})", flush=True)

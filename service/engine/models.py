@@ -87,11 +87,9 @@ class ModelSet:
     def names(self) -> set[str]:
         return set(self._models)
 
-    def put(self, model: ServedModel) -> ServedModel | None:
-        """Serve `model` under its name from now on; returns the one it replaces."""
-        previous = self._models.get(model.name)
+    def put(self, model: ServedModel) -> None:
+        """Serve `model` under its name from now on (the caller retires the one it replaces)."""
         self._models[model.name] = model
-        return previous
 
     def remove(self, name: str) -> ServedModel:
         return self._models.pop(name)
