@@ -10,15 +10,16 @@ model that will run it, admit it with a deadline, batch and run it, record the o
 from __future__ import annotations
 
 import asyncio
-import enum
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NoReturn
 
 import numpy as np
 
+from service.admission import CURRENT_CALL, Call, Kind
 from service.engine.batcher import (
     BatcherClosedError,
     DeadlineExceededError,
@@ -27,32 +28,10 @@ from service.engine.batcher import (
 )
 from service.engine.models import ModelNotFoundError, ModelSet, ServedModel
 from service.metrics import Metrics
+from service.status import ServingError, Status, invalid
 
-
-class Status(enum.Enum):
-    """Protocol-neutral outcomes; the names are gRPC's, and are the metrics' `code` label."""
-
-    OK = enum.auto()
-    CANCELLED = enum.auto()
-    INVALID_ARGUMENT = enum.auto()
-    DEADLINE_EXCEEDED = enum.auto()
-    NOT_FOUND = enum.auto()
-    RESOURCE_EXHAUSTED = enum.auto()
-    FAILED_PRECONDITION = enum.auto()
-    INTERNAL = enum.auto()
-    UNAVAILABLE = enum.auto()
-
-
-class ServingError(Exception):
-    """A request the server refuses, with the status to refuse it with."""
-
-    def __init__(self, status: Status, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def invalid(message: str) -> NoReturn:
-    raise ServingError(Status.INVALID_ARGUMENT, message)
+__all__ = ["InferRequest", "InferResult", "InferenceCore", "RequestLimits", "ServingError",
+           "Status", "invalid"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +39,6 @@ class RequestLimits:
     """Per-request limits from the settings, the same for every front-end."""
 
     max_images_per_request: int
-    max_image_pixels: int
     request_timeout_s: float
 
 
@@ -74,13 +52,15 @@ class InferRequest:
     version: str
     rows: int
     """Images the request declares, checked before `prepare` decodes any of them."""
-    prepare: Callable[[ServedModel], np.ndarray]
-    """Payload -> the input batch for this model (raises ServingError if it does not fit).
-    Called again for the new version if a hot reload swaps the model mid-request."""
+    prepare: Callable[[ServedModel, Call], np.ndarray]
+    """Payload -> the input batch for this model (raises ServingError if it does not fit),
+    charging the call for what it decodes. Called again for the new version if a hot
+    reload swaps the model mid-request."""
     timeout_s: float | None = None
     """What the client's deadline leaves; None when it set none."""
     offload: bool = False
-    """`prepare` is costly (encoded images): run it off the event loop."""
+    """`prepare` decodes images: run it in the decode pool, never on the event loop; it
+    stops between images once `Call.stop` is set."""
 
 
 @dataclass(slots=True)
@@ -91,15 +71,18 @@ class InferResult:
 
 
 @dataclass
-class _Call:
+class _Resolved:
     model: ServedModel | None = None
 
 
 class InferenceCore:
-    def __init__(self, models: ModelSet, metrics: Metrics, limits: RequestLimits) -> None:
+    def __init__(self, models: ModelSet, metrics: Metrics, limits: RequestLimits,
+                 decoder: Executor) -> None:
         self.models = models
         self.metrics = metrics
         self.limits = limits
+        self.decoder = decoder
+        """A small bounded pool for image decoding, apart from onnxruntime's threads."""
         self.in_flight = 0
         """Calls being handled now: shutdown waits for them."""
         self.last_call_at = 0.0
@@ -107,35 +90,60 @@ class InferenceCore:
 
     async def infer(self, request: InferRequest) -> InferResult:
         """Run `request` on the model it names, batched with others; ServingError if not."""
-        with self._recorded(request.api) as call:
-            model = call.model = self._resolve(request.model, request.version)
+        call = CURRENT_CALL.get() or Call(request.api, "in-process", Kind.WORK)
+        with self._recorded(call) as resolved:
+            model = resolved.model = self._resolve(request.model, request.version)
+            call.model = model.name
             timeout = self.limits.request_timeout_s if request.timeout_s is None else min(
                 request.timeout_s, self.limits.request_timeout_s)
             deadline = time.monotonic() + timeout
             while True:
                 self._check_rows(model, request.rows)
-                inputs = (await asyncio.to_thread(request.prepare, model) if request.offload
-                          else request.prepare(model))
+                inputs = await self._prepare(request, model, call, deadline)
+                call.charge(inputs.nbytes, "the request's tensor")
                 try:
-                    return InferResult(model, await self._run(model, inputs, deadline))
+                    outputs = await self._run(model, inputs, deadline)
+                    call.charge(outputs.nbytes, "the response")
+                    return InferResult(model, outputs)
                 except BatcherClosedError as exc:
                     # A hot reload retired this version after the request found it: the
                     # version now served takes the request, checked against it afresh.
                     successor = self.models.current(model.name)
                     if successor is None or successor is model or not successor.ready:
                         raise ServingError(Status.UNAVAILABLE, str(exc)) from None
-                    model = call.model = successor
+                    model = resolved.model = successor
 
-    def model(self, api: str, name: str, version: str = "") -> ServedModel:
-        """The ready model behind `name` (for metadata). Counted as a call of `api`, but not
-        in the model's statistics, which are Triton's and count inferences only."""
-        with self._recorded(api):
-            return self._resolve(name, version)
+    def model(self, name: str, version: str = "") -> ServedModel:
+        """The ready model behind `name` (for metadata); not in the model's statistics,
+        which are Triton's and count inferences only."""
+        model = self._resolve(name, version)
+        call = CURRENT_CALL.get()
+        if call is not None:
+            call.model = model.name
+        return model
 
     def statistics(self, name: str, version: str = "") -> list[ServedModel]:
         """The models whose statistics were asked for: one by name, or every one."""
-        with self._recorded("statistics"):
-            return [self._resolve(name, version)] if name else list(self.models)
+        return [self.model(name, version)] if name else list(self.models)
+
+    async def _prepare(self, request: InferRequest, model: ServedModel, call: Call,
+                       deadline: float) -> np.ndarray:
+        if not request.offload:
+            return request.prepare(model, call)
+        if call.stop is None:
+            call.stop = threading.Event()
+        stop = call.stop
+        work = asyncio.get_running_loop().run_in_executor(
+            self.decoder, request.prepare, model, call)
+        try:
+            return await asyncio.wait_for(work, max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            stop.set()  # the decoder stops between images; a queued one never starts
+            raise ServingError(Status.DEADLINE_EXCEEDED,
+                               "the deadline passed while the images were decoded") from None
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     def _resolve(self, name: str, version: str) -> ServedModel:
         try:
@@ -167,15 +175,15 @@ class InferenceCore:
             raise ServingError(Status.INTERNAL, str(exc)) from None
 
     @contextmanager
-    def _recorded(self, api: str) -> Iterator[_Call]:
-        """Count and time one call with the status its client sees."""
+    def _recorded(self, call: Call) -> Iterator[_Resolved]:
+        """Time one inference, into the model's statistics; the edge counts the call."""
         started = time.perf_counter()
         self.last_call_at = time.monotonic()
         self.in_flight += 1
-        call = _Call()
+        resolved = _Resolved()
         status = Status.OK
         try:
-            yield call
+            yield resolved
         except ServingError as exc:
             status = exc.status
             raise
@@ -188,10 +196,7 @@ class InferenceCore:
         finally:
             self.in_flight -= 1
             elapsed = time.perf_counter() - started
-            # Unknown names are not labels: a client must not be able to grow the metric set.
-            model = call.model
-            self.metrics.requests.labels(model.name if model else "unknown", api,
-                                         status.name).inc()
+            model = resolved.model
             if model is not None:
-                self.metrics.latency.labels(model.name, api).observe(elapsed)
+                self.metrics.latency.labels(model.name, call.api).observe(elapsed)
                 (model.stats.success if status is Status.OK else model.stats.fail).add(elapsed)

@@ -20,8 +20,18 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter("cnnserve_requests", "RPCs answered, by model, API and status.",
+        self.requests = Counter("cnnserve_requests",
+                                "Calls answered, by model, API and the status the client saw "
+                                "(refusals before any handler included).",
                                 ["model", "api", "code"], registry=registry)
+        self.in_flight = Gauge("cnnserve_in_flight_calls", "Calls in progress, by API.",
+                               ["api"], multiprocess_mode="livesum", registry=registry)
+        self.held_bytes = Gauge("cnnserve_memory_held_bytes",
+                                "Bytes that calls in progress hold against the memory budget.",
+                                multiprocess_mode="livesum", registry=registry)
+        self.connections = Gauge("cnnserve_open_connections",
+                                 "Client TCP connections open to the gRPC port.",
+                                 multiprocess_mode="livesum", registry=registry)
         self.latency = Histogram("cnnserve_request_latency_seconds",
                                  "End-to-end handler latency of inference RPCs.",
                                  ["model", "api"], buckets=LATENCY_BUCKETS, registry=registry)

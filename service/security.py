@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
+from service.logs import Throttled
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: Sequence[bytes], open_services: Sequence[str]) -> None:
         self._tokens = list(tokens)  # load_tokens guarantees at least one
         self._open = frozenset(open_services)
+        self._refusals = Throttled(log)
 
     def _accepts(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
         presented = next((v for k, v in metadata or () if k == AUTH_HEADER), None)
@@ -91,7 +93,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        log.info("refused unauthenticated call to %s", details.method)
+        self._refusals(logging.INFO, "refused an unauthenticated call to %s",
+                       details.method[:200])
         return _refusing(handler)
 
 

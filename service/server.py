@@ -13,16 +13,20 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from contract.repository import RepositoryError
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from service.admission import Admission, AdmissionLimits
+from service.connections import count_connections
 from service.core import InferenceCore, RequestLimits
 from service.engine.models import ModelSet, load_models
 from service.engine.reload import RepositoryWatcher
-from service.frontends.grpc_classifier import ClassifierServicer
+from service.frontends.grpc_classifier import ClassifierServicer, DecodeLimits
+from service.frontends.grpc_edge import EdgeInterceptor
 from service.frontends.grpc_inference import InferenceServicer
 from service.metrics import Metrics
+from service.metrics_http import MetricsServer
 from service.ready import ready_line
 from service.security import (
     TokenAuthInterceptor,
@@ -46,7 +50,9 @@ class RunningServer:
     core: InferenceCore
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
-    watcher: asyncio.Task[None] | None = None
+    decoder: ThreadPoolExecutor
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    """Background work (the repository watcher, the connection count), cancelled at stop."""
     _announced: set[str] = field(default_factory=set)
 
     @property
@@ -75,8 +81,8 @@ class RunningServer:
         and the client would see CANCELLED instead of a retryable UNAVAILABLE.
         """
         deadline = time.monotonic() + grace_s
-        if self.watcher is not None:
-            self.watcher.cancel()
+        for task in self.tasks:
+            task.cancel()
         await self.health.enter_graceful_shutdown()
         try:
             await asyncio.wait_for(self.models.close(), timeout=grace_s)
@@ -87,13 +93,28 @@ class RunningServer:
                 or time.monotonic() - self.core.last_call_at < DRAIN_QUIET_S):
             await asyncio.sleep(0.01)
         await self.server.stop(max(deadline - time.monotonic(), 0.0))
+        # Calls have ended, so every decode in progress was told to stop between images.
+        self.decoder.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True)
 
 
 def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[str, int]]:
+    """gRPC core's transport limits: what one connection may hold and how long."""
+    ms = 1000
     return [("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            ("grpc.max_allowed_incoming_connections", settings.max_connections),
+            ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * ms)),
+            ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * ms)),
+            ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * ms)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms",
+             int(settings.min_client_ping_interval_s * ms)),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * ms)),
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * ms)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * ms)),
             ("grpc.so_reuseport", int(reuse_port))]
 
 
@@ -101,8 +122,15 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
                        ) -> RunningServer:
     """Load and warm every model, then listen; returns once the port is bound."""
     credentials = server_credentials(settings)
-    interceptors = [TokenAuthInterceptor(load_tokens(settings), settings.auth_open_services)
-                    ] if settings.auth else []
+    admission = Admission(AdmissionLimits(
+        max_calls=settings.max_concurrent_rpcs, max_streams=settings.max_open_streams,
+        memory_budget_bytes=settings.memory_budget_bytes,
+        max_bytes_per_connection=settings.max_bytes_per_connection), metrics)
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        EdgeInterceptor(admission, metrics, settings.request_arrival_timeout_s)]
+    if settings.auth:
+        interceptors.append(TokenAuthInterceptor(load_tokens(settings),
+                                                 settings.auth_open_services))
     # Each model instance keeps at most one batch in flight, so threads are only made as
     # instances need them; the cap is a backstop.
     executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="onnxruntime")
@@ -110,14 +138,17 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     for model in models:
         if model.batcher is not None:
             model.batcher.start()
+    # Admission is the edge's (EdgeInterceptor), not gRPC's maximum_concurrent_rpcs, which
+    # would refuse probes too once other clients hold every slot.
     server = grpc.aio.server(options=server_options(settings, reuse_port),
-                             interceptors=interceptors,
-                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+                             interceptors=interceptors)
+    decoder = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode")
     core = InferenceCore(models, metrics, RequestLimits(
-        settings.max_images_per_request, settings.max_image_pixels, settings.request_timeout_s))
+        settings.max_images_per_request, settings.request_timeout_s), decoder)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(core), server)
-    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(core), server)
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(
+        core, DecodeLimits(settings.max_image_pixels, settings.max_decode_cost)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -129,11 +160,13 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
         raise OSError(f"could not bind {address}")
     warn_if_exposed(settings)
     await server.start()
-    running = RunningServer(server, port, core, health_servicer, executor)
+    running = RunningServer(server, port, core, health_servicer, executor, decoder)
     await running.set_serving()
+    running.tasks.append(asyncio.create_task(
+        count_connections(port, metrics.connections), name="connection-count"))
     if settings.reload_interval_s > 0:
         watcher = RepositoryWatcher(settings, models, executor, metrics, running.set_serving)
-        running.watcher = asyncio.create_task(watcher.run(), name="repository-watcher")
+        running.tasks.append(asyncio.create_task(watcher.run(), name="repository-watcher"))
     return running
 
 
@@ -162,10 +195,9 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
 
 def run(settings: ServiceSettings, reuse_port: bool = False) -> int:
     registry = CollectorRegistry()
-    if settings.metrics_port is not None:
-        start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
     try:
-        return asyncio.run(serve(settings, registry, reuse_port))
+        with MetricsServer.serving(registry, settings.host, settings.metrics_port):
+            return asyncio.run(serve(settings, registry, reuse_port))
     except (OSError, ValueError, RepositoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -74,14 +74,50 @@ class ServiceSettings(BaseSettings):
     models: dict[str, ModelOverrides] = Field(default_factory=dict)
 
     max_message_bytes: int = Field(default=64 * MiB, ge=MiB)
+    """Largest request or response message, after decompression (a 224x224 RGB batch of 32
+    in FP32 is 19 MiB)."""
     max_images_per_request: int = Field(default=256, ge=1)
     """Server-wide cap on images in one request; a model's max_batch_size may be lower."""
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     """Largest decoded image accepted (width x height), against decompression bombs."""
-    max_concurrent_rpcs: int | None = Field(default=2048, ge=1)
-    """RPCs in progress per process; beyond it gRPC answers RESOURCE_EXHAUSTED."""
-    max_streams_per_connection: int = Field(default=1024, ge=1)
-    """HTTP/2 streams per client connection; calls beyond it are refused (UNAVAILABLE)."""
+    max_decode_cost: int = Field(default=4 * 4096 * 4096, ge=1)
+    """Weighted pixels one request may decode (WebP 4 a pixel, PNG/GIF/TIFF 2, JPEG/BMP 1):
+    one 4096x4096 WebP, ~0.3-0.8 s of one core at worst, in the decode pool."""
+    decode_threads: int = Field(default=2, ge=1, le=64)
+    """Threads decoding images, never the event loop's; requests beyond them queue."""
+
+    memory_budget_bytes: int = Field(default=1024 * MiB, ge=16 * MiB)
+    """What all calls in progress may hold together: received messages (x2, bytes and
+    parse), decoded pixels, queued tensors, pending responses. Past it a call is refused
+    with RESOURCE_EXHAUSTED before it allocates. 1 GiB leaves a 2 GiB container room for
+    the runtime and the models' sessions."""
+    max_bytes_per_connection: int = Field(default=256 * MiB, ge=MiB)
+    """The share of the budget one client connection may hold."""
+    max_concurrent_rpcs: int = Field(default=2048, ge=1)
+    """Calls in progress per process (probes not counted: they always answer); beyond it a
+    call is refused at once with RESOURCE_EXHAUSTED."""
+    max_open_streams: int = Field(default=64, ge=1)
+    """Long-lived streams (health Watch, reflection) open at once, apart from the calls."""
+    max_streams_per_connection: int = Field(default=256, ge=1)
+    """HTTP/2 streams per client connection; a well-behaved client queues beyond it."""
+    max_connections: int = Field(default=1024, ge=1)
+    """Client connections per process; gRPC closes new ones beyond it."""
+    request_arrival_timeout_s: float = Field(default=5.0, gt=0)
+    """A call whose request message has not arrived this long after its headers ends
+    with DEADLINE_EXCEEDED: a stream that sends headers only holds nothing for long."""
+    handshake_timeout_s: float = Field(default=10.0, gt=0)
+    """A connection must finish its TLS and HTTP/2 handshake within this."""
+    keepalive_time_s: float = Field(default=120.0, gt=0)
+    """The server pings a connection idle this long, to find peers that vanished."""
+    keepalive_timeout_s: float = Field(default=20.0, gt=0)
+    min_client_ping_interval_s: float = Field(default=10.0, ge=0)
+    """Clients pinging more often than this (without calls) are disconnected (GOAWAY)."""
+    max_connection_idle_s: float = Field(default=600.0, gt=0)
+    """A connection with no call for this long is closed (GOAWAY; clients reconnect)."""
+    max_connection_age_s: float = Field(default=3600.0, gt=0)
+    """Connections are recycled after this, so load spreads again after a scale-up."""
+    max_connection_age_grace_s: float = Field(default=60.0, ge=0)
+    """Time a recycled connection's calls get to finish (more than request_timeout_s)."""
     request_timeout_s: float = Field(default=30.0, gt=0)
     """Deadline for requests whose client set none (or a later one)."""
     grace_period_s: float = Field(default=10.0, ge=0)
@@ -124,6 +160,9 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _coherent(self) -> ServiceSettings:
+        if self.max_bytes_per_connection > self.memory_budget_bytes:
+            raise ValueError(f"max_bytes_per_connection ({self.max_bytes_per_connection}) must "
+                             f"not exceed memory_budget_bytes ({self.memory_budget_bytes})")
         if self.workers > 1 and self.port == 0:
             raise ValueError("workers > 1 share one port: set an explicit port, not 0")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -28,7 +28,9 @@ def supervise(settings: ServiceSettings) -> int:
         # prometheus_client picks its multiprocess value store when first imported, so
         # the variable must be set before this process or a worker imports it.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        from service.metrics_http import MetricsServer
 
         child = settings.model_copy(update={"workers": 1, "metrics_port": None})
         settings_file = Path(metrics_dir) / "settings.json"  # in a 0700 folder
@@ -37,27 +39,32 @@ def supervise(settings: ServiceSettings) -> int:
             fields["auth_token"] = child.auth_token.get_secret_value()
         settings_file.write_text(json.dumps(fields))
         settings_file.chmod(0o600)
-        if settings.metrics_port is not None:
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
-        procs: list[subprocess.Popen[bytes]] = []
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        with MetricsServer.serving(registry, settings.host, settings.metrics_port):
+            return _run_workers(settings, settings_file)
 
-        def forward(signum: int, frame: FrameType | None) -> None:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signum)
 
-        # Before the workers start, so a signal that comes early still reaches them.
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
-        for _ in range(settings.workers):
-            procs.append(subprocess.Popen([sys.executable, "-m", "service", "--settings-json",
-                                           str(settings_file)]))
-        log.info("started %d workers: pids %s", len(procs), [p.pid for p in procs])
-        codes = []
+def _run_workers(settings: ServiceSettings, settings_file: Path) -> int:
+    from prometheus_client import multiprocess
+
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
         for proc in procs:
-            codes.append(proc.wait())
-            multiprocess.mark_process_dead(proc.pid)
-        log.info("workers exited with %s", codes)
-        return 0 if all(code == 0 for code in codes) else 1
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    # Before the workers start, so a signal that comes early still reaches them.
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for _ in range(settings.workers):
+        procs.append(subprocess.Popen([sys.executable, "-m", "service", "--settings-json",
+                                       str(settings_file)]))
+    log.info("started %d workers: pids %s", len(procs), [p.pid for p in procs])
+    codes = []
+    for proc in procs:
+        codes.append(proc.wait())
+        multiprocess.mark_process_dead(proc.pid)
+    log.info("workers exited with %s", codes)
+    return 0 if all(code == 0 for code in codes) else 1

@@ -29,6 +29,7 @@ from service.engine.batching import BatchPolicy, resolve_policy
 from service.engine.runtime import ModelRunner, wants_cuda
 from service.metrics import Metrics, ModelStats
 from service.settings import ServiceSettings
+from service.status import shown
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,10 @@ class ModelSet:
         """The served model, or ModelNotFoundError saying what is served instead."""
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError(f"unknown model {name!r}; served models: "
+            raise ModelNotFoundError(f"unknown model {shown(name)}; served models: "
                                      f"{', '.join(sorted(self._models)) or 'none'}")
         if version and version != str(model.version):
-            raise ModelNotFoundError(f"model {name!r} has no served version {version!r}; "
+            raise ModelNotFoundError(f"model {shown(name)} has no served version {shown(version)}; "
                                      f"served version: {model.version}")
         return model
 

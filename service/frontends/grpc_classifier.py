@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -10,13 +11,17 @@ import numpy as np
 from contract.preprocessing import to_input
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
-from service.core import InferenceCore, InferRequest, invalid
+from service.admission import Call
+from service.core import InferenceCore, InferRequest, ServingError, Status, invalid
 from service.engine.models import ServedModel
-from service.frontends.grpc_edge import grpc_status
-from service.frontends.images import ImageError, decode
+from service.frontends.images import Header, ImageError, decode, open_header
 
-# Decoding this many encoded bytes or more moves off the event loop.
-_OFFLOAD_BYTES = 256 * 1024
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_image_pixels: int
+    max_decode_cost: int
+    """Weighted pixels (images.DECODE_WEIGHT) one request may decode."""
 
 
 def _tensor(image: pb.Tensor, index: int, model: ServedModel) -> np.ndarray:
@@ -26,28 +31,54 @@ def _tensor(image: pb.Tensor, index: int, model: ServedModel) -> np.ndarray:
     if len(image.data) != int(np.prod(expected)):
         invalid(f"image {index}: tensor of shape {list(expected)} needs {int(np.prod(expected))} "
                 f"values, got {len(image.data)}")
-    return np.asarray(image.data, dtype=np.float32).reshape(expected)
+    values = np.asarray(image.data, dtype=np.float32)
+    if not np.isfinite(values).all():
+        invalid(f"image {index}: the tensor holds NaN or infinite values")
+    return values.reshape(expected)
 
 
-def _inputs(request: pb.PredictRequest, max_pixels: int, model: ServedModel) -> np.ndarray:
-    """Every image of the request as one float32 NCHW batch, in request order."""
+def _inputs(request: pb.PredictRequest, limits: DecodeLimits, model: ServedModel, call: Call
+            ) -> np.ndarray:
+    """Every image of the request as one float32 NCHW batch, in request order.
+
+    Runs in the decode pool. Every header is read and the whole request costed before
+    any pixel is decoded; between images it stops if the caller has gone.
+    """
     if not request.images:
         invalid("the request holds no images")
     assert model.metadata is not None
     prep = model.metadata.model.preprocessing
-    rows: list[np.ndarray] = []
+    sources: list[Header | np.ndarray] = []
     for i, image in enumerate(request.images):
         kind = image.WhichOneof("source")
         if kind == "encoded":
             try:
-                pixels = decode(image.encoded, prep, max_pixels)
-                rows.append(to_input(pixels[None], prep)[0])
+                sources.append(open_header(image.encoded, limits.max_image_pixels))
             except ImageError as exc:
                 invalid(f"image {i}: {exc}")
         elif kind == "tensor":
-            rows.append(_tensor(image.tensor, i, model))
+            sources.append(_tensor(image.tensor, i, model))
         else:
             invalid(f"image {i}: set either encoded or tensor")
+    headers = [s for s in sources if isinstance(s, Header)]
+    cost = sum(h.cost for h in headers)
+    if cost > limits.max_decode_cost:
+        invalid(f"decoding these {len(headers)} images would cost {cost} weighted pixels; a "
+                f"request may decode {limits.max_decode_cost} (WebP counts 4 a pixel, PNG, "
+                "GIF and TIFF 2, JPEG and BMP 1)")
+    if headers:  # decoded one at a time: the widest image is the peak
+        call.charge(max(h.decoded_bytes(prep.channels) for h in headers), "decoding the images")
+    rows: list[np.ndarray] = []
+    for i, source in enumerate(sources):
+        if call.stopped:
+            raise ServingError(Status.CANCELLED, "the call ended while its images were decoded")
+        if isinstance(source, Header):
+            try:
+                rows.append(to_input(decode(source, prep)[None], prep)[0])
+            except ImageError as exc:
+                invalid(f"image {i}: {exc}")
+        else:
+            rows.append(source)
     return np.stack(rows)
 
 
@@ -63,18 +94,17 @@ def _classifications(logits: np.ndarray, labels: tuple[str, ...], top_k: int
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, limits: DecodeLimits) -> None:
         self.core = core
+        self.limits = limits
 
-    @grpc_status
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
                       ) -> pb.PredictResponse:
-        encoded = sum(len(i.encoded) for i in request.images)
+        encoded = any(i.WhichOneof("source") == "encoded" for i in request.images)
         result = await self.core.infer(InferRequest(
             api="classifier", model=request.model, version=request.version,
-            rows=len(request.images),
-            prepare=functools.partial(_inputs, request, self.core.limits.max_image_pixels),
-            timeout_s=context.time_remaining(), offload=encoded >= _OFFLOAD_BYTES))
+            rows=len(request.images), prepare=functools.partial(_inputs, request, self.limits),
+            timeout_s=context.time_remaining(), offload=encoded))
         labels = result.model.config.labels
         top_k = min(max(request.top_k, 1), len(labels))
         return pb.PredictResponse(model=result.model.name, version=str(result.model.version),

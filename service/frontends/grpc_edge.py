@@ -1,32 +1,237 @@
-"""Where a gRPC servicer meets the core: a `ServingError` becomes the call's status."""
+"""Where gRPC meets the server: every call is admitted, read, counted and answered here.
+
+`EdgeInterceptor` wraps each method's handler, so that before any servicer runs:
+- the call is admitted (service.admission): probes always, long-lived streams from a pool
+  of their own, every other call against the server's and its connection's caps;
+- its request message must arrive within `arrival_timeout_s` of its headers, so a stream
+  that sends headers and never a body holds nothing for long;
+- the message is charged against the memory budget, then parsed here: bytes that are not
+  the method's message are INVALID_ARGUMENT, logged once per interval, never a traceback;
+and after it: a `ServingError` becomes the call's status, anything unexpected INTERNAL,
+and the call is counted once, with the status its client saw, including a client that
+went away while its answer was being written.
+
+Unary handlers are served as bidirectional streams of raw bytes: the wire is the same for
+a unary client, and the edge holds the call from its headers on, not from its message.
+"""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from service.core import ServingError, Status
+from service.admission import CURRENT_CALL, Admission, Call, Kind
+from service.logs import Throttled
+from service.metrics import Metrics
+from service.status import ServingError, Status, bounded
 
+log = logging.getLogger(__name__)
 GRPC_CODES = {status: grpc.StatusCode[status.name] for status in Status}
+_STATUSES = {code: status for status, code in GRPC_CODES.items()}
 
-S = TypeVar("S")
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+_OIP = "/inference.GRPCInferenceService/"
+_HEALTH = "/grpc.health.v1.Health/"
 
 
-def grpc_status(handler: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
-    """Decorate a servicer method: refusals answer with their status and message."""
+@dataclass(frozen=True)
+class Route:
+    api: str
+    """The metrics' `api` label."""
+    kind: Kind
 
-    @functools.wraps(handler)
-    async def wrapped(self: S, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+
+ROUTES: dict[str, Route] = {
+    _OIP + "ModelInfer": Route("oip", Kind.WORK),
+    _OIP + "ModelMetadata": Route("metadata", Kind.WORK),
+    _OIP + "ServerMetadata": Route("metadata", Kind.WORK),
+    _OIP + "ModelStatistics": Route("statistics", Kind.WORK),
+    _OIP + "RepositoryIndex": Route("repository", Kind.WORK),
+    _OIP + "ServerLive": Route("probe", Kind.PROBE),
+    _OIP + "ServerReady": Route("probe", Kind.PROBE),
+    _OIP + "ModelReady": Route("probe", Kind.PROBE),
+    _HEALTH + "Check": Route("probe", Kind.PROBE),
+    _HEALTH + "Watch": Route("health_watch", Kind.STREAM),
+    "/cnnserve.v1.Classifier/Predict": Route("classifier", Kind.WORK),
+    "/cnnserve.v1.Classifier/ListModels": Route("metadata", Kind.WORK),
+}
+_STREAMS = Route("reflection", Kind.STREAM)
+"""Any other method: reflection's bidirectional stream, which a client may hold open."""
+
+Behaviour = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], Awaitable[None]]
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, admission: Admission, metrics: Metrics, arrival_timeout_s: float,
+                 log_interval_s: float = 10.0) -> None:
+        self.admission = admission
+        self.metrics = metrics
+        self.arrival_timeout_s = arrival_timeout_s
+        self._wrapped: dict[tuple[str, object], grpc.RpcMethodHandler] = {}
+        self._client_errors = Throttled(log, log_interval_s)
+        self._faults = Throttled(log, log_interval_s)
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler | None]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:  # gRPC answers UNIMPLEMENTED
+            self.metrics.requests.labels("unknown", "unknown", Status.UNIMPLEMENTED.name).inc()
+            return None
+        method: str = details.method
+        # Keyed by behaviour too: the auth interceptor may hand back its refusing handler.
+        key = (method, _behaviour(handler))
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrapped[key] = self._wrap(method, handler)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        route = ROUTES.get(method, _STREAMS)
+        if handler.request_streaming:
+            behaviour = self._streaming(route, handler)
+            deserializer = handler.request_deserializer
+        else:
+            behaviour = self._unary(route, method, handler)
+            deserializer = None  # raw bytes: parsed by the edge
+        return grpc.stream_stream_rpc_method_handler(
+            behaviour, request_deserializer=deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _unary(self, route: Route, method: str, handler: grpc.RpcMethodHandler) -> Behaviour:
+        parse = handler.request_deserializer
+        message = getattr(getattr(parse, "__self__", None), "__name__",
+                          method.rsplit("/", 1)[-1] + " request")
+        if handler.response_streaming:
+            target: Callable[..., Any] = handler.unary_stream
+        else:
+            target = handler.unary_unary
+
+        async def behaviour(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                            ) -> None:
+            async with self._call(route, context) as call:
+                raw = await self._receive(context, call)
+                try:
+                    request = parse(raw)
+                except Exception:  # noqa: BLE001 - any parse failure is the client's
+                    self._client_errors(logging.INFO, "refused %d bytes that are not a %s "
+                                        "message", len(raw), message)
+                    raise ServingError(Status.INVALID_ARGUMENT,
+                                       f"the request is not a valid {message} message "
+                                       f"({len(raw)} bytes)") from None
+                del raw
+                if not handler.response_streaming:
+                    response = await target(request, context)
+                    if _status_set(context) is Status.OK:
+                        await context.write(response)
+                elif inspect.isasyncgenfunction(target):
+                    async for response in target(request, context):
+                        await context.write(response)
+                else:
+                    await target(request, context)  # writes through context itself
+
+        return behaviour
+
+    def _streaming(self, route: Route, handler: grpc.RpcMethodHandler) -> Behaviour:
+        target = handler.stream_stream or handler.stream_unary
+
+        async def behaviour(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                            ) -> None:
+            async with self._call(route, context):
+                try:
+                    if inspect.isasyncgenfunction(target):
+                        async for response in target(requests, context):
+                            await context.write(response)
+                    elif handler.response_streaming:
+                        await target(requests, context)  # writes through context itself
+                    else:
+                        response = await target(requests, context)
+                        if _status_set(context) is Status.OK:
+                            await context.write(response)
+                except DecodeError:
+                    raise ServingError(Status.INVALID_ARGUMENT,
+                                       "a request message on this stream is not valid "
+                                       "protobuf") from None
+
+        return behaviour
+
+    def _call(self, route: Route, context: grpc.aio.ServicerContext) -> _EdgeCall:
+        return _EdgeCall(self, route, context)
+
+    async def _receive(self, context: grpc.aio.ServicerContext, call: Call) -> bytes:
         try:
-            return await handler(self, request, context)
-        except ServingError as exc:
-            await context.abort(GRPC_CODES[exc.status], str(exc))
-            raise  # unreachable: abort raises
+            async with asyncio.timeout(self.arrival_timeout_s):
+                raw = await context.read()
+        except TimeoutError:
+            raise ServingError(Status.DEADLINE_EXCEEDED,
+                               f"no request message arrived within {self.arrival_timeout_s:g}s "
+                               "of the call's headers") from None
+        if not isinstance(raw, bytes):  # EOF: the client half-closed without a message
+            raise ServingError(Status.INVALID_ARGUMENT, "the call carried no request message")
+        call.charge(2 * len(raw), "the request message")  # its bytes and their parse
+        return raw
 
-    return wrapped
+
+class _EdgeCall:
+    """One call from admission to its count: an async context manager around the handler."""
+
+    __slots__ = ("edge", "route", "context", "call", "token")
+
+    def __init__(self, edge: EdgeInterceptor, route: Route,
+                 context: grpc.aio.ServicerContext) -> None:
+        self.edge, self.route, self.context = edge, route, context
+        self.call: Call | None = None
+
+    async def __aenter__(self) -> Call:
+        try:
+            self.call = self.edge.admission.open(self.route.api, self.context.peer(),
+                                                 self.route.kind)
+        except ServingError as exc:
+            self._count(exc.status)
+            await self.context.abort(GRPC_CODES[exc.status], str(exc))
+        self.token = CURRENT_CALL.set(self.call)
+        assert self.call is not None
+        return self.call
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> bool:
+        assert self.call is not None
+        CURRENT_CALL.reset(self.token)
+        self.edge.admission.close(self.call)
+        if exc is None or isinstance(exc, grpc.aio.AbortError):
+            self._count(_status_set(self.context))
+            return False
+        if isinstance(exc, asyncio.CancelledError):
+            self._count(Status.CANCELLED)
+            return False
+        if isinstance(exc, ServingError):
+            status, message = exc.status, str(exc)
+        else:
+            self.edge._faults(logging.ERROR, "%s failed on %s", self.route.api,
+                              bounded(repr(exc), 200), exc_info=True)
+            status, message = Status.INTERNAL, f"internal error ({type(exc).__name__})"
+        self._count(status)
+        await self.context.abort(GRPC_CODES[status], message)
+        return False  # unreachable: abort raises
+
+    def _count(self, status: Status) -> None:
+        model = self.call.model if self.call is not None else "unknown"
+        self.edge.metrics.requests.labels(model, self.route.api, status.name).inc()
+
+
+def _status_set(context: grpc.aio.ServicerContext) -> Status:
+    """The status a handler set with `set_code` or `abort`, OK if none."""
+    code = context.code()
+    return Status.OK if code is None else _STATUSES.get(code, Status.INTERNAL)
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> object:
+    return (handler.unary_unary or handler.unary_stream or handler.stream_unary
+            or handler.stream_stream)

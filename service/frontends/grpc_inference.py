@@ -14,9 +14,9 @@ import numpy as np
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from service.admission import Call
 from service.core import InferenceCore, InferRequest, invalid
 from service.engine.models import ServedModel
-from service.frontends.grpc_edge import grpc_status
 from service.metrics import Duration
 
 SERVER_NAME = "cnnserve"
@@ -31,7 +31,7 @@ def _declared_rows(request: pb.ModelInferRequest) -> int:
     return shape[0] if shape else 0
 
 
-def _inputs(request: pb.ModelInferRequest, model: ServedModel) -> np.ndarray:
+def _inputs(request: pb.ModelInferRequest, model: ServedModel, call: Call) -> np.ndarray:
     """The request checked against `model`: its input batch, or INVALID_ARGUMENT."""
     inputs = _input(request, model)
     _check_outputs(request, model)
@@ -117,10 +117,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
                                          extensions=["statistics", "model_repository"])
 
-    @grpc_status
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        model = self.core.model("metadata", request.name, request.version)
+        model = self.core.model(request.name, request.version)
         spec_in, spec_out = model.config.input, model.config.output
         return pb.ModelMetadataResponse(
             name=model.name, versions=[str(model.version)], platform=PLATFORM,
@@ -129,7 +128,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[pb.ModelMetadataResponse.TensorMetadata(
                 name=spec_out.name, datatype=spec_out.datatype, shape=[-1, *spec_out.shape])])
 
-    @grpc_status
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInferResponse:
         result = await self.core.infer(InferRequest(
@@ -143,7 +141,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 name=model.config.output.name, datatype="FP32", shape=list(logits.shape))],
             raw_output_contents=[np.ascontiguousarray(logits, dtype="<f4").tobytes()])
 
-    @grpc_status
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
         return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(

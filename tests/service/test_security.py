@@ -159,7 +159,7 @@ def test_tokens_are_required_health_stays_open_and_tokens_never_reach_the_log(
         client.is_server_live()
     assert server.terminate() == 0
     log = "".join(server.lines)
-    assert "refused unauthenticated call" in log
+    assert "refused an unauthenticated call" in log
     assert not any(t in log for t in ("file-token-1", "file-token-2", "env-token"))
 
 

@@ -1,0 +1,141 @@
+"""Admission: which calls may start now, and how many bytes each may hold while it runs.
+
+Protocol-neutral, so every front-end's edge applies the same rules. The edge opens a
+`Call` before it reads a request (refused at once, never queued, when the server or this
+client is at its cap), and every layer charges the call for what it holds: the received
+message, decoded pixels, the tensor in the batcher's queue, the pending response. A
+charge past the memory budget refuses the call before the allocation it stands for.
+Closing the call gives everything back. Probes are never refused: they hold nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections import Counter
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from service.metrics import Metrics
+from service.status import ServingError, Status
+
+
+class Kind(enum.Enum):
+    PROBE = enum.auto()
+    """Liveness and readiness: answered whatever other clients do."""
+    STREAM = enum.auto()
+    """Streams a client may hold open (health watches, reflection): a pool of their own."""
+    WORK = enum.auto()
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    max_calls: int
+    """Calls in progress across all clients (probes not counted). How many one client
+    connection may start is HTTP/2's to bound (its max concurrent streams)."""
+    max_streams: int
+    memory_budget_bytes: int
+    max_bytes_per_connection: int
+
+
+class Call:
+    """One call's claim on the server: counted while it runs, charged for what it holds."""
+
+    __slots__ = ("api", "client", "kind", "model", "held", "stop", "_admission")
+
+    def __init__(self, api: str, client: str, kind: Kind,
+                 admission: Admission | None = None) -> None:
+        self.api = api
+        self.client = client
+        self.kind = kind
+        self.model = "unknown"
+        """The model it named, once the core found it (unknown names are not labels)."""
+        self.held = 0
+        self.stop: threading.Event | None = None
+        """Set when the caller is gone or its deadline passed: work off the loop stops."""
+        self._admission = admission
+
+    def charge(self, nbytes: int, what: str) -> None:
+        """Hold `nbytes` more until the call ends, or RESOURCE_EXHAUSTED if that is past a
+        budget. Safe from worker threads."""
+        if self._admission is not None:
+            self._admission.charge(self, nbytes, what)
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+
+CURRENT_CALL: ContextVar[Call | None] = ContextVar("cnnserve_call", default=None)
+"""The call the running task serves, set by the edge: the core charges and labels it."""
+
+
+class Admission:
+    def __init__(self, limits: AdmissionLimits, metrics: Metrics) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.calls = 0
+        self.streams = 0
+        self.held = 0
+        self._bytes_by_client: Counter[str] = Counter()
+        self._lock = threading.Lock()  # charges come from decode threads too
+
+    def open(self, api: str, client: str, kind: Kind) -> Call:
+        """A new call from `client` (its connection: the peer's address and port), or
+        RESOURCE_EXHAUSTED if it may not start now."""
+        limits = self.limits
+        if kind is Kind.STREAM:
+            if self.streams >= limits.max_streams:
+                raise ServingError(Status.RESOURCE_EXHAUSTED,
+                                   f"the server holds its limit of {limits.max_streams} open "
+                                   "streams (health watches, reflection); poll Health/Check "
+                                   "instead")
+            self.streams += 1
+        elif kind is Kind.WORK:
+            if self.calls >= limits.max_calls:
+                raise ServingError(Status.RESOURCE_EXHAUSTED,
+                                   f"the server is at its limit of {limits.max_calls} calls in "
+                                   "progress; retry with backoff")
+            self.calls += 1
+        self.metrics.in_flight.labels(api).inc()
+        return Call(api, client, kind, self)
+
+    def charge(self, call: Call, nbytes: int, what: str) -> None:
+        if call.kind is Kind.PROBE:  # probes hold a few bytes, and must always answer
+            return
+        limits = self.limits
+        with self._lock:
+            client_held = self._bytes_by_client[call.client] + nbytes
+            if self.held + nbytes > limits.memory_budget_bytes:
+                raise ServingError(Status.RESOURCE_EXHAUSTED,
+                                   f"{what} needs {nbytes} bytes; the server's memory "
+                                   f"budget ({limits.memory_budget_bytes} bytes) is "
+                                   f"{self.held / limits.memory_budget_bytes:.0%} used: retry")
+            if client_held > limits.max_bytes_per_connection:
+                raise ServingError(Status.RESOURCE_EXHAUSTED,
+                                   f"{what} needs {nbytes} bytes; this connection already "
+                                   f"holds {client_held - nbytes} of its "
+                                   f"{limits.max_bytes_per_connection}")
+            self.held += nbytes
+            self._bytes_by_client[call.client] = client_held
+            call.held += nbytes
+            self.metrics.held_bytes.set(self.held)
+
+    def close(self, call: Call) -> None:
+        if call.stop is not None:
+            call.stop.set()
+        with self._lock:
+            if call.held:
+                self.held -= call.held
+                left = self._bytes_by_client[call.client] - call.held
+                if left:
+                    self._bytes_by_client[call.client] = left
+                else:
+                    del self._bytes_by_client[call.client]
+                call.held = 0
+                self.metrics.held_bytes.set(self.held)
+        if call.kind is Kind.STREAM:
+            self.streams -= 1
+        elif call.kind is Kind.WORK:
+            self.calls -= 1
+        self.metrics.in_flight.labels(call.api).dec()

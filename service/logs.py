@@ -1,0 +1,26 @@
+"""Logging that a client cannot turn into a flood."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+
+class Throttled:
+    """Logs one kind of event at most once per interval, saying how many were not logged."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self._log = logger
+        self._interval = interval_s
+        self._next = 0.0
+        self._skipped = 0
+
+    def __call__(self, level: int, message: str, *args: object, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            message += f" (and {self._skipped} more in the last {self._interval:g}s)"
+        self._log.log(level, message, *args, exc_info=exc_info)
+        self._next, self._skipped = now + self._interval, 0

@@ -1,0 +1,52 @@
+"""Protocol-neutral call outcomes, and the one error every layer refuses a call with."""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import NoReturn
+
+MAX_MESSAGE_CHARS = 400
+"""Error texts travel in a response header; a client must not be able to inflate them."""
+_REPR = re.compile(r"<[^<>]{0,200} at 0x[0-9a-fA-F]+>")
+
+
+class Status(enum.Enum):
+    """The names are gRPC's, and are the metrics' `code` label."""
+
+    OK = enum.auto()
+    CANCELLED = enum.auto()
+    INVALID_ARGUMENT = enum.auto()
+    DEADLINE_EXCEEDED = enum.auto()
+    NOT_FOUND = enum.auto()
+    RESOURCE_EXHAUSTED = enum.auto()
+    FAILED_PRECONDITION = enum.auto()
+    UNIMPLEMENTED = enum.auto()
+    INTERNAL = enum.auto()
+    UNAVAILABLE = enum.auto()
+    UNAUTHENTICATED = enum.auto()
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` without Python object reprs, cut to `limit` characters (saying how long it was)."""
+    text = _REPR.sub("<object>", text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown(name: str, limit: int = 80) -> str:
+    """A client-supplied name quoted for an error text, cut if it is long."""
+    return repr(name if len(name) <= limit else f"{name[:limit]}...")
+
+
+class ServingError(Exception):
+    """A call the server refuses, with the status to refuse it with and a bounded message."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(bounded(message))
+        self.status = status
+
+
+def invalid(message: str) -> NoReturn:
+    raise ServingError(Status.INVALID_ARGUMENT, message)
