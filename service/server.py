@@ -115,6 +115,10 @@ def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[st
             ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * ms)),
             ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * ms)),
             ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * ms)),
+            # Bit 0 is identity; 1 and 2 deflate and gzip. gRPC core refuses a disabled
+            # encoding (UNIMPLEMENTED) before it expands anything.
+            ("grpc.compression_enabled_algorithms_bitset",
+             0b111 if settings.compressed_requests else 0b001),
             ("grpc.so_reuseport", int(reuse_port))]
 
 

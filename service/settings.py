@@ -76,15 +76,22 @@ class ServiceSettings(BaseSettings):
     max_message_bytes: int = Field(default=64 * MiB, ge=MiB)
     """Largest request or response message, after decompression (a 224x224 RGB batch of 32
     in FP32 is 19 MiB)."""
+    compressed_requests: bool = False
+    """Accept gzip/deflate-compressed request messages. Off by default: gRPC expands a
+    message before any server code sees it, and 64 KB of gzip become 63 MiB (with six at
+    once, +390 MiB and probes stalled for a second on 2 cores). Turn on for trusted
+    clients; max_message_bytes still bounds what a message expands to."""
     max_images_per_request: int = Field(default=256, ge=1)
     """Server-wide cap on images in one request; a model's max_batch_size may be lower."""
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     """Largest decoded image accepted (width x height), against decompression bombs."""
-    max_decode_cost: int = Field(default=4 * 4096 * 4096, ge=1)
+    max_decode_cost: int = Field(default=2 * 4096 * 4096, ge=1)
     """Weighted pixels one request may decode (WebP 4 a pixel, PNG/GIF/TIFF 2, JPEG/BMP 1):
-    one 4096x4096 WebP, ~0.3-0.8 s of one core at worst, in the decode pool."""
-    decode_threads: int = Field(default=2, ge=1, le=64)
-    """Threads decoding images, never the event loop's; requests beyond them queue."""
+    one 4096x4096 PNG or a 2896x2896 WebP, ~0.2-0.4 s of one core at worst. WebP holds the
+    GIL while it decodes (~45 ms for 4096x4096), which is why it weighs most."""
+    decode_threads: int = Field(default=1, ge=1, le=64)
+    """Threads decoding images, never the event loop's; requests beyond them queue. One
+    leaves a 2-core host a core for the event loop; raise it on larger hosts."""
 
     memory_budget_bytes: int = Field(default=1024 * MiB, ge=16 * MiB)
     """What all calls in progress may hold together: received messages (x2, bytes and

@@ -8,11 +8,12 @@
 - the message is charged against the memory budget, then parsed here: bytes that are not
   the method's message are INVALID_ARGUMENT, logged once per interval, never a traceback;
 and after it: a `ServingError` becomes the call's status, anything unexpected INTERNAL,
-and the call is counted once, with the status its client saw, including a client that
-went away while its answer was being written.
+and the call is counted once, with the status its client saw (a client that cancels
+after its answer was handed to gRPC is counted OK: gRPC Python does not report the
+outcome of that last write).
 
-Unary handlers are served as bidirectional streams of raw bytes: the wire is the same for
-a unary client, and the edge holds the call from its headers on, not from its message.
+Unary handlers are served as client streams of raw bytes: the wire is the same for a unary
+client, and the edge holds the call from its headers on, not from its message.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 GRPC_CODES = {status: grpc.StatusCode[status.name] for status in Status}
 _STATUSES = {code: status for status, code in GRPC_CODES.items()}
 
+_CANCEL_TURN_S = 0.05
 _OIP = "/inference.GRPCInferenceService/"
 _HEALTH = "/grpc.health.v1.Health/"
 
@@ -101,6 +103,10 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         else:
             behaviour = self._unary(route, method, handler)
             deserializer = None  # raw bytes: parsed by the edge
+        if not handler.response_streaming:  # one batch for the answer and its status
+            return grpc.stream_unary_rpc_method_handler(
+                behaviour, request_deserializer=deserializer,
+                response_serializer=handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
             behaviour, request_deserializer=deserializer,
             response_serializer=handler.response_serializer)
@@ -115,7 +121,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             target = handler.unary_unary
 
         async def behaviour(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-                            ) -> None:
+                            ) -> Any:
             async with self._call(route, context) as call:
                 raw = await self._receive(context, call)
                 try:
@@ -128,14 +134,13 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                                        f"({len(raw)} bytes)") from None
                 del raw
                 if not handler.response_streaming:
-                    response = await target(request, context)
-                    if _status_set(context) is Status.OK:
-                        await context.write(response)
-                elif inspect.isasyncgenfunction(target):
+                    return await target(request, context)
+                if inspect.isasyncgenfunction(target):
                     async for response in target(request, context):
                         await context.write(response)
                 else:
                     await target(request, context)  # writes through context itself
+                return None
 
         return behaviour
 
@@ -143,7 +148,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         target = handler.stream_stream or handler.stream_unary
 
         async def behaviour(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-                            ) -> None:
+                            ) -> Any:
             async with self._call(route, context):
                 try:
                     if inspect.isasyncgenfunction(target):
@@ -152,13 +157,12 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     elif handler.response_streaming:
                         await target(requests, context)  # writes through context itself
                     else:
-                        response = await target(requests, context)
-                        if _status_set(context) is Status.OK:
-                            await context.write(response)
+                        return await target(requests, context)
                 except DecodeError:
                     raise ServingError(Status.INVALID_ARGUMENT,
                                        "a request message on this stream is not valid "
                                        "protobuf") from None
+            return None
 
         return behaviour
 
@@ -173,7 +177,10 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             raise ServingError(Status.DEADLINE_EXCEEDED,
                                f"no request message arrived within {self.arrival_timeout_s:g}s "
                                "of the call's headers") from None
-        if not isinstance(raw, bytes):  # EOF: the client half-closed without a message
+        if not isinstance(raw, bytes):
+            # No message: the client went away (gRPC cancels this task on its next turns),
+            # or it half-closed without sending one.
+            await asyncio.sleep(_CANCEL_TURN_S)
             raise ServingError(Status.INVALID_ARGUMENT, "the call carried no request message")
         call.charge(2 * len(raw), "the request message")  # its bytes and their parse
         return raw

@@ -1,0 +1,88 @@
+"""Admission rules, in-process: caps, the memory budget and what closing gives back."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.admission import Admission, AdmissionLimits, Kind
+from service.metrics import Metrics
+from service.status import ServingError, Status, bounded
+
+LIMITS = AdmissionLimits(max_calls=2, max_streams=1, memory_budget_bytes=1000,
+                         max_bytes_per_connection=600)
+
+
+def admission(max_calls: int = 2) -> Admission:
+    limits = AdmissionLimits(**{**LIMITS.__dict__, "max_calls": max_calls})
+    return Admission(limits, Metrics(CollectorRegistry()))
+
+
+def refused(action: object) -> str:
+    with pytest.raises(ServingError) as err:
+        action()  # type: ignore[operator]
+    assert err.value.status is Status.RESOURCE_EXHAUSTED
+    return str(err.value)
+
+
+def test_calls_past_the_cap_are_refused_but_probes_always_enter() -> None:
+    a = admission()
+    calls = [a.open("oip", "c1", Kind.WORK), a.open("oip", "c2", Kind.WORK)]
+    assert "limit of 2 calls" in refused(lambda: a.open("oip", "c3", Kind.WORK))
+    probes = [a.open("probe", "c3", Kind.PROBE) for _ in range(100)]
+    a.close(calls[0])
+    a.open("oip", "c3", Kind.WORK)
+    for p in probes:
+        a.close(p)
+    assert a.calls == 2
+
+
+def test_long_lived_streams_have_a_pool_of_their_own() -> None:
+    a = admission()
+    watch = a.open("health_watch", "c1", Kind.STREAM)
+    assert "open streams" in refused(lambda: a.open("health_watch", "c2", Kind.STREAM))
+    a.open("oip", "c2", Kind.WORK)  # streams do not use up the call slots
+    a.close(watch)
+    a.open("health_watch", "c2", Kind.STREAM)
+
+
+def test_the_budget_and_each_connections_share_refuse_before_allocating() -> None:
+    a = admission(max_calls=3)
+    one, two, other = (a.open("oip", c, Kind.WORK) for c in ("c1", "c1", "c2"))
+    one.charge(500, "the request message")
+    assert "this connection already holds 500 of its 600" in refused(
+        lambda: two.charge(200, "the request message"))
+    other.charge(450, "decoding the images")
+    assert "memory budget" in refused(lambda: other.charge(100, "the response"))
+    assert a.held == 950
+    a.close(one)
+    assert a.held == 450 and one.held == 0
+    two.charge(500, "the request message")  # c1's share was given back
+    a.close(two)
+    a.close(other)
+    assert a.held == 0 and a.metrics.registry.get_sample_value(
+        "cnnserve_memory_held_bytes") == 0
+
+
+def test_probes_are_never_charged() -> None:
+    a = admission()
+    a.open("oip", "c1", Kind.WORK).charge(600, "x")
+    a.open("oip", "c2", Kind.WORK).charge(400, "x")  # the budget is full
+    a.open("probe", "c1", Kind.PROBE).charge(10**9, "x")  # no refusal
+
+
+def test_closing_a_call_stops_its_work_off_the_loop() -> None:
+    import threading
+
+    a = admission()
+    call = a.open("classifier", "c1", Kind.WORK)
+    call.stop = threading.Event()
+    a.close(call)
+    assert call.stopped
+
+
+def test_error_texts_are_bounded_and_hold_no_reprs() -> None:
+    text = bounded("cannot identify image file <_io.BytesIO object at 0x7f3a2b1c> " + "x" * 5000)
+    assert "0x7f" not in text and "<object>" in text
+    assert len(text) < 450 and text.endswith("characters)")
+    assert len(str(ServingError(Status.NOT_FOUND, "y" * 20000))) < 450
