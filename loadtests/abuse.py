@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import multiprocessing as mp
 import re
@@ -46,6 +47,7 @@ PROBE_LIMIT_S = 0.1
 GRACE_S = 10.0
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 WATCH = "/grpc.health.v1.Health/Watch"
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def raw_h2(port: int, streams: int, connections: int, path: str, message: bytes 
                 if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
                     status = dict(event.headers).get(b"grpc-status")
                     if status is not None:
-                        seen[grpc.StatusCode(_code(int(status))).name] += 1
+                        seen[_CODE_NAMES.get(int(status), f"status {int(status)}")] += 1
                 elif isinstance(event, h2.events.StreamReset):
                     seen["stream reset"] += 1
                 elif isinstance(event, h2.events.DataReceived) and window != 0:
@@ -134,8 +136,6 @@ def raw_h2(port: int, streams: int, connections: int, path: str, message: bytes 
     return seen
 
 
-def _code(value: int) -> tuple[int, str]:
-    return next(c.value for c in grpc.StatusCode if c.value[0] == value)
 
 
 def repeat(calls: Callable[[], object], workers: int, stop: Any, seconds: float) -> Counter[str]:
@@ -204,12 +204,9 @@ def attack_decode_cpu(port: int, scale: Scale, stop: Any) -> Counter[str]:
     requests = [cpb.PredictRequest(model="lenet", images=[cpb.Image(encoded=webp)] * 32),
                 cpb.PredictRequest(model="lenet", images=[cpb.Image(encoded=png1)] * 32),
                 cpb.PredictRequest(model="lenet", images=[cpb.Image(encoded=webp)])]
-    counter = iter(range(1 << 62))
-
-    def call() -> None:
-        stub.Predict(requests[next(counter) % len(requests)], timeout=0.2)
-
-    return repeat(call, scale.workers, stop, scale.seconds)
+    cycle = itertools.cycle(requests)
+    return repeat(lambda: stub.Predict(next(cycle), timeout=0.2), scale.workers, stop,
+                  scale.seconds)
 
 
 def attack_gzip_expansion(port: int, scale: Scale, stop: Any) -> Counter[str]:
@@ -247,9 +244,8 @@ def attack_protocol_errors(port: int, scale: Scale, stop: Any) -> Counter[str]:
         lambda: classifier.Predict(cpb.PredictRequest(model="lenet", images=[nan]), timeout=5),
         lambda: classifier.Predict(cpb.PredictRequest(
             model="lenet", images=[cpb.Image(encoded=b"GIF89a" + b"\x00" * 64)]), timeout=5)]
-    counter = iter(range(1 << 62))
-    return repeat(lambda: calls[next(counter) % len(calls)](), scale.workers, stop,
-                  scale.seconds)
+    cycle = itertools.cycle(calls)
+    return repeat(lambda: next(cycle)(), scale.workers, stop, scale.seconds)
 
 
 def attack_metrics_port(port: int, scale: Scale, stop: Any) -> Counter[str]:

@@ -130,9 +130,7 @@ class InferenceCore:
                        deadline: float) -> np.ndarray:
         if not request.offload:
             return request.prepare(model, call)
-        if call.stop is None:
-            call.stop = threading.Event()
-        stop = call.stop
+        stop = call.stop = call.stop or threading.Event()  # kept if a hot reload retries
         work = asyncio.get_running_loop().run_in_executor(
             self.decoder, request.prepare, model, call)
         try:

@@ -153,8 +153,10 @@ def _plain(status: int, text: str, extra: list[tuple[bytes, bytes]] | None = Non
 
 
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, timeout: float
-                      ) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-    """The next request (its body read and dropped), or ConnectionClosed."""
+                      ) -> h11.Request | h11.ConnectionClosed:
+    """The next request once it has all arrived (a body is read and dropped), or the
+    connection's end."""
+    request = None
     async with asyncio.timeout(timeout):
         while True:
             event = conn.next_event()
@@ -162,14 +164,9 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, timeou
                 conn.receive_data(await reader.read(4096))
             elif isinstance(event, h11.Request):
                 request = event
-                while not isinstance(event, h11.EndOfMessage):  # GET and HEAD carry none
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await reader.read(4096))
-                    elif isinstance(event, h11.ConnectionClosed):
-                        return event
+            elif isinstance(event, h11.EndOfMessage) and request is not None:
                 return request
-            else:
+            elif isinstance(event, h11.ConnectionClosed):
                 return event
 
 

@@ -66,7 +66,7 @@ ROUTES: dict[str, Route] = {
 _STREAMS = Route("reflection", Kind.STREAM)
 """Any other method: reflection's bidirectional stream, which a client may hold open."""
 
-Behaviour = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], Awaitable[None]]
+Behaviour = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
@@ -77,7 +77,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         self.arrival_timeout_s = arrival_timeout_s
         self._wrapped: dict[tuple[str, object], grpc.RpcMethodHandler] = {}
         self._client_errors = Throttled(log, log_interval_s)
-        self._faults = Throttled(log, log_interval_s)
+        self.faults = Throttled(log, log_interval_s)
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -122,7 +122,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
         async def behaviour(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                             ) -> Any:
-            async with self._call(route, context) as call:
+            async with _EdgeCall(self, route, context) as call:
                 raw = await self._receive(context, call)
                 try:
                     request = parse(raw)
@@ -149,7 +149,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
         async def behaviour(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                             ) -> Any:
-            async with self._call(route, context):
+            async with _EdgeCall(self, route, context):
                 try:
                     if inspect.isasyncgenfunction(target):
                         async for response in target(requests, context):
@@ -165,9 +165,6 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             return None
 
         return behaviour
-
-    def _call(self, route: Route, context: grpc.aio.ServicerContext) -> _EdgeCall:
-        return _EdgeCall(self, route, context)
 
     async def _receive(self, context: grpc.aio.ServicerContext, call: Call) -> bytes:
         try:
@@ -221,7 +218,7 @@ class _EdgeCall:
         if isinstance(exc, ServingError):
             status, message = exc.status, str(exc)
         else:
-            self.edge._faults(logging.ERROR, "%s failed on %s", self.route.api,
+            self.edge.faults(logging.ERROR, "%s failed on %s", self.route.api,
                               bounded(repr(exc), 200), exc_info=True)
             status, message = Status.INTERNAL, f"internal error ({type(exc).__name__})"
         self._count(status)
