@@ -160,7 +160,7 @@ def test_the_containers_commands_run_as_plain_processes(tmp_path: Path) -> None:
             [*entry, *_args(services["locust-master"]["command"],
                                                  {"server:8001": f"127.0.0.1:{port}"}),
              "--master-bind-host", "127.0.0.1", "--master-bind-port", str(master_port),
-             "--headless", "-u", "2", "-r", "2", "-t", "3s", "--expect-workers", "1",
+             "--headless", "-u", "2", "-r", "2", "-t", "8s", "--expect-workers", "1",
              "--csv", str(tmp_path / "locust"), "--only-summary"],
             cwd=ROOT, env=locust_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True)
