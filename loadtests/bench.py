@@ -194,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[ScenarioResult] = []
     metrics_port = free_port()
     serve = [sys.executable, "-m", "service", "--repo", str(args.repo), "--port", "0",
-             "--metrics-port", str(metrics_port), "--device", args.device,
+             "--metrics-port", str(metrics_port), "--probe-port", str(free_port()),
+             "--device", args.device,
              *shlex.split(args.server_args)]
     if args.workers > 1:
         serve[serve.index("--port") + 1] = str(free_port())

@@ -114,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True)
     seconds = args.minutes * 60
     serve = [sys.executable, "-m", "service", "--repo", str(args.repo), "--port", "0",
-             "--metrics-port", str(free_port()), "--device", args.device,
+             "--metrics-port", str(free_port()), "--probe-port", str(free_port()),
+             "--device", args.device,
              *(["--max-queue-size", str(args.queue_size)] if args.overload else [])]
     scenario = Scenario(kind, args.model, "oip", users, 1, True)
     prefix = out / scenario.slug

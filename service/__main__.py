@@ -1,3 +1,4 @@
 from service.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not in the probe process, which multiprocessing spawns
+    raise SystemExit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -27,6 +28,7 @@ from service.frontends.grpc_edge import EdgeInterceptor
 from service.frontends.grpc_inference import InferenceServicer
 from service.metrics import Metrics
 from service.metrics_http import MetricsServer
+from service.probes import LIVENESS, ProbeServer, ProbeState
 from service.ready import ready_line
 from service.security import (
     TokenAuthInterceptor,
@@ -41,6 +43,8 @@ OIP_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService
 DRAIN_QUIET_S = 0.2
 """At shutdown, gRPC stops once no API call has arrived for this long (or grace ends)."""
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+SERVER_SERVICES = ("", OIP_SERVICE, CLASSIFIER_SERVICE)
+"""Health service names that stand for the whole server: SERVING once every model is."""
 
 
 @dataclass
@@ -51,6 +55,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
     decoder: ThreadPoolExecutor
+    probes: ProbeState
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     """Background work (the repository watcher, the connection count), cancelled at stop."""
     _announced: set[str] = field(default_factory=set)
@@ -63,13 +68,15 @@ class RunningServer:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         overall = serving if self.models.all_ready else not_serving
-        for name in ("", OIP_SERVICE, CLASSIFIER_SERVICE):
+        await self.health.set(LIVENESS, serving)
+        for name in SERVER_SERVICES:
             await self.health.set(name, overall)
         for model in self.models:
             await self.health.set(model.name, serving if model.ready else not_serving)
         for gone in self._announced - self.models.names():
             await self.health.set(gone, not_serving)
         self._announced |= self.models.names()
+        self.probes.publish(self.models, SERVER_SERVICES)
 
     async def stop(self, grace_s: float) -> None:
         """Answer what was accepted, refuse the rest with UNAVAILABLE, within `grace_s`.
@@ -81,6 +88,7 @@ class RunningServer:
         and the client would see CANCELLED instead of a retryable UNAVAILABLE.
         """
         deadline = time.monotonic() + grace_s
+        self.probes.drain()
         for task in self.tasks:
             task.cancel()
         await self.health.enter_graceful_shutdown()
@@ -122,8 +130,8 @@ def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[st
             ("grpc.so_reuseport", int(reuse_port))]
 
 
-async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: bool = False
-                       ) -> RunningServer:
+async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: bool = False,
+                       probes: ProbeState | None = None) -> RunningServer:
     """Load and warm every model, then listen; returns once the port is bound."""
     credentials = server_credentials(settings)
     admission = Admission(AdmissionLimits(
@@ -164,7 +172,8 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
         raise OSError(f"could not bind {address}")
     warn_if_exposed(settings)
     await server.start()
-    running = RunningServer(server, port, core, health_servicer, executor, decoder)
+    probes = probes or ProbeState()
+    running = RunningServer(server, port, core, health_servicer, executor, decoder, probes)
     await running.set_serving()
     running.tasks.append(asyncio.create_task(
         count_connections(port, metrics.connections), name="connection-count"))
@@ -184,15 +193,37 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics(registry)
-    running = await start_server(settings, metrics, reuse_port)
+    probes = ProbeState()
+    heartbeat = asyncio.create_task(probes.beat(), name="probe-heartbeat")  # until exit
+    probe_start = None  # the probe process starts while the models load
+    if settings.probe_port is not None:
+        probe_start = asyncio.create_task(asyncio.to_thread(
+            ProbeServer.start, probes.shared, settings.loop_stall_s, settings.host,
+            settings.probe_port, reuse_port))
+    try:
+        running = await start_server(settings, metrics, reuse_port, probes)
+    except BaseException:
+        if probe_start is not None:
+            with contextlib.suppress(OSError):
+                (await probe_start).stop()
+        raise
+    try:
+        probe_server = await probe_start if probe_start is not None else None
+    except OSError:
+        await running.stop(0)
+        raise
     ready = [m.name for m in running.models if m.ready]
-    log.info("listening on %s:%d (%s%s); serving %s", settings.host, running.port,
+    log.info("listening on %s:%d (%s%s)%s; serving %s", settings.host, running.port,
              "mutual TLS" if settings.tls_client_ca_file else "TLS" if settings.tls
-             else "plaintext", ", bearer tokens" if settings.auth else "", ", ".join(ready))
+             else "plaintext", ", bearer tokens" if settings.auth else "",
+             f", probes on {probe_server.port}" if probe_server else "", ", ".join(ready))
     print(ready_line("cnnserve", settings.host, running.port), flush=True)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests (grace %.1fs)", settings.grace_period_s)
     await running.stop(settings.grace_period_s)
+    heartbeat.cancel()
+    if probe_server is not None:
+        probe_server.stop()
     log.info("stopped")
     return 0
 

@@ -46,6 +46,13 @@ class ServiceSettings(BaseSettings):
     port: int = Field(default=8001, ge=0, le=65535)
     metrics_port: int | None = Field(default=8002, ge=0, le=65535)
     """Prometheus metrics over HTTP; None turns the endpoint off."""
+    probe_port: int | None = Field(default=8003, ge=0, le=65535)
+    """Liveness and readiness (gRPC health Check, ServerLive/ServerReady/ModelReady) on a
+    listener of their own, answered whatever load the serving port carries; plaintext,
+    no token. None turns it off (probes still answer on the serving port)."""
+    loop_stall_s: float = Field(default=10.0, gt=0)
+    """The probe port reports the server dead once its event loop has not turned for
+    this long, so the orchestrator restarts it."""
     workers: int = Field(default=1, ge=1, le=256)
     """Server processes sharing the port (SO_REUSEPORT), each with its own sessions."""
 

@@ -23,7 +23,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -198,8 +198,12 @@ class _EdgeCall:
             self.call = self.edge.admission.open(self.route.api, self.context.peer(),
                                                  self.route.kind)
         except ServingError as exc:
-            self._count(exc.status)
-            await self.context.abort(GRPC_CODES[exc.status], str(exc))
+            refusal: tuple[Status, str] | None = (exc.status, str(exc))
+        else:
+            refusal = None
+        if refusal is not None:  # outside the except block: no exception chained to it
+            self._count(refusal[0])
+            await abort(self.context, *refusal)
         self.token = CURRENT_CALL.set(self.call)
         assert self.call is not None
         return self.call
@@ -222,12 +226,33 @@ class _EdgeCall:
                               bounded(repr(exc), 200), exc_info=True)
             status, message = Status.INTERNAL, f"internal error ({type(exc).__name__})"
         self._count(status)
-        await self.context.abort(GRPC_CODES[status], message)
+        await abort(self.context, status, message)
         return False  # unreachable: abort raises
 
     def _count(self, status: Status) -> None:
         model = self.call.model if self.call is not None else "unknown"
         self.edge.metrics.requests.labels(model, self.route.api, status.name).inc()
+
+
+async def abort(context: grpc.aio.ServicerContext, status: Status, message: str) -> NoReturn:
+    """`context.abort`, leaving no garbage cycle behind.
+
+    gRPC keeps the AbortError on the call's state, and the error's traceback holds the
+    handler's frames, which hold the context, which holds the state: every aborted call
+    would wait for a full garbage collection, and under a flood of refusals those take
+    the GIL for 100-200 ms at a time. Once the call is over the traceback is dropped.
+    """
+    try:
+        await context.abort(GRPC_CODES[status], message)
+    except grpc.aio.AbortError as exc:
+        asyncio.get_running_loop().call_soon(_forget_frames, exc)
+        raise
+    raise AssertionError("context.abort returned")
+
+
+def _forget_frames(exc: BaseException) -> None:
+    exc.__traceback__ = None
+    exc.__context__ = None
 
 
 def _status_set(context: grpc.aio.ServicerContext) -> Status:

@@ -136,15 +136,17 @@ def test_the_containers_commands_run_as_plain_processes(tmp_path: Path) -> None:
     assert [p.name for p in (models / "lenet").iterdir() if p.is_dir()] == ["1"]
 
     server = services["server"]
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, probe_port = free_port(), free_port(), free_port()
     env = {**base, **{k: v for k, v in server["environment"].items() if v not in ("", None)},
            "CNNSERVE_REPO": str(models), "CNNSERVE_HOST": "127.0.0.1",
-           "CNNSERVE_PORT": str(port), "CNNSERVE_METRICS_PORT": str(metrics_port)}
+           "CNNSERVE_PORT": str(port), "CNNSERVE_METRICS_PORT": str(metrics_port),
+           "CNNSERVE_PROBE_PORT": str(probe_port)}
     log = tmp_path / "server.log"
     proc = subprocess.Popen(server["command"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=log.open("w"))
     try:
-        probe = _args(server["healthcheck"]["test"][1:], {"127.0.0.1:8001": f"127.0.0.1:{port}"})
+        probe = _args(server["healthcheck"]["test"][1:],
+                      {"127.0.0.1:8003": f"127.0.0.1:{probe_port}"})
 
         def healthy() -> bool:
             assert proc.poll() is None, log.read_text()

@@ -58,7 +58,7 @@ def test_kserve_predictor_containers_are_valid_pod_containers() -> None:
     assert env["CNNSERVE_REPO"] == "/mnt/models"  # where KServe's storage initializer copies
 
 
-def test_server_probes_use_the_grpc_port_and_every_env_var_is_a_setting() -> None:
+def test_server_probes_use_the_probe_port_and_every_env_var_is_a_setting() -> None:
     docs = manifests() + [("kserve", d) for d in documents(K8S / "kserve" /
                                                            "inferenceservice.yaml")]
     servers = [c for _, d in docs for c in containers(d) if "server" in c["image"]]
@@ -68,9 +68,13 @@ def test_server_probes_use_the_grpc_port_and_every_env_var_is_a_setting() -> Non
         names = {e["name"] for e in container["env"]}
         assert names - {"STORAGE_URI"} <= SETTINGS, names - SETTINGS
         ports = {p["containerPort"] for p in container["ports"]}
+        env = {e["name"]: e["value"] for e in container["env"]}
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             if probe in container:
                 assert container[probe]["grpc"]["port"] in ports
+                if "CNNSERVE_PROBE_PORT" in env:  # its own process: probes never queue
+                    assert container[probe]["grpc"]["port"] == int(env["CNNSERVE_PROBE_PORT"])
+                assert container[probe]["grpc"].get("service", "") in ("", "liveness")
 
 
 def test_server_runs_unprivileged_with_a_gpu_and_a_read_only_repository() -> None:
