@@ -6,6 +6,13 @@ client is at its cap), and every layer charges the call for what it holds: the r
 message, decoded pixels, the tensor in the batcher's queue, the pending response. A
 charge past the memory budget refuses the call before the allocation it stands for.
 Closing the call gives everything back. Probes are never refused: they hold nothing.
+
+Fair share at the cap: a call whose request message has not arrived yet holds a slot but
+does no work. When every slot is taken, a new call from a client holding less than its
+share (the cap over the clients holding calls) takes the slot of the oldest such waiting
+call of the client holding the most, if that client holds at least two more calls than
+the newcomer. A flood of headers from a few connections then cannot shut out a client
+that sends whole requests; the flood's calls never evict one another.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections import Counter
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -41,7 +49,8 @@ class AdmissionLimits:
 class Call:
     """One call's claim on the server: counted while it runs, charged for what it holds."""
 
-    __slots__ = ("api", "client", "kind", "model", "held", "stop", "_admission")
+    __slots__ = ("api", "client", "kind", "model", "held", "stop", "evicted", "_evict",
+                 "_counted", "_admission")
 
     def __init__(self, api: str, client: str, kind: Kind,
                  admission: Admission | None = None) -> None:
@@ -53,6 +62,10 @@ class Call:
         self.held = 0
         self.stop: threading.Event | None = None
         """Set when the caller is gone or its deadline passed: work off the loop stops."""
+        self.evicted = False
+        """Its slot went to a client holding fewer calls before its request arrived."""
+        self._evict: Callable[[], None] | None = None
+        self._counted = kind is Kind.WORK
         self._admission = admission
 
     def charge(self, nbytes: int, what: str) -> None:
@@ -78,6 +91,9 @@ class Admission:
         self.streams = 0
         self.held = 0
         self._bytes_by_client: Counter[str] = Counter()
+        self._calls_by_client: Counter[str] = Counter()
+        self._waiting: dict[str, dict[Call, None]] = {}
+        """Per client, its calls whose request has not arrived, oldest first."""
         self._lock = threading.Lock()  # charges come from decode threads too
 
     def open(self, api: str, client: str, kind: Kind) -> Call:
@@ -92,13 +108,56 @@ class Admission:
                                    "instead")
             self.streams += 1
         elif kind is Kind.WORK:
-            if self.calls >= limits.max_calls:
+            if self.calls >= limits.max_calls and not self._evict_for(client):
                 raise ServingError(Status.RESOURCE_EXHAUSTED,
                                    f"the server is at its limit of {limits.max_calls} calls in "
                                    "progress; retry with backoff")
             self.calls += 1
+            self._calls_by_client[client] += 1
         self.metrics.in_flight.labels(api).inc()
         return Call(api, client, kind, self)
+
+    def awaiting_request(self, call: Call, evict: Callable[[], None]) -> None:
+        """`call` holds a slot while its request has not arrived: `evict` ends it."""
+        if call._counted:
+            call._evict = evict
+            self._waiting.setdefault(call.client, {})[call] = None
+
+    def request_arrived(self, call: Call) -> None:
+        call._evict = None
+        waiting = self._waiting.get(call.client)
+        if waiting is not None:
+            waiting.pop(call, None)
+            if not waiting:
+                del self._waiting[call.client]
+
+    def _evict_for(self, client: str) -> bool:
+        """Make room for `client` at the cap by evicting a waiting call of the client
+        holding the most, if `client` holds less than its share (see the module's doc)."""
+        mine = self._calls_by_client.get(client, 0)
+        if mine >= self.limits.max_calls // (len(self._calls_by_client) + (mine == 0)):
+            return False
+        heaviest = max(self._waiting, key=self._calls_by_client.__getitem__, default=None)
+        if heaviest is None or self._calls_by_client[heaviest] < mine + 2:
+            return False
+        victim = next(iter(self._waiting[heaviest]))
+        evict = victim._evict
+        self.request_arrived(victim)
+        self._release_slot(victim)
+        victim.evicted = True
+        assert evict is not None
+        evict()
+        return True
+
+    def _release_slot(self, call: Call) -> None:
+        if call._counted:
+            call._counted = False
+            self.calls -= 1
+            left = self._calls_by_client[call.client] - 1
+            if left:
+                self._calls_by_client[call.client] = left
+            else:
+                del self._calls_by_client[call.client]
 
     def charge(self, call: Call, nbytes: int, what: str) -> None:
         if call.kind is Kind.PROBE:  # probes hold a few bytes, and must always answer
@@ -137,5 +196,6 @@ class Admission:
         if call.kind is Kind.STREAM:
             self.streams -= 1
         elif call.kind is Kind.WORK:
-            self.calls -= 1
+            self.request_arrived(call)
+            self._release_slot(call)
         self.metrics.in_flight.labels(call.api).dec()

@@ -167,6 +167,9 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         return behaviour
 
     async def _receive(self, context: grpc.aio.ServicerContext, call: Call) -> bytes:
+        task = asyncio.current_task()
+        assert task is not None
+        self.admission.awaiting_request(call, task.cancel)
         try:
             async with asyncio.timeout(self.arrival_timeout_s):
                 raw = await context.read()
@@ -174,6 +177,16 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             raise ServingError(Status.DEADLINE_EXCEEDED,
                                f"no request message arrived within {self.arrival_timeout_s:g}s "
                                "of the call's headers") from None
+        except asyncio.CancelledError:
+            if not call.evicted:
+                raise
+            task.uncancel()
+            raise ServingError(Status.RESOURCE_EXHAUSTED,
+                               f"the server is at its limit of {self.admission.limits.max_calls}"
+                               " calls and this call's request had not arrived: its slot went "
+                               "to a client holding fewer calls") from None
+        finally:
+            self.admission.request_arrived(call)
         if not isinstance(raw, bytes):
             # No message: the client went away (gRPC cancels this task on its next turns),
             # or it half-closed without sending one.

@@ -86,3 +86,34 @@ def test_error_texts_are_bounded_and_hold_no_reprs() -> None:
     assert "0x7f" not in text and "<object>" in text
     assert len(text) < 450 and text.endswith("characters)")
     assert len(str(ServingError(Status.NOT_FOUND, "y" * 20000))) < 450
+
+
+def test_at_the_cap_a_light_client_takes_a_waiting_slot_of_the_heaviest() -> None:
+    a = admission(max_calls=4)
+    evicted: list[str] = []
+    flood = [a.open("oip", "flood", Kind.WORK) for _ in range(3)]
+    for i, call in enumerate(flood):
+        a.awaiting_request(call, lambda i=i: evicted.append(f"flood {i}"))
+    working = a.open("oip", "light", Kind.WORK)
+    a.awaiting_request(working, lambda: evicted.append("light"))
+    a.request_arrived(working)  # its request came: it is working, never evicted
+    newcomer = a.open("oip", "other", Kind.WORK)  # holds 0 < its share: takes flood's oldest
+    assert evicted == ["flood 0"] and flood[0].evicted and a.calls == 4
+    a.close(flood[0])  # the evicted call ends later; its slot was already given back
+    assert a.calls == 4
+    # The flood, at its share or above, gets no slot of anyone's.
+    assert "limit of 4 calls" in refused(lambda: a.open("oip", "flood", Kind.WORK))
+    # Nor does a client that would hold as many as the heaviest after taking one.
+    assert "limit of 4 calls" in refused(lambda: a.open("oip", "light", Kind.WORK))
+    for call in (*flood[1:], working, newcomer):
+        a.close(call)
+    assert a.calls == 0 and evicted == ["flood 0"]
+
+
+def test_calls_whose_request_arrived_are_never_evicted() -> None:
+    a = admission(max_calls=2)
+    calls = [a.open("oip", "busy", Kind.WORK) for _ in range(2)]
+    for call in calls:
+        a.awaiting_request(call, lambda: pytest.fail("evicted a working call"))
+        a.request_arrived(call)
+    assert "limit of 2 calls" in refused(lambda: a.open("oip", "other", Kind.WORK))
