@@ -5,7 +5,9 @@ the client likes, and answers 200 on every path (so an HTTP probe pointed at it 
 passes). This one runs an asyncio loop on one thread of its own, away from the serving
 loop: a bounded number of connections, a deadline for each request's head, an idle
 timeout between keep-alive requests, 404 off /metrics and 405 for other methods. HTTP/1.1
-is parsed by h11.
+is parsed by h11. At the connection cap a new connection closes the oldest one that is
+waiting for a request head (half-open or idle), so held connections cannot keep a
+scraper out; only when all of them are mid-answer is the new one refused.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class MetricsServer:
         self.host = host
         self.port = port
         self.connections = 0
+        self._waiting: dict[asyncio.Task[None], None] = {}
+        """Connections waiting for a request's head, oldest first: the ones to close at the cap."""
         self._refused = Throttled(log)
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -95,16 +99,28 @@ class MetricsServer:
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         if self.connections >= MAX_CONNECTIONS:
-            self._refused(logging.WARNING, "metrics endpoint: refused a connection beyond "
-                          "its %d open ones", MAX_CONNECTIONS)
-            writer.close()
-            return
+            if not self._waiting:
+                self._refused(logging.WARNING, "metrics endpoint: refused a connection beyond "
+                              "its %d open ones, all of them answering", MAX_CONNECTIONS)
+                writer.close()
+                return
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.cancel()
+            self._refused(logging.WARNING, "metrics endpoint: at its %d connections, closed "
+                          "the longest waiting for a request", MAX_CONNECTIONS)
         self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         try:
             timeout = HEAD_TIMEOUT_S
             while True:
-                event = await _next_event(conn, reader, timeout)
+                self._waiting[task] = None
+                try:
+                    event = await _next_event(conn, reader, timeout)
+                finally:
+                    self._waiting.pop(task, None)
                 if not isinstance(event, h11.Request):
                     break  # the client closed, or a protocol error was answered
                 await _send(writer, conn, self._answer(event))
@@ -116,8 +132,8 @@ class MetricsServer:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 with contextlib.suppress(Exception):
                     await _send(writer, conn, _plain(exc.error_status_hint, "bad request\n"))
-        except (TimeoutError, ConnectionError, h11.LocalProtocolError):
-            pass
+        except (TimeoutError, ConnectionError, h11.LocalProtocolError, asyncio.CancelledError):
+            pass  # CancelledError: closed to make room, or the endpoint is stopping
         finally:
             self.connections -= 1
             writer.close()
