@@ -64,7 +64,7 @@ class Call:
         """Set when the caller is gone or its deadline passed: work off the loop stops."""
         self.evicted = False
         """Its slot went to a client holding fewer calls before its request arrived."""
-        self._evict: Callable[[], None] | None = None
+        self._evict: Callable[[], object] | None = None
         self._counted = kind is Kind.WORK
         self._admission = admission
 
@@ -117,7 +117,7 @@ class Admission:
         self.metrics.in_flight.labels(api).inc()
         return Call(api, client, kind, self)
 
-    def awaiting_request(self, call: Call, evict: Callable[[], None]) -> None:
+    def awaiting_request(self, call: Call, evict: Callable[[], object]) -> None:
         """`call` holds a slot while its request has not arrived: `evict` ends it."""
         if call._counted:
             call._evict = evict

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -93,7 +95,7 @@ def test_at_the_cap_a_light_client_takes_a_waiting_slot_of_the_heaviest() -> Non
     evicted: list[str] = []
     flood = [a.open("oip", "flood", Kind.WORK) for _ in range(3)]
     for i, call in enumerate(flood):
-        a.awaiting_request(call, lambda i=i: evicted.append(f"flood {i}"))
+        a.awaiting_request(call, functools.partial(evicted.append, f"flood {i}"))
     working = a.open("oip", "light", Kind.WORK)
     a.awaiting_request(working, lambda: evicted.append("light"))
     a.request_arrived(working)  # its request came: it is working, never evicted
