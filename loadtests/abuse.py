@@ -85,6 +85,7 @@ def raw_h2(port: int, streams: int, connections: int, path: str, message: bytes 
     import h2.config
     import h2.connection
     import h2.events
+    import h2.exceptions
     import h2.settings
 
     seen: Counter[str] = Counter()
@@ -118,11 +119,15 @@ def raw_h2(port: int, streams: int, connections: int, path: str, message: bytes 
             if sock not in ready:
                 continue
             data = sock.recv(1 << 16)
-            if not data:
+            try:
+                events = conn.receive_data(data) if data else None
+            except h2.exceptions.ProtocolError:  # frames after the server's GOAWAY
+                events = None
+            if events is None:
                 seen["connection closed"] += 1
                 stop.set()
                 break
-            for event in conn.receive_data(data):
+            for event in events:
                 if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
                     status = dict(event.headers).get(b"grpc-status")
                     if status is not None:
