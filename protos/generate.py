@@ -16,7 +16,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ("protos/grpc_service.proto", "protos/classifier.proto")
+PROTOS = ("protos/model_config.proto", "protos/grpc_service.proto", "protos/classifier.proto")
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 

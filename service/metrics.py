@@ -63,8 +63,25 @@ class Duration:
 
 
 @dataclass
+class Compute:
+    """A batch's three phases, as Triton splits them: assembling the input batch, the
+    onnxruntime run, and splitting the output among the requests."""
+
+    input: Duration = field(default_factory=Duration)
+    infer: Duration = field(default_factory=Duration)
+    output: Duration = field(default_factory=Duration)
+
+    def add(self, input_s: float, infer_s: float, output_s: float, n: int = 1) -> None:
+        self.input.add(input_s, n)
+        self.infer.add(infer_s, n)
+        self.output.add(output_s, n)
+
+
+@dataclass
 class ModelStats:
-    """What the Open Inference Protocol's ModelStatistics reports for one model."""
+    """What ModelStatistics reports for one model, with Triton's semantics: `queue` and
+    `compute` count once per request answered (each with its batch's durations, so
+    perf_analyzer's per-request averages come out right), `batches` once per execution."""
 
     inference_count: int = 0
     execution_count: int = 0
@@ -72,12 +89,16 @@ class ModelStats:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
-    compute: Duration = field(default_factory=Duration)
-    batches: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
+    compute: Compute = field(default_factory=Compute)
+    batches: dict[int, Compute] = field(default_factory=lambda: defaultdict(Compute))
 
-    def record_batch(self, size: int, compute_s: float) -> None:
+    def record_batch(self, size: int, queued_s: list[float], input_s: float, infer_s: float,
+                     output_s: float) -> None:
+        """A batch of `size` rows that answered requests which waited `queued_s`."""
         self.inference_count += size
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1000)
-        self.compute.add(compute_s)
-        self.batches[size].add(compute_s)
+        for waited in queued_s:
+            self.queue.add(waited)
+        self.compute.add(input_s, infer_s, output_s, len(queued_s))
+        self.batches[size].add(input_s, infer_s, output_s)

@@ -178,6 +178,7 @@ class DynamicBatcher:
             started = time.monotonic()
             inputs = batch[0].inputs if len(batch) == 1 else np.concatenate(
                 [r.inputs for r in batch])
+            assembled = time.monotonic()
             result: np.ndarray | InferenceError
             try:
                 result = runner.run(inputs)
@@ -185,18 +186,20 @@ class DynamicBatcher:
                 log.exception("model %s: batch of %d failed", self.name, len(inputs))
                 result = InferenceError(
                     f"model {self.name!r} failed on a batch of {len(inputs)}: {exc}")
-            loop.call_soon_threadsafe(self._finish, batch, started, time.monotonic(), result)
+            loop.call_soon_threadsafe(self._finish, batch, (started, assembled, time.monotonic()),
+                                      result)
             selection = self._take()
             batch = selection.batch
             if selection.expired:
                 loop.call_soon_threadsafe(self._fail_expired, selection.expired)
 
-    def _finish(self, batch: list[_Request], started: float, ended: float,
+    def _finish(self, batch: list[_Request], times: tuple[float, float, float],
                 result: np.ndarray | InferenceError) -> None:
-        """On the loop: record the batch and answer its requests."""
+        """On the loop: answer the batch's requests and record it. `times`: when its run
+        started, its input was assembled, and onnxruntime returned."""
+        started, assembled, ended = times
         for request in batch:
             self._queue_wait.observe(started - request.enqueued)
-            self._stats.queue.add(started - request.enqueued)
         if isinstance(result, InferenceError):
             for request in batch:
                 if not request.future.done():
@@ -207,9 +210,11 @@ class DynamicBatcher:
         self._batch_size.observe(size)
         self._inferences.inc(size)
         self._executions.inc()
-        self._stats.record_batch(size, compute)
-        offset = 0
+        offset, answered, splitting = 0, [], time.monotonic()
         for request in batch:
             if not request.future.done():  # cancelled while computing: nobody to tell
                 request.future.set_result(result[offset:offset + request.rows])
+                answered.append(started - request.enqueued)
             offset += request.rows
+        self._stats.record_batch(size, answered, assembled - started, ended - assembled,
+                                 time.monotonic() - splitting)

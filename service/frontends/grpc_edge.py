@@ -52,6 +52,7 @@ class Route:
 ROUTES: dict[str, Route] = {
     _OIP + "ModelInfer": Route("oip", Kind.WORK),
     _OIP + "ModelMetadata": Route("metadata", Kind.WORK),
+    _OIP + "ModelConfig": Route("metadata", Kind.WORK),
     _OIP + "ServerMetadata": Route("metadata", Kind.WORK),
     _OIP + "ModelStatistics": Route("statistics", Kind.WORK),
     _OIP + "RepositoryIndex": Route("repository", Kind.WORK),

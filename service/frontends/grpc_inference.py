@@ -14,11 +14,14 @@ import numpy as np
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from protos import model_config_pb2 as mc
 from service.admission import Call
 from service.core import InferenceCore, InferRequest, invalid
 from service.engine.models import ServedModel
 from service.metrics import Duration
 
+_DATA_TYPES = {"FP32": mc.TYPE_FP32, "FP16": mc.TYPE_FP16}
+"""The Open Inference Protocol's datatype names as Triton's configuration enumerates them."""
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
@@ -141,6 +144,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 name=model.config.output.name, datatype="FP32", shape=list(logits.shape))],
             raw_output_contents=[np.ascontiguousarray(logits, dtype="<f4").tobytes()])
 
+    async def ModelConfig(self, request: pb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        """Triton's configuration of the model, as perf_analyzer and Model Analyzer read it:
+        dims leave out the batch dimension, as in Triton's config.pbtxt."""
+        model = self.core.model(request.name, request.version)
+        spec_in, spec_out, policy = model.config.input, model.config.output, model.policy
+        on_gpu = model.provider == "CUDAExecutionProvider"
+        return pb.ModelConfigResponse(config=mc.ModelConfig(
+            name=model.name, platform=PLATFORM, backend="onnxruntime",
+            version_policy=mc.ModelVersionPolicy(
+                latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+            max_batch_size=policy.max_batch_size,
+            input=[mc.ModelInput(name=spec_in.name, data_type=_DATA_TYPES[spec_in.datatype],
+                                 format=mc.ModelInput.FORMAT_NCHW, dims=list(spec_in.shape))],
+            output=[mc.ModelOutput(name=spec_out.name,
+                                   data_type=_DATA_TYPES[spec_out.datatype],
+                                   dims=list(spec_out.shape))],
+            dynamic_batching=mc.ModelDynamicBatching(
+                preferred_batch_size=sorted(policy.preferred_batch_sizes),
+                max_queue_delay_microseconds=round(policy.max_queue_delay_s * 1e6)),
+            instance_group=[mc.ModelInstanceGroup(
+                name=f"{model.name}_0", count=policy.instances,
+                kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU,
+                gpus=[0] if on_gpu else [])],
+            default_model_filename=model.file or "model.onnx"))
+
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
         return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(
@@ -148,9 +177,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inference_count=m.stats.inference_count, execution_count=m.stats.execution_count,
             inference_stats=pb.InferStatistics(
                 success=_duration(m.stats.success), fail=_duration(m.stats.fail),
-                queue=_duration(m.stats.queue), compute_infer=_duration(m.stats.compute)),
-            batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
-                         for size, d in sorted(m.stats.batches.items())])
+                queue=_duration(m.stats.queue),
+                compute_input=_duration(m.stats.compute.input),
+                compute_infer=_duration(m.stats.compute.infer),
+                compute_output=_duration(m.stats.compute.output)),
+            batch_stats=[pb.InferBatchStatistics(
+                batch_size=size, compute_input=_duration(c.input),
+                compute_infer=_duration(c.infer), compute_output=_duration(c.output))
+                for size, c in sorted(m.stats.batches.items())])
             for m in self.core.statistics(request.name, request.version)])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,

@@ -109,6 +109,7 @@ def test_generated_stubs_are_up_to_date() -> None:
 _DUMP = """
 import json
 from protos import grpc_service_pb2 as pb
+from protos import model_config_pb2 as mc
 def fields(d, prefix=""):
     out = {}
     for f in d.fields:
@@ -118,8 +119,11 @@ def fields(d, prefix=""):
             out.update(fields(n, prefix + d.name + "."))
     return out
 result = {}
-for m in pb.DESCRIPTOR.message_types_by_name.values():
+for m in [*pb.DESCRIPTOR.message_types_by_name.values(),
+          *mc.DESCRIPTOR.message_types_by_name.values()]:
     result.update(fields(m))
+result["enums"] = {e.name: {v.name: v.number for v in e.values}
+                   for e in mc.DESCRIPTOR.enum_types_by_name.values()}
 svc = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 result["methods"] = [m.full_name for m in svc.methods]
 print(json.dumps(result))
@@ -129,19 +133,26 @@ print(json.dumps(result))
 def test_our_protocol_is_wire_compatible_with_tritonclient() -> None:
     """Every field we declare has Triton's number and type (checked in a separate process:
     both files define package `inference`, which one descriptor pool cannot hold twice)."""
+    from tritonclient.grpc import model_config_pb2 as triton_config
     from tritonclient.grpc import service_pb2 as triton
 
     ours = json.loads(subprocess.run([sys.executable, "-c", _DUMP], cwd=ROOT, check=True,
                                      capture_output=True, text=True, timeout=60).stdout)
     methods = ours.pop("methods")
+    for enum, values in ours.pop("enums").items():
+        theirs_enum = triton_config.DESCRIPTOR.enum_types_by_name[enum]
+        assert values == {v.name: v.number for v in theirs_enum.values}, enum
     theirs_svc = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert set(methods) <= {m.full_name for m in theirs_svc.methods}
     for key, (number, ftype, repeated) in ours.items():
         message_path, field_name = key.rsplit(".", 1)
-        descriptor = triton.DESCRIPTOR.message_types_by_name[message_path.split(".")[0]]
+        top = message_path.split(".")[0]
+        descriptor = (triton.DESCRIPTOR.message_types_by_name.get(top)
+                      or triton_config.DESCRIPTOR.message_types_by_name[top])
         for nested in message_path.split(".")[1:]:
             descriptor = descriptor.nested_types_by_name[nested]
         theirs = descriptor.fields_by_name[field_name]
         assert (theirs.number, theirs.type) == (number, ftype), key
         assert theirs.is_repeated == repeated, key
     assert "ModelInferRequest.raw_input_contents" in ours
+    assert "ModelConfig.dynamic_batching" in ours and "ModelInput.dims" in ours

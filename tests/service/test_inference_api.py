@@ -56,6 +56,32 @@ def test_health_and_metadata_through_tritonclient(client: triton.InferenceServer
     assert not client.is_model_ready("missing")
 
 
+def test_model_config_through_tritonclient_is_the_served_configuration(
+        client: triton.InferenceServerClient, served_repo: Path) -> None:
+    import json
+
+    for name, shape in SHAPES.items():
+        config = client.get_model_config(name).config
+        declared = json.loads((served_repo / name / "config.json").read_text())
+        assert (config.name, config.platform, config.backend) == (
+            name, "onnxruntime_onnx", "onnxruntime")
+        assert config.max_batch_size == declared["max_batch_size"]
+        (tensor_in,), (tensor_out,) = config.input, config.output
+        assert (tensor_in.name, list(tensor_in.dims)) == ("input", list(shape))  # no batch
+        assert (tensor_out.name, list(tensor_out.dims)) == (declared["output"]["name"], [10])
+        assert tensor_in.data_type == tensor_out.data_type == 11  # TYPE_FP32
+        assert list(config.dynamic_batching.preferred_batch_size) == sorted(
+            declared["preferred_batch_sizes"])
+        assert config.dynamic_batching.max_queue_delay_microseconds == declared[
+            "max_queue_delay_us"]
+        (group,) = config.instance_group
+        assert (group.count, group.kind) == (1, 2)  # one instance, KIND_CPU
+        assert config.version_policy.latest.num_versions == 1
+        assert client.get_model_config(name, "1").config == config
+    with pytest.raises(InferenceServerException, match="StatusCode.NOT_FOUND"):
+        client.get_model_config("missing")
+
+
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 def test_tritonclient_infer_matches_onnxruntime(client: triton.InferenceServerClient,
                                                 served_repo: Path, name: str) -> None:
@@ -143,6 +169,16 @@ def test_statistics_and_repository_index(stub: service_pb2_grpc.GRPCInferenceSer
     assert after.inference_count == before.inference_count + 3
     assert after.execution_count == before.execution_count + 1
     assert after.inference_stats.success.count == before.inference_stats.success.count + 1
+    # Triton's semantics, which perf_analyzer checks: queue and the three compute phases
+    # count once per request answered; batch_stats once per execution of that size.
+    for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+        grew = getattr(after.inference_stats, phase).count - getattr(
+            before.inference_stats, phase).count
+        assert grew == 1, phase
+    assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+    batch = {b.batch_size: b for b in after.batch_stats}[3]
+    assert batch.compute_input.count == batch.compute_infer.count == batch.compute_output.count
+    assert batch.compute_infer.count >= 1
     index = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), timeout=10)
     assert [(m.name, m.version, m.state) for m in index.models] == [
         ("alexnet", "1", "READY"), ("lenet", "1", "READY"), ("vgg11_bn", "1", "READY")]
