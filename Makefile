@@ -9,7 +9,7 @@ PORT ?= 8001
 METRICS_PORT ?= 8002
 PROBE_PORT ?= 8003
 
-.PHONY: demo train export serve bench test lint stubs install clean
+.PHONY: demo train export serve bench test lint stubs install clean perf-analyzer
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy contract training export service loadtests tests
+
+# Triton's perf_analyzer in a venv of its own (the project's tritonclient pin is untouched);
+# run it as loadtests/perf_analyzer.sh. Needs Debian's libb64-0d (apt-get install libb64-0d).
+perf-analyzer:
+	test -x .venv-perf-analyzer/bin/python || $(PYTHON) -m venv .venv-perf-analyzer
+	.venv-perf-analyzer/bin/python -m pip install --quiet --disable-pip-version-check \
+	    -r loadtests/perf_analyzer.txt
+	@ldconfig -p | grep -q libb64.so.0d || echo "perf_analyzer also needs libb64: apt-get install libb64-0d"
 
 stubs: $(STAMP)
 	$(BIN)/python -m protos.generate
