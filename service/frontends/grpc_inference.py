@@ -25,6 +25,9 @@ _DATA_TYPES = {"FP32": mc.TYPE_FP32, "FP16": mc.TYPE_FP16}
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ("model_configuration", "statistics")
+"""Triton's protocol extensions this server implements whole (RepositoryIndex is served,
+but model_repository also means load and unload, which it does not have yet)."""
 
 
 def _declared_rows(request: pb.ModelInferRequest) -> int:
@@ -118,7 +121,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
-                                         extensions=["statistics", "model_repository"])
+                                         extensions=list(EXTENSIONS))
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:

@@ -45,6 +45,7 @@ def triton_input(x: np.ndarray, datatype: str = "FP32") -> triton.InferInput:
 def test_health_and_metadata_through_tritonclient(client: triton.InferenceServerClient) -> None:
     assert client.is_server_live() and client.is_server_ready()
     assert client.get_server_metadata().name == "cnnserve"
+    assert set(client.get_server_metadata().extensions) == {"model_configuration", "statistics"}
     for name, shape in SHAPES.items():
         assert client.is_model_ready(name) and client.is_model_ready(name, "1")
         assert not client.is_model_ready(name, "7")
