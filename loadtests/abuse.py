@@ -484,20 +484,23 @@ def run_attack(name: str, repo: Path, scale: Scale, env: dict[str, str]) -> Resu
             again.kill()
     finally:
         server.stop()
-    probes = sorted(watch.probe_s)
-    serving = sorted(watch.serving_port_probe_s)
+    (probe_p50, probe_max), (serving_p50, serving_max) = (
+        _p50_max_ms(watch.probe_s), _p50_max_ms(watch.serving_port_probe_s))
     return Result(
-        attack=name, probes=len(probes),
-        probe_p50_ms=statistics.median(probes) * 1000 if probes else float("nan"),
-        probe_max_ms=probes[-1] * 1000 if probes else float("nan"),
-        probe_failures=dict(watch.probe_failures),
-        serving_port_probe_p50_ms=statistics.median(serving) * 1000 if serving else float("nan"),
-        serving_port_probe_max_ms=serving[-1] * 1000 if serving else float("nan"),
+        attack=name, probes=len(watch.probe_s), probe_p50_ms=probe_p50,
+        probe_max_ms=probe_max, probe_failures=dict(watch.probe_failures),
+        serving_port_probe_p50_ms=serving_p50, serving_port_probe_max_ms=serving_max,
         good=dict(watch.good),
         afterwards_ok=afterwards_ok,
         peak_rss_mib=max(watch.peak_rss - baseline_rss, 0) / MiB,
         attacker=seen_by_attacker, counted=counted, sigterm_code=code, sigterm_s=exit_s,
         scrape_max_ms=max(watch.scrape_s, default=0.0) * 1000)
+
+
+def _p50_max_ms(seconds: list[float]) -> tuple[float, float]:
+    if not seconds:
+        return float("nan"), float("nan")
+    return statistics.median(seconds) * 1000, max(seconds) * 1000
 
 
 def table(results: list[Result], scale: str) -> str:

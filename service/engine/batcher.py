@@ -186,20 +186,20 @@ class DynamicBatcher:
                 log.exception("model %s: batch of %d failed", self.name, len(inputs))
                 result = InferenceError(
                     f"model {self.name!r} failed on a batch of {len(inputs)}: {exc}")
-            loop.call_soon_threadsafe(self._finish, batch, (started, assembled, time.monotonic()),
+            loop.call_soon_threadsafe(self._finish, batch, started, assembled, time.monotonic(),
                                       result)
             selection = self._take()
             batch = selection.batch
             if selection.expired:
                 loop.call_soon_threadsafe(self._fail_expired, selection.expired)
 
-    def _finish(self, batch: list[_Request], times: tuple[float, float, float],
+    def _finish(self, batch: list[_Request], started: float, assembled: float, ended: float,
                 result: np.ndarray | InferenceError) -> None:
-        """On the loop: answer the batch's requests and record it. `times`: when its run
-        started, its input was assembled, and onnxruntime returned."""
-        started, assembled, ended = times
-        for request in batch:
-            self._queue_wait.observe(started - request.enqueued)
+        """On the loop: answer the batch's requests and record it (its run started, its
+        input was assembled, and onnxruntime returned at the times given)."""
+        waited = [started - request.enqueued for request in batch]
+        for seconds in waited:
+            self._queue_wait.observe(seconds)
         if isinstance(result, InferenceError):
             for request in batch:
                 if not request.future.done():
@@ -211,10 +211,10 @@ class DynamicBatcher:
         self._inferences.inc(size)
         self._executions.inc()
         offset, answered, splitting = 0, [], time.monotonic()
-        for request in batch:
+        for request, seconds in zip(batch, waited, strict=True):
             if not request.future.done():  # cancelled while computing: nobody to tell
                 request.future.set_result(result[offset:offset + request.rows])
-                answered.append(started - request.enqueued)
+                answered.append(seconds)
             offset += request.rows
         self._stats.record_batch(size, answered, assembled - started, ended - assembled,
                                  time.monotonic() - splitting)
