@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,17 @@ def test_the_probe_port_answers_health_and_the_oip_probes(server: ServerProcess)
     # The serving port knows the liveness name too.
     serving = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
     assert _check(serving, LIVENESS) == SERVING
+
+
+def test_held_connections_do_not_crowd_out_the_probes(server: ServerProcess) -> None:
+    held = [socket.create_connection(("127.0.0.1", server.probe_port), timeout=5)
+            for _ in range(300)]  # no handshake, ever
+    try:
+        health, _ = _probe_stubs(server)
+        assert _check(health) == SERVING
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def _probe_process(server: ServerProcess) -> psutil.Process:
