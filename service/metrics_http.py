@@ -27,7 +27,8 @@ from prometheus_client.exposition import choose_encoder
 from service.logs import Throttled
 
 log = logging.getLogger(__name__)
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 512
+"""Asyncio connections cost a few kilobytes each; past the cap the oldest waiting one goes."""
 HEAD_TIMEOUT_S = 5.0
 """A request's line and headers must arrive within this."""
 IDLE_TIMEOUT_S = 60.0
