@@ -48,6 +48,7 @@ PROBE_LIMIT_S = 0.1
 GRACE_S = 10.0
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 WATCH = "/grpc.health.v1.Health/Watch"
+BURST_CONNECTIONS = 10
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
@@ -202,6 +203,14 @@ def attack_unread_answers(port: int, scale: Scale, stop: Any) -> Counter[str]:
     return raw_h2(port, scale.streams, scale.connections, INFER, message, 0, stop, scale.seconds)
 
 
+def attack_stream_burst(port: int, scale: Scale, stop: Any) -> Counter[str]:
+    """Complete requests on every stream 10 connections may open (2,560), answers read,
+    again as each ends: more calls at once than gRPC core holds for Python by default."""
+    message = infer_request("lenet", (1, 1, 28, 28)).SerializeToString()
+    return raw_h2(port, BURST_CONNECTIONS * 256, BURST_CONNECTIONS, INFER, message, None, stop,
+                  scale.seconds)
+
+
 def attack_decode_cpu(port: int, scale: Scale, stop: Any) -> Counter[str]:
     """Images that are small to send and slow to decode, with 0.2 s deadlines."""
     webp = _image("WEBP", 4096, lossless=True)
@@ -284,6 +293,7 @@ ATTACKS: dict[str, Callable[[int, Scale, Any], Counter[str]]] = {
     "headers-only": attack_headers_only,
     "health-watch": attack_health_watch,
     "unread-answers": attack_unread_answers,
+    "stream-burst": attack_stream_burst,
     "decode-cpu": attack_decode_cpu,
     "gzip-expansion": attack_gzip_expansion,
     "big-images": attack_big_images,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.logs import ClientsGone
 from service.settings import ServiceSettings
 
 # CLI flag -> setting; flags left out fall back to CNNSERVE_* variables, the file, defaults.
@@ -65,6 +66,7 @@ def configure_logging(settings: ServiceSettings) -> None:
            '"pid": %(process)d, "message": "%(message)s"}' if settings.log_json
            else "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     logging.basicConfig(level=settings.log_level, format=fmt, stream=sys.stderr)
+    logging.getLogger("grpc._cython.cygrpc").addFilter(ClientsGone())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

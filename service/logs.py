@@ -24,3 +24,23 @@ class Throttled:
             message += f" (and {self._skipped} more in the last {self._interval:g}s)"
         self._log.log(level, message, *args, exc_info=exc_info)
         self._next, self._skipped = now + self._interval, 0
+
+
+class ClientsGone(logging.Filter):
+    """gRPC logs an ERROR with a traceback whenever an answer cannot be sent because its
+    client closed the connection first: the client's doing, and a flood of them is a
+    flood of tracebacks. This turns them into one INFO line per interval, with a count."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self._log = Throttled(logging.getLogger("service.frontends.grpc_edge"), interval_s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        self._log(logging.INFO, "an answer was not sent: its client had gone %s",
+                  message[len(self.PREFIX):].strip()[:200])
+        return False

@@ -109,6 +109,7 @@ class RunningServer:
 def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[str, int]]:
     """gRPC core's transport limits: what one connection may hold and how long."""
     ms = 1000
+    backlog = min(settings.max_connections * settings.max_streams_per_connection, 2**31 - 1)
     return [("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
@@ -127,6 +128,12 @@ def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[st
             # encoding (UNIMPLEMENTED) before it expands anything.
             ("grpc.compression_enabled_algorithms_bitset",
              0b111 if settings.compressed_requests else 0b001),
+            # Calls gRPC core holds until Python takes them: past 1,000 it sheds them at
+            # random (all past 3,000) with CANCELLED, which clients do not retry and which
+            # fell on well-behaved clients during stream floods. The stream limits above
+            # bound this backlog; Admission refuses from it with RESOURCE_EXHAUSTED.
+            ("grpc.server.max_pending_requests", backlog),
+            ("grpc.server.max_pending_requests_hard_limit", backlog),
             ("grpc.so_reuseport", int(reuse_port))]
 
 
