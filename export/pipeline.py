@@ -121,8 +121,8 @@ def _verify(proto: onnx.ModelProto, blob: bytes, precision: Precision, file: str
 def _serving_config(name: str, meta: ModelMetadata, max_batch_size: int) -> ModelConfig:
     return ModelConfig(
         name=name, max_batch_size=max_batch_size,
-        input=TensorSpec(name=INPUT_NAME, shape=meta.preprocessing.input_shape),
-        output=TensorSpec(name=OUTPUT_NAME, shape=(meta.num_classes,)),
+        inputs=(TensorSpec(name=INPUT_NAME, shape=meta.preprocessing.input_shape),),
+        outputs=(TensorSpec(name=OUTPUT_NAME, shape=(meta.num_classes,)),),
         labels=meta.class_names)
 
 
@@ -132,13 +132,14 @@ def _ensure_config(repo: Path, fresh: ModelConfig) -> None:
         write_config(repo, fresh)
         return
     current = read_config(repo, fresh.name)
-    if (current.input, current.output, current.labels) != (fresh.input, fresh.output,
-                                                           fresh.labels):
-        raise RepositoryError(
-            f"model {fresh.name!r} is configured for input {current.input.shape}, output "
-            f"{current.output.shape} and labels {list(current.labels)}; this checkpoint has "
-            f"{fresh.input.shape}, {fresh.output.shape} and {list(fresh.labels)}: export it "
-            "under a new --name")
+    if (current.inputs, current.outputs, current.labels) != (fresh.inputs, fresh.outputs,
+                                                             fresh.labels):
+        def shapes(config: ModelConfig) -> str:
+            return (f"inputs {[list(t.shape) for t in config.inputs]}, outputs "
+                    f"{[list(t.shape) for t in config.outputs]} and labels {list(config.labels)}")
+
+        raise RepositoryError(f"model {fresh.name!r} is configured for {shapes(current)}; this "
+                              f"checkpoint has {shapes(fresh)}: export it under a new --name")
 
 
 def find_published(checkpoint: Path, repo: Path) -> tuple[str, int] | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.repository import MODEL_FILE, list_models, list_versions, read_config, version_dir
+from contract.repository import MODEL_FILE, list_models, list_versions, serving_config, version_dir
 from loadtests.launch import ROOT, free_port, launched
 from loadtests.report import Reference, ScenarioResult, read_locust_stats, write_report
 from service.cli import parse_settings
@@ -117,15 +117,15 @@ def in_process(repo: Path, model: str, batch_size: int, settings: ServiceSetting
                seconds: float = 3.0) -> Reference:
     """onnxruntime's own throughput with the server's session options, no gRPC: as many
     sessions as the server's instances, each run back to back in its own thread."""
-    config = read_config(repo, model)
     path = version_dir(repo, model, max(list_versions(repo, model))) / MODEL_FILE
+    config = serving_config(repo, model, path)
     instances = resolve_policy(model, config, settings).instances
-    runners = [ModelRunner(path, settings, config.input.name, config.output.name)
-               for _ in range(instances)]
-    x = np.random.default_rng(0).standard_normal((batch_size, *config.input.shape)).astype(
-        np.float32)
+    runners = [ModelRunner(path, settings, config) for _ in range(instances)]
+    (spec,) = config.inputs
+    x = {spec.name: np.random.default_rng(0).standard_normal(
+        (batch_size, *spec.shape)).astype(np.float32)}
     for runner in runners:
-        runner.warmup([batch_size], config.input.shape)
+        runner.warmup([batch_size])
     started = time.perf_counter()
 
     def loop(runner: ModelRunner) -> int:

@@ -27,6 +27,7 @@ from service.engine.batcher import (
     QueueFullError,
 )
 from service.engine.models import ModelNotFoundError, ModelSet, ServedModel
+from service.engine.runtime import Tensors
 from service.metrics import Metrics
 from service.status import ServingError, Status, invalid
 
@@ -51,9 +52,10 @@ class InferRequest:
     model: str
     version: str
     rows: int
-    """Images the request declares, checked before `prepare` decodes any of them."""
-    prepare: Callable[[ServedModel, Call], np.ndarray]
-    """Payload -> the input batch for this model (raises ServingError if it does not fit),
+    """Rows (images) the request declares, checked against a batching model's limit
+    before `prepare` decodes any of them."""
+    prepare: Callable[[ServedModel, Call], Tensors]
+    """Payload -> the model's inputs by name (raises ServingError if they do not fit),
     charging the call for what it decodes. Called again for the new version if a hot
     reload swaps the model mid-request."""
     timeout_s: float | None = None
@@ -67,7 +69,8 @@ class InferRequest:
 class InferResult:
     model: ServedModel
     """The model that ran the request (after a hot reload, the new version)."""
-    outputs: np.ndarray
+    outputs: list[np.ndarray]
+    """In the order of the model's configured outputs."""
 
 
 @dataclass
@@ -100,10 +103,10 @@ class InferenceCore:
             while True:
                 self._check_rows(model, request.rows)
                 inputs = await self._prepare(request, model, call, deadline)
-                call.charge(inputs.nbytes, "the request's tensor")
+                call.charge(sum(a.nbytes for a in inputs.values()), "the request's tensors")
                 try:
                     outputs = await self._run(model, inputs, deadline)
-                    call.charge(outputs.nbytes, "the response")
+                    call.charge(sum(a.nbytes for a in outputs), "the response")
                     return InferResult(model, outputs)
                 except BatcherClosedError as exc:
                     # A hot reload retired this version after the request found it: the
@@ -127,7 +130,7 @@ class InferenceCore:
         return [self.model(name, version)] if name else list(self.models)
 
     async def _prepare(self, request: InferRequest, model: ServedModel, call: Call,
-                       deadline: float) -> np.ndarray:
+                       deadline: float) -> Tensors:
         if not request.offload:
             return request.prepare(model, call)
         stop = call.stop = call.stop or threading.Event()  # kept if a hot reload retries
@@ -154,6 +157,8 @@ class InferenceCore:
         return model
 
     def _check_rows(self, model: ServedModel, rows: int) -> None:
+        if not model.config.batched:
+            return  # its tensors' shapes are checked whole by `prepare`
         limit = min(model.max_batch_size, self.limits.max_images_per_request)
         if rows > limit:
             invalid(f"model {model.name!r} takes at most {limit} images per request (its "
@@ -161,7 +166,7 @@ class InferenceCore:
                     f"{self.limits.max_images_per_request}), got {rows}")
 
     @staticmethod
-    async def _run(model: ServedModel, inputs: np.ndarray, deadline: float) -> np.ndarray:
+    async def _run(model: ServedModel, inputs: Tensors, deadline: float) -> list[np.ndarray]:
         assert model.batcher is not None  # a ready model has one
         try:
             return await model.batcher.infer(inputs, deadline)

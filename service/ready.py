@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import re
 
-READY = re.compile(r"^(?P<program>\S+) ready on (?P<host>\S+):(?P<port>\d+)$")
+READY = re.compile(r"^(?P<program>\S+) (?:ready|listening) on (?P<host>\S+):(?P<port>\d+)"
+                   r"(?:, not ready: .*)?$")
+"""Either line: launchers want the port; whether it is ready is for its probes to say."""
 
 
-def ready_line(program: str, host: str, port: int) -> str:
+def ready_line(program: str, host: str, port: int, unready: str = "") -> str:
+    """`unready`: what keeps it from being ready (models that could not be served)."""
+    if unready:
+        return f"{program} listening on {host}:{port}, not ready: {unready}"
     return f"{program} ready on {host}:{port}"

@@ -37,6 +37,7 @@ from service.security import (
     warn_if_exposed,
 )
 from service.settings import ServiceSettings
+from service.status import bounded
 
 log = logging.getLogger(__name__)
 OIP_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -224,7 +225,9 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
              "mutual TLS" if settings.tls_client_ca_file else "TLS" if settings.tls
              else "plaintext", ", bearer tokens" if settings.auth else "",
              f", probes on {probe_server.port}" if probe_server else "", ", ".join(ready))
-    print(ready_line("cnnserve", settings.host, running.port), flush=True)
+    unready = "; ".join(f"model {m.name} ({bounded(m.reason, 200)})"
+                        for m in running.models if not m.ready)
+    print(ready_line("cnnserve", settings.host, running.port, unready), flush=True)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests (grace %.1fs)", settings.grace_period_s)
     await running.stop(settings.grace_period_s)

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.engine.batching import BatchPolicy, Selection, select_batch
-from service.engine.runtime import ModelRunner
+from service.engine.runtime import ModelRunner, Tensors
 from service.metrics import Metrics, ModelStats
+from service.status import bounded
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,10 @@ class InferenceError(BatcherError):
 
 @dataclass(eq=False)
 class _Request:
-    inputs: np.ndarray
+    inputs: Tensors
     rows: int
-    future: asyncio.Future[np.ndarray]
+    shapes: tuple[tuple[int, ...], ...]
+    future: asyncio.Future[list[np.ndarray]]
     enqueued: float
     deadline: float | None
 
@@ -94,8 +96,9 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    async def infer(self, inputs: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """Queue `inputs` (n, C, H, W) and wait for its n rows of output.
+    async def infer(self, inputs: Tensors, deadline: float | None = None) -> list[np.ndarray]:
+        """Queue `inputs` (each with n rows first, if the model batches) and wait for the
+        model's outputs for them, in its configured order.
 
         `deadline` is a `time.monotonic()` instant; a request still queued then is dropped.
         Cancelling the awaiting task removes the request before it reaches the model.
@@ -103,11 +106,14 @@ class DynamicBatcher:
         """
         if self._closing:
             raise BatcherClosedError(f"model {self.name!r} is shutting down")
-        rows = len(inputs)
-        if not 1 <= rows <= self.policy.max_batch_size:
-            raise ValueError(f"expected 1 to {self.policy.max_batch_size} images per request "
+        batched = self.policy.max_batch_size > 0
+        first = next(iter(inputs.values()))
+        rows = len(first) if batched else 1
+        if not 1 <= rows <= max(self.policy.max_batch_size, 1):
+            raise ValueError(f"expected 1 to {self.policy.max_batch_size} rows per request "
                              f"for model {self.name!r}, got {rows}")
-        request = _Request(inputs, rows, asyncio.get_running_loop().create_future(),
+        shapes = tuple(a.shape[1:] if batched else a.shape for a in inputs.values())
+        request = _Request(inputs, rows, shapes, asyncio.get_running_loop().create_future(),
                            time.monotonic(), deadline)
         with self._lock:
             if len(self._queue) >= self.policy.max_queue_size:
@@ -176,16 +182,17 @@ class DynamicBatcher:
         assert loop is not None, "start() first"
         while batch:
             started = time.monotonic()
-            inputs = batch[0].inputs if len(batch) == 1 else np.concatenate(
-                [r.inputs for r in batch])
+            inputs = batch[0].inputs if len(batch) == 1 else {
+                name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
             assembled = time.monotonic()
-            result: np.ndarray | InferenceError
+            result: list[np.ndarray] | InferenceError
             try:
                 result = runner.run(inputs)
             except Exception as exc:  # onnxruntime errors: fail this batch, keep serving
-                log.exception("model %s: batch of %d failed", self.name, len(inputs))
+                rows = sum(r.rows for r in batch)
+                log.exception("model %s: batch of %d failed", self.name, rows)
                 result = InferenceError(
-                    f"model {self.name!r} failed on a batch of {len(inputs)}: {exc}")
+                    f"model {self.name!r} failed on a batch of {rows}: {bounded(str(exc), 300)}")
             loop.call_soon_threadsafe(self._finish, batch, started, assembled, time.monotonic(),
                                       result)
             selection = self._take()
@@ -194,7 +201,7 @@ class DynamicBatcher:
                 loop.call_soon_threadsafe(self._fail_expired, selection.expired)
 
     def _finish(self, batch: list[_Request], started: float, assembled: float, ended: float,
-                result: np.ndarray | InferenceError) -> None:
+                result: list[np.ndarray] | InferenceError) -> None:
         """On the loop: answer the batch's requests and record it (its run started, its
         input was assembled, and onnxruntime returned at the times given)."""
         waited = [started - request.enqueued for request in batch]
@@ -205,15 +212,17 @@ class DynamicBatcher:
                 if not request.future.done():
                     request.future.set_exception(result)
             return
-        compute, size = ended - started, len(result)
+        compute, size = ended - started, sum(r.rows for r in batch)
         self._compute.observe(compute)
         self._batch_size.observe(size)
         self._inferences.inc(size)
         self._executions.inc()
         offset, answered, splitting = 0, [], time.monotonic()
+        whole = len(batch) == 1  # also every request of a model without a batch dimension
         for request, seconds in zip(batch, waited, strict=True):
             if not request.future.done():  # cancelled while computing: nobody to tell
-                request.future.set_result(result[offset:offset + request.rows])
+                request.future.set_result(result if whole else [
+                    output[offset:offset + request.rows] for output in result])
                 answered.append(seconds)
             offset += request.rows
         self._stats.record_batch(size, answered, assembled - started, ended - assembled,

@@ -19,7 +19,8 @@ from service.settings import ServiceSettings
 @dataclass(frozen=True)
 class BatchPolicy:
     max_batch_size: int
-    """Most rows (images) in one onnxruntime run; also the most one request may hold."""
+    """Most rows (images) in one onnxruntime run; also the most one request may hold. 0:
+    the model has no batch dimension, and each request runs alone."""
     max_queue_delay_s: float
     """How long the oldest queued request may wait for company before its batch runs."""
     preferred_batch_sizes: frozenset[int]
@@ -41,7 +42,7 @@ def _first_set(*values: T | None) -> T:
 def resolve_policy(name: str, config: ModelConfig, settings: ServiceSettings) -> BatchPolicy:
     """Per-model settings, then server-wide flags, then config.json, then server defaults."""
     over = settings.overrides(name)
-    max_batch = _first_set(over.max_batch_size, config.max_batch_size)
+    max_batch = _first_set(over.max_batch_size, config.max_batch_size) if config.batched else 0
     preferred = _first_set(over.preferred_batch_sizes, config.preferred_batch_sizes)
     return BatchPolicy(
         max_batch_size=max_batch,
@@ -62,6 +63,10 @@ class Queued(Protocol):
     def deadline(self) -> float | None: ...
     @property
     def cancelled(self) -> bool: ...
+    @property
+    def shapes(self) -> object:
+        """Requests batch together only if these are equal (their inputs' shapes past the
+        batch dimension; they differ only where a model takes dims of any size)."""
 
 
 Q = TypeVar("Q", bound=Queued)
@@ -84,10 +89,11 @@ def select_batch(queue: Iterable[Q], now: float, policy: BatchPolicy, drain: boo
                  ) -> Selection[Q]:
     """Decide what leaves the queue at `now`.
 
-    A batch is the longest run of requests from the head whose rows fit `max_batch_size`.
-    It leaves when it is full (or the next request would not fit), when it is a preferred
-    size and nothing else waits, when its head has waited `max_queue_delay_s`, or at once
-    when draining. Cancelled requests are dropped wherever they sit; expired ones removed.
+    A batch is the longest run of requests from the head whose rows fit `max_batch_size`
+    (1 for a model without a batch dimension) and whose shapes equal the head's. It leaves
+    when it is full (or the next request cannot join it), when it is a preferred size and
+    nothing else waits, when its head has waited `max_queue_delay_s`, or at once when
+    draining. Cancelled requests are dropped wherever they sit; expired ones removed.
     """
     alive: list[Q] = []
     expired: list[Q] = []
@@ -100,13 +106,13 @@ def select_batch(queue: Iterable[Q], now: float, policy: BatchPolicy, drain: boo
             alive.append(request)
     if not alive:
         return Selection([], expired, [], None)
-    taken, rows = 0, 0
+    taken, rows, limit, shapes = 0, 0, policy.max_batch_size or 1, alive[0].shapes
     for request in alive:
-        if rows + request.rows > policy.max_batch_size:
+        if rows + request.rows > limit or request.shapes != shapes:
             break
         taken, rows = taken + 1, rows + request.rows
     head = alive[0].enqueued
-    full = rows == policy.max_batch_size or taken < len(alive)
+    full = rows == limit or taken < len(alive)
     preferred = rows in policy.preferred_batch_sizes and taken == len(alive)
     if full or preferred or drain or now - head >= policy.max_queue_delay_s:
         return Selection(alive[:taken], expired, alive[taken:], None)

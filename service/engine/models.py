@@ -18,10 +18,11 @@ from contract.repository import (
     MODEL_FILE,
     ModelConfig,
     RepositoryError,
+    TensorSpec,
+    find_onnx_metadata,
     list_models,
     list_versions,
-    read_config,
-    read_onnx_metadata,
+    serving_config,
     version_dir,
 )
 from service.engine.batcher import DynamicBatcher
@@ -45,6 +46,7 @@ class ServedModel:
     config: ModelConfig
     policy: BatchPolicy
     metadata: OnnxModelMetadata | None = None
+    """What export embedded; None for ONNX models made elsewhere (no classifier API)."""
     batcher: DynamicBatcher | None = None
     provider: str = ""
     file: str = ""
@@ -106,44 +108,67 @@ class ModelSet:
 
 
 def _check_against_config(meta: OnnxModelMetadata, config: ModelConfig, path: Path) -> None:
-    expected = (config.input.shape, config.output.shape, config.labels)
-    found = (meta.model.preprocessing.input_shape, (meta.model.num_classes,),
+    shapes = ([t.shape for t in config.inputs], [t.shape for t in config.outputs])
+    expected = (shapes, config.labels)
+    found = (([meta.model.preprocessing.input_shape], [(meta.model.num_classes,)]),
              meta.model.class_names)
     if expected != found:
-        raise RepositoryError(f"{path}: model has input {found[0]}, {found[1][0]} classes; "
-                              f"config.json says input {expected[0]}, {expected[1][0]} classes")
+        raise RepositoryError(f"{path}: model has input {found[0][0][0]}, "
+                              f"{meta.model.num_classes} classes; config.json says inputs "
+                              f"{shapes[0]}, outputs {shapes[1]}, {len(config.labels)} labels")
+
+
+def _served_config(repo: Path, name: str, path: Path) -> tuple[ModelConfig,
+                                                                OnnxModelMetadata | None]:
+    """The model's configuration, and its export metadata if export made it."""
+    config = serving_config(repo, name, path)
+    bytes_tensors = [t.name for t in (*config.inputs, *config.outputs)
+                     if t.datatype == "BYTES"]
+    if bytes_tensors:
+        raise RepositoryError(f"{path}: tensors {bytes_tensors} are BYTES (strings), which "
+                              "this server does not serve")
+    meta = find_onnx_metadata(path)
+    if meta is not None:
+        _check_against_config(meta, config, path)
+    return config, meta
 
 
 def load_model(settings: ServiceSettings, name: str, executor: Executor,
                metrics: Metrics) -> ServedModel:
     repo = settings.repo
-    config = read_config(repo, name)
     version = max(list_versions(repo, name))
-    policy = resolve_policy(name, config, settings)
-    served = ServedModel(name, version, config, policy)
     folder = version_dir(repo, name, version)
     precision = settings.overrides(name).precision or settings.precision
     use_fp16 = (precision == "fp16" and wants_cuda(settings.device)
                 and (folder / FP16_MODEL_FILE).is_file())
     path = folder / (FP16_MODEL_FILE if use_fp16 else MODEL_FILE)
+    served = ServedModel(name, version, _FALLBACK_CONFIG.model_copy(update={"name": name}),
+                         resolve_policy(name, _FALLBACK_CONFIG, settings))
     try:
-        served.metadata = read_onnx_metadata(path)
-        _check_against_config(served.metadata, config, path)
-        runners = [ModelRunner(path, settings, config.input.name, config.output.name)
-                   for _ in range(policy.instances)]
+        config, served.metadata = _served_config(repo, name, path)
+        served.config = config
+        policy = served.policy = resolve_policy(name, config, settings)
+        runners = [ModelRunner(path, settings, config) for _ in range(policy.instances)]
         if settings.warmup:
             for runner in runners:
-                runner.warmup(list(range(1, policy.max_batch_size + 1)), config.input.shape)
+                runner.warmup(list(range(1, policy.max_batch_size + 1)))
     except Exception as exc:  # any failure leaves this model unready, not the server down
         served.reason = str(exc)
         log.error("model %s version %s not served: %s", name, version, exc)
         return served
     served.batcher = DynamicBatcher(name, runners, executor, policy, metrics, served.stats)
     served.provider, served.file = runners[0].provider, path.name
-    log.info("model %s version %s ready: %s on %s, %d instance(s), max batch %d, delay %dus",
-             name, version, path.name, served.provider, len(runners), policy.max_batch_size,
+    log.info("model %s version %s ready: %s on %s, %d instance(s), %s, delay %dus",
+             name, version, path.name, served.provider, len(runners),
+             f"max batch {policy.max_batch_size}" if config.batched else "no batching",
              round(policy.max_queue_delay_s * 1e6))
     return served
+
+
+_FALLBACK_CONFIG = ModelConfig(name="unserved", inputs=(TensorSpec(name="input", shape=(1,)),),
+                               outputs=(TensorSpec(name="output", shape=(1,)),))
+"""Stands for the configuration of a model that could not be read, so that it is listed
+(unready, with its reason) rather than missing."""
 
 
 def load_models(settings: ServiceSettings, executor: Executor, metrics: Metrics) -> ModelSet:

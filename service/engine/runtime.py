@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from contract.repository import NUMPY_DTYPES, ModelConfig
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,16 @@ def preload_cuda_libraries() -> None:
             log.debug("onnxruntime.preload_dlls() did not load: %s", exc)
 
 
-class ModelRunner:
-    """Runs float32 NCHW batches through one session; thread-safe (onnxruntime releases
-    the GIL inside `run`, so several runners compute in parallel)."""
+Tensors = dict[str, np.ndarray]
+"""Tensors by name: a request's or a batch's inputs."""
 
-    def __init__(self, path: Path, settings: ServiceSettings, input_name: str,
-                 output_name: str) -> None:
+
+class ModelRunner:
+    """Runs batches through one session; thread-safe (onnxruntime releases the GIL inside
+    `run`, so several runners compute in parallel). Outputs come back in the order of
+    `outputs`."""
+
+    def __init__(self, path: Path, settings: ServiceSettings, config: ModelConfig) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = settings.intra_op_threads
         opts.inter_op_num_threads = settings.inter_op_threads
@@ -79,27 +84,35 @@ class ModelRunner:
         self.provider = self.session.get_providers()[0]
         if settings.device == "cuda" and self.provider != CUDA:
             raise RuntimeError(f"{path}: asked for CUDA, onnxruntime applied {self.provider}")
-        self.input_name, self.output_name = input_name, output_name
+        self.config = config
+        self.output_names = [t.name for t in config.outputs]
         self.path = path
 
     @property
     def on_gpu(self) -> bool:
         return self.provider == CUDA
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, inputs: Tensors) -> list[np.ndarray]:
         if not self.on_gpu:
-            out: np.ndarray = self.session.run([self.output_name], {self.input_name: batch})[0]
+            out: list[np.ndarray] = self.session.run(self.output_names, inputs)
             return out
-        # IOBinding: the batch is copied to the device once and the logits land directly in
-        # host memory that onnxruntime allocates, with no per-run name lookups or staging.
+        # IOBinding: each input is copied to the device once and the outputs land directly
+        # in host memory that onnxruntime allocates, with no per-run name lookups or staging.
         binding = self.session.io_binding()
-        binding.bind_cpu_input(self.input_name, batch)
-        binding.bind_output(self.output_name, "cpu")
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        result: np.ndarray = binding.get_outputs()[0].numpy()
-        return result
+        return [value.numpy() for value in binding.get_outputs()]
 
-    def warmup(self, batch_sizes: list[int], image_shape: tuple[int, ...]) -> None:
-        """Run each batch size once so no request pays for allocation or cuDNN tuning."""
-        for size in batch_sizes:
-            self.run(np.zeros((size, *image_shape), dtype=np.float32))
+    def warmup(self, batch_sizes: list[int]) -> None:
+        """Run each batch size once so no request pays for allocation or cuDNN tuning.
+        Inputs with a dimension of any size are left to the first request."""
+        specs = self.config.inputs
+        if any(-1 in t.shape for t in specs):
+            return
+        for size in batch_sizes if self.config.batched else [0]:
+            lead = (size,) if self.config.batched else ()
+            self.run({t.name: np.zeros((*lead, *t.shape), NUMPY_DTYPES[t.datatype])
+                      for t in specs})

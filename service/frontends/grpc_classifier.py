@@ -14,6 +14,7 @@ from protos import classifier_pb2_grpc as pb_grpc
 from service.admission import Call
 from service.core import InferenceCore, InferRequest, ServingError, Status, invalid
 from service.engine.models import ServedModel
+from service.engine.runtime import Tensors
 from service.frontends.images import Header, ImageError, decode, open_header
 
 
@@ -25,7 +26,7 @@ class DecodeLimits:
 
 
 def _tensor(image: pb.Tensor, index: int, model: ServedModel) -> np.ndarray:
-    expected = model.config.input.shape
+    expected = model.config.inputs[0].shape
     if tuple(image.shape) != expected:
         invalid(f"image {index}: tensor shape must be {list(expected)}, got {list(image.shape)}")
     if len(image.data) != int(np.prod(expected)):
@@ -38,15 +39,19 @@ def _tensor(image: pb.Tensor, index: int, model: ServedModel) -> np.ndarray:
 
 
 def _inputs(request: pb.PredictRequest, limits: DecodeLimits, model: ServedModel, call: Call
-            ) -> np.ndarray:
+            ) -> Tensors:
     """Every image of the request as one float32 NCHW batch, in request order.
 
     Runs in the decode pool. Every header is read and the whole request costed before
     any pixel is decoded; between images it stops if the caller has gone.
     """
+    if model.metadata is None:
+        raise ServingError(Status.FAILED_PRECONDITION,
+                           f"model {model.name!r} was not exported by this project: it has no "
+                           "labels or preprocessing to classify images with; call it through "
+                           "the inference protocol (ModelInfer)")
     if not request.images:
         invalid("the request holds no images")
-    assert model.metadata is not None
     prep = model.metadata.model.preprocessing
     sources: list[Header | np.ndarray] = []
     for i, image in enumerate(request.images):
@@ -79,7 +84,7 @@ def _inputs(request: pb.PredictRequest, limits: DecodeLimits, model: ServedModel
                 invalid(f"image {i}: {exc}")
         else:
             rows.append(source)
-    return np.stack(rows)
+    return {model.config.inputs[0].name: np.stack(rows)}
 
 
 def _classifications(logits: np.ndarray, labels: tuple[str, ...], top_k: int
@@ -108,16 +113,19 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         labels = result.model.config.labels
         top_k = min(max(request.top_k, 1), len(labels))
         return pb.PredictResponse(model=result.model.name, version=str(result.model.version),
-                                  classifications=_classifications(result.outputs, labels, top_k))
+                                  classifications=_classifications(result.outputs[0], labels,
+                                                                   top_k))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:
         infos = []
         for model in self.core.models:
+            if model.ready and model.metadata is None:
+                continue  # not a classifier
             prep = model.metadata.model.preprocessing if model.metadata else None
             infos.append(pb.ModelInfo(
                 name=model.name, version=str(model.version), labels=model.config.labels,
-                input_shape=model.config.input.shape, mean=prep.mean if prep else (),
+                input_shape=model.config.inputs[0].shape, mean=prep.mean if prep else (),
                 std=prep.std if prep else (), max_batch_size=model.max_batch_size,
                 provider=model.provider, ready=model.ready))
         return pb.ListModelsResponse(models=infos)

@@ -8,91 +8,155 @@ tritonclient decodes outputs only from `raw_output_contents`.
 from __future__ import annotations
 
 import functools
+import math
 
 import grpc
 import numpy as np
 
+from contract.repository import NUMPY_DTYPES, TensorSpec
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 from service.admission import Call
 from service.core import InferenceCore, InferRequest, invalid
 from service.engine.models import ServedModel
+from service.engine.runtime import Tensors
 from service.metrics import Duration
+from service.status import shown
 
-_DATA_TYPES = {"FP32": mc.TYPE_FP32, "FP16": mc.TYPE_FP16}
-"""The Open Inference Protocol's datatype names as Triton's configuration enumerates them."""
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ("model_configuration", "statistics")
 """Triton's protocol extensions this server implements whole (RepositoryIndex is served,
 but model_repository also means load and unload, which it does not have yet)."""
+_TYPED_FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+                 "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+                 "UINT16": "uint_contents", "UINT32": "uint_contents",
+                 "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
+"""Where `InferTensorContents` holds each datatype (FP16 travels raw only)."""
+_CONTENTS_DTYPES: dict[str, type] = {
+    "bool_contents": np.bool_, "int64_contents": np.int64, "uint64_contents": np.uint64,
+    "fp32_contents": np.float32, "fp64_contents": np.float64}
+"""The numpy type each field's values fit whole; the 32-bit fields are read as int64 and
+range-checked against the narrower datatype."""
 
 
 def _declared_rows(request: pb.ModelInferRequest) -> int:
-    """The batch dimension the request declares; 0 when its inputs are malformed (then
-    `_inputs` says how)."""
-    shape = request.inputs[0].shape if len(request.inputs) == 1 else ()
+    """The batch dimension the request declares (its first input's first dim); 0 when
+    there is none (then `_inputs` says what is wrong)."""
+    shape = request.inputs[0].shape if request.inputs else ()
     return shape[0] if shape else 0
 
 
-def _inputs(request: pb.ModelInferRequest, model: ServedModel, call: Call) -> np.ndarray:
-    """The request checked against `model`: its input batch, or INVALID_ARGUMENT."""
-    inputs = _input(request, model)
+def _inputs(request: pb.ModelInferRequest, model: ServedModel, call: Call) -> Tensors:
+    """The request checked against `model`: its inputs by name, or INVALID_ARGUMENT."""
+    config = model.config
+    given = [t.name for t in request.inputs]
+    if sorted(given) != sorted(t.name for t in config.inputs):
+        invalid(f"model {model.name!r} takes inputs {[t.name for t in config.inputs]}, got "
+                f"[{', '.join(shown(n, 64) for n in given[:16])}]")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        invalid(f"expected {len(request.inputs)} raw_input_contents entries (one per input), "
+                f"got {len(raw)}")
+    specs = {t.name: t for t in config.inputs}
+    tensors: Tensors = {}
+    rows: set[int] = set()
+    for i, tensor in enumerate(request.inputs):
+        spec = specs[tensor.name]
+        shape = _checked_shape(tensor, spec, config.batched)
+        if config.batched:
+            rows.add(shape[0])
+        if raw and tensor.HasField("contents"):
+            invalid("send input data either in raw_input_contents or in contents, not both")
+        tensors[spec.name] = (_from_raw(raw[i], spec, shape) if raw
+                              else _from_contents(tensor, spec, shape))
+    if len(rows) > 1:
+        invalid(f"every input's first (batch) dimension must be the same, got {sorted(rows)}")
     _check_outputs(request, model)
-    return inputs
+    return {t.name: tensors[t.name] for t in config.inputs}
 
 
-def _input(request: pb.ModelInferRequest, model: ServedModel) -> np.ndarray:
-    """The request's single FP32 input as an (n, C, H, W) array, or INVALID_ARGUMENT."""
-    spec = model.config.input
-    if len(request.inputs) != 1 or request.inputs[0].name != spec.name:
-        invalid(f"model {model.name!r} takes exactly one input named {spec.name!r}, got "
-                f"{[i.name for i in request.inputs]}")
-    tensor = request.inputs[0]
+def _checked_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec,
+                   batched: bool) -> tuple[int, ...]:
     if tensor.datatype != spec.datatype:
         invalid(f"input {spec.name!r} must have datatype {spec.datatype}, got "
-                f"{tensor.datatype!r}")
+                f"{shown(tensor.datatype, 16)}")
     shape = tuple(tensor.shape)
-    if len(shape) != 1 + len(spec.shape) or shape[1:] != spec.shape or shape[0] < 1:
-        invalid(f"input {spec.name!r} must have shape [N, {', '.join(map(str, spec.shape))}] "
-                f"with N >= 1, got {list(shape)}")
-    count = int(np.prod(shape))
-    typed = tensor.HasField("contents")
-    if request.raw_input_contents:
-        if typed:
-            invalid("send input data either in raw_input_contents or in contents, not both")
-        if len(request.raw_input_contents) != 1:
-            invalid(f"expected 1 raw_input_contents entry (one per input), got "
-                    f"{len(request.raw_input_contents)}")
-        raw = request.raw_input_contents[0]
-        if len(raw) != count * 4:
-            invalid(f"input {spec.name!r} of shape {list(shape)} needs {count * 4} bytes of "
-                    f"little-endian FP32, got {len(raw)}")
-        return np.frombuffer(raw, dtype="<f4").reshape(shape)
-    if not typed:
-        invalid(f"input {spec.name!r} carries no data: fill raw_input_contents or "
-                "contents.fp32_contents")
-    values = tensor.contents.fp32_contents
-    others = [f.name for f, _ in tensor.contents.ListFields() if f.name != "fp32_contents"]
+    expected = ((-1,) if batched else ()) + spec.shape
+    fits = len(shape) == len(expected) and all(
+        d >= 1 and (e == -1 or d == e) for d, e in zip(shape, expected, strict=True))
+    if not fits:
+        wanted = ", ".join("N" if (batched and i == 0) else ("*" if e == -1 else str(e))
+                           for i, e in enumerate(expected))
+        invalid(f"input {spec.name!r} must have shape [{wanted}] (each dim >= 1), got "
+                f"{list(shape[:16])}")
+    return shape
+
+
+def _from_raw(raw: bytes, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
+    dtype = np.dtype(NUMPY_DTYPES[spec.datatype])
+    needed = math.prod(shape) * dtype.itemsize
+    if len(raw) != needed:
+        invalid(f"input {spec.name!r} of shape {list(shape)} needs {needed} bytes of "
+                f"little-endian {spec.datatype}, got {len(raw)}")
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if spec.datatype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
+        invalid(f"input {spec.name!r} is BOOL: each byte must be 0 or 1")
+    return array
+
+
+def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec,
+                   shape: tuple[int, ...]) -> np.ndarray:
+    field = _TYPED_FIELDS.get(spec.datatype)
+    if not tensor.HasField("contents"):
+        invalid(f"input {spec.name!r} carries no data: fill raw_input_contents"
+                + (f" or contents.{field}" if field else ""))
+    if field is None:
+        invalid(f"{spec.datatype} input {spec.name!r} travels in raw_input_contents only")
+    others = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
     if others:
-        invalid(f"FP32 input data goes in contents.fp32_contents, got {others}")
+        invalid(f"{spec.datatype} input data goes in contents.{field}, got {others}")
+    values = getattr(tensor.contents, field)
+    count = math.prod(shape)
     if len(values) != count:
-        invalid(f"input {spec.name!r} of shape {list(shape)} needs {count} fp32_contents "
-                f"values, got {len(values)}")
-    return np.asarray(values, dtype=np.float32).reshape(shape)
+        invalid(f"input {spec.name!r} of shape {list(shape)} needs {count} {field} values, "
+                f"got {len(values)}")
+    dtype = np.dtype(NUMPY_DTYPES[spec.datatype])
+    array: np.ndarray = np.asarray(values, dtype=_CONTENTS_DTYPES.get(field, np.int64))
+    if dtype.kind in "iu" and dtype != array.dtype and array.size:
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            invalid(f"input {spec.name!r}: values must lie in {info.min}..{info.max} for "
+                    f"{spec.datatype}")
+    return array.astype(dtype).reshape(shape)
 
 
 def _check_outputs(request: pb.ModelInferRequest, model: ServedModel) -> None:
+    names = {t.name for t in model.config.outputs}
     wanted = [o.name for o in request.outputs]
-    if any(name != model.config.output.name for name in wanted):
-        invalid(f"model {model.name!r} has one output, {model.config.output.name!r}; "
-                f"requested {wanted}")
+    if any(name not in names for name in wanted) or len(set(wanted)) != len(wanted):
+        invalid(f"model {model.name!r} has outputs {[t.name for t in model.config.outputs]}; "
+                f"requested [{', '.join(shown(n, 64) for n in wanted[:16])}]")
     for output in request.outputs:
         if "classification" in output.parameters:
             invalid("the classification extension is not supported; use the "
                     "cnnserve.v1.Classifier API for labels and probabilities")
+
+
+def _shape(spec: TensorSpec, batched: bool) -> list[int]:
+    """A tensor's shape as the protocol's metadata shows it: -1 for the batch dimension."""
+    return [-1, *spec.shape] if batched else list(spec.shape)
+
+
+def _raw(array: np.ndarray, spec: TensorSpec) -> bytes:
+    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[spec.datatype]).tobytes()
+
+
+def _data_type(spec: TensorSpec) -> str:
+    """Triton's configuration enum for a protocol datatype (BYTES is TYPE_STRING)."""
+    return "TYPE_STRING" if spec.datatype == "BYTES" else f"TYPE_{spec.datatype}"
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
@@ -126,13 +190,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         model = self.core.model(request.name, request.version)
-        spec_in, spec_out = model.config.input, model.config.output
+        config, meta = model.config, pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name, versions=[str(model.version)], platform=PLATFORM,
-            inputs=[pb.ModelMetadataResponse.TensorMetadata(
-                name=spec_in.name, datatype=spec_in.datatype, shape=[-1, *spec_in.shape])],
-            outputs=[pb.ModelMetadataResponse.TensorMetadata(
-                name=spec_out.name, datatype=spec_out.datatype, shape=[-1, *spec_out.shape])])
+            inputs=[meta(name=t.name, datatype=t.datatype, shape=_shape(t, config.batched))
+                    for t in config.inputs],
+            outputs=[meta(name=t.name, datatype=t.datatype, shape=_shape(t, config.batched))
+                     for t in config.outputs])
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInferResponse:
@@ -140,33 +204,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             api="oip", model=request.model_name, version=request.model_version,
             rows=_declared_rows(request), prepare=functools.partial(_inputs, request),
             timeout_s=context.time_remaining()))
-        model, logits = result.model, result.outputs
+        model = result.model
+        wanted = {o.name for o in request.outputs}
+        chosen = [(spec, array) for spec, array in zip(model.config.outputs, result.outputs,
+                                                       strict=True)
+                  if not wanted or spec.name in wanted]
         return pb.ModelInferResponse(
             model_name=model.name, model_version=str(model.version), id=request.id,
             outputs=[pb.ModelInferResponse.InferOutputTensor(
-                name=model.config.output.name, datatype="FP32", shape=list(logits.shape))],
-            raw_output_contents=[np.ascontiguousarray(logits, dtype="<f4").tobytes()])
+                name=spec.name, datatype=spec.datatype, shape=list(array.shape))
+                for spec, array in chosen],
+            raw_output_contents=[_raw(array, spec) for spec, array in chosen])
 
     async def ModelConfig(self, request: pb.ModelConfigRequest,
                           context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
         """Triton's configuration of the model, as perf_analyzer and Model Analyzer read it:
         dims leave out the batch dimension, as in Triton's config.pbtxt."""
         model = self.core.model(request.name, request.version)
-        spec_in, spec_out, policy = model.config.input, model.config.output, model.policy
+        config, policy = model.config, model.policy
         on_gpu = model.provider == "CUDAExecutionProvider"
+        image = mc.ModelInput.FORMAT_NCHW if model.metadata else mc.ModelInput.FORMAT_NONE
+        batching = mc.ModelDynamicBatching(
+            preferred_batch_size=sorted(policy.preferred_batch_sizes),
+            max_queue_delay_microseconds=round(policy.max_queue_delay_s * 1e6))
         return pb.ModelConfigResponse(config=mc.ModelConfig(
             name=model.name, platform=PLATFORM, backend="onnxruntime",
             version_policy=mc.ModelVersionPolicy(
                 latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
             max_batch_size=policy.max_batch_size,
-            input=[mc.ModelInput(name=spec_in.name, data_type=_DATA_TYPES[spec_in.datatype],
-                                 format=mc.ModelInput.FORMAT_NCHW, dims=list(spec_in.shape))],
-            output=[mc.ModelOutput(name=spec_out.name,
-                                   data_type=_DATA_TYPES[spec_out.datatype],
-                                   dims=list(spec_out.shape))],
-            dynamic_batching=mc.ModelDynamicBatching(
-                preferred_batch_size=sorted(policy.preferred_batch_sizes),
-                max_queue_delay_microseconds=round(policy.max_queue_delay_s * 1e6)),
+            input=[mc.ModelInput(name=t.name, data_type=_data_type(t), format=image,
+                                 dims=list(t.shape)) for t in config.inputs],
+            output=[mc.ModelOutput(name=t.name, data_type=_data_type(t), dims=list(t.shape))
+                    for t in config.outputs],
+            dynamic_batching=batching if config.batched else None,
             instance_group=[mc.ModelInstanceGroup(
                 name=f"{model.name}_0", count=policy.instances,
                 kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU,

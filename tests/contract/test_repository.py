@@ -5,12 +5,14 @@ from pathlib import Path
 import pytest
 
 from contract.repository import (
+    CONFIG_FILE,
     MODEL_FILE,
     RepositoryError,
     check_model_name,
     list_versions,
     publish_version,
     read_onnx_metadata,
+    serving_config,
 )
 
 
@@ -74,3 +76,35 @@ def test_metadata_loader_never_imports_torch(trained_run: Path, tmp_path: Path) 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[2]).stdout.split()
     assert out[0] == "lenet" and out[-1] == "False"
+
+
+def test_a_plain_onnx_models_config_comes_from_its_graph_and_config_json(tmp_path: Path) -> None:
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    def save(first: int | str) -> Path:
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.INT8, [first, "w", 3])],
+            [helper.make_tensor_value_info("y", TensorProto.INT8, [first, "w", 3])])
+        path = tmp_path / "m" / "1" / MODEL_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(helper.make_model(graph), str(path))
+        return path
+
+    dynamic = save("n")
+    config = serving_config(tmp_path, "m", dynamic)
+    assert (config.max_batch_size, config.inputs[0].shape, config.inputs[0].datatype) == (
+        32, (-1, 3), "INT8")
+    (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps({"max_batch_size": 0}))
+    config = serving_config(tmp_path, "m", dynamic)
+    assert (config.max_batch_size, config.inputs[0].shape, config.preferred_batch_sizes) == (
+        0, (-1, -1, 3), ())
+    fixed = save(1)
+    (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps({"max_batch_size": 4}))
+    with pytest.raises(RepositoryError, match="-1 first is the batch dimension"):
+        serving_config(tmp_path, "m", fixed)
+    (tmp_path / "m" / CONFIG_FILE).unlink()
+    assert serving_config(tmp_path, "m", fixed).max_batch_size == 0

@@ -78,8 +78,9 @@ def test_dynamic_batch_and_fp32_io_in_both_variants(repo: Path) -> None:
 
 def test_config_describes_the_served_tensors(repo: Path) -> None:
     config = read_config(repo, "alexnet")
-    assert config.input.name == "input" and config.input.shape == (1, 64, 64)
-    assert config.output.name == "logits" and config.output.shape == (10,)
+    (tensor_in,), (tensor_out,) = config.inputs, config.outputs
+    assert tensor_in.name == "input" and tensor_in.shape == (1, 64, 64)
+    assert tensor_out.name == "logits" and tensor_out.shape == (10,)
     assert config.labels == tuple("0123456789")
     assert list_models(repo) == sorted(TINY_CONFIGS)
 
@@ -130,7 +131,7 @@ def test_cli_refuses_an_existing_version_and_a_bad_name(trained_run: Path, tmp_p
 
 def test_new_version_with_other_classes_is_refused(trained_run: Path, tmp_path: Path) -> None:
     export_checkpoint(trained_run / "lenet" / "checkpoint.pt", tmp_path, name="digits")
-    with pytest.raises(RepositoryError, match=r"configured for input \(1, 28, 28\).*"
-                                              r"this checkpoint has \(1, 32, 32\)"):
+    with pytest.raises(RepositoryError, match=r"configured for inputs \[\[1, 28, 28\]\].*"
+                                              r"this checkpoint has inputs \[\[1, 32, 32\]\]"):
         export_checkpoint(trained_run / "vgg11_bn" / "checkpoint.pt", tmp_path, name="digits")
     assert list_versions(tmp_path, "digits") == [1]

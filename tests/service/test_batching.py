@@ -15,10 +15,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from contract.repository import MODEL_FILE, list_versions, read_config, version_dir
+from contract.repository import MODEL_FILE, list_versions, serving_config, version_dir
 from service.engine.batcher import DynamicBatcher
 from service.engine.batching import BatchPolicy
-from service.engine.runtime import ModelRunner
+from service.engine.runtime import ModelRunner, Tensors
 from service.metrics import Metrics, ModelStats
 from service.settings import ServiceSettings
 from tests.servers import ServerProcess, start_server
@@ -144,33 +144,34 @@ class _GatedRunner(ModelRunner):
         self.started = [threading.Event(), threading.Event()]
         self.calls = 0
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, inputs: Tensors) -> list[np.ndarray]:
         self.calls += 1
         self.started[min(self.calls, 2) - 1].set()
         if self.calls == 1:
             assert self.loop_blocked.wait(10), "the test never blocked its loop"
-        return super().run(batch)
+        return super().run(inputs)
 
 
 def test_a_ready_batch_runs_without_waiting_for_the_event_loop(served_repo: Path) -> None:
     """A busy model goes straight to its next full batch, even while the loop is stalled
     (by a burst of gRPC work, say): the compute thread takes the batch itself."""
-    config = read_config(served_repo, "lenet")
     path = version_dir(served_repo, "lenet", max(list_versions(served_repo, "lenet"))) / MODEL_FILE
+    config = serving_config(served_repo, "lenet", path)
     loop_blocked = threading.Event()
-    runner = _GatedRunner(path, ServiceSettings(repo=served_repo), config.input.name,
-                          config.output.name, loop_blocked=loop_blocked)
+    runner = _GatedRunner(path, ServiceSettings(repo=served_repo), config,
+                          loop_blocked=loop_blocked)
     metrics = Metrics(CollectorRegistry())
     images = np.random.default_rng(0).standard_normal((2, 4, 1, 28, 28)).astype(np.float32)
 
-    async def scenario() -> tuple[bool, list[np.ndarray]]:
+    async def scenario() -> tuple[bool, list[list[np.ndarray]]]:
         with ThreadPoolExecutor(2) as executor:
             policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=10.0,
                                  preferred_batch_sizes=frozenset(), max_queue_size=8, instances=1)
             batcher = DynamicBatcher("lenet", [runner], executor, policy, metrics=metrics,
                                      stats=ModelStats())
             batcher.start()
-            calls = [asyncio.create_task(batcher.infer(x)) for x in images]  # two full batches
+            calls = [asyncio.create_task(batcher.infer({"input": x}))
+                     for x in images]  # two full batches
             loop = asyncio.get_running_loop()
             assert await loop.run_in_executor(None, runner.started[0].wait, 10)
             loop_blocked.set()
@@ -181,5 +182,6 @@ def test_a_ready_batch_runs_without_waiting_for_the_event_loop(served_repo: Path
 
     second_ran_while_blocked, answers = asyncio.run(scenario())
     assert second_ran_while_blocked
-    assert [a.shape for a in answers] == [(4, 10), (4, 10)]
-    np.testing.assert_allclose(answers[1], ModelRunner.run(runner, images[1]), atol=1e-6)
+    assert [a[0].shape for a in answers] == [(4, 10), (4, 10)]
+    np.testing.assert_allclose(answers[1][0], ModelRunner.run(runner, {"input": images[1]})[0],
+                               atol=1e-6)

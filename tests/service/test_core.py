@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from service.admission import Call
 from service.core import InferenceCore, InferRequest, RequestLimits, ServingError, Status
 from service.engine.models import ModelSet, ServedModel, load_model
+from service.engine.runtime import Tensors
 from service.metrics import Metrics
 from service.settings import ServiceSettings
 
@@ -40,11 +41,12 @@ def test_a_request_a_hot_reload_redirects_is_checked_against_the_version_that_ru
     decoding, swapped = threading.Event(), threading.Event()
     prepared_for: list[ServedModel] = []
 
-    def prepare(model: ServedModel, call: Call) -> np.ndarray:
+    def prepare(model: ServedModel, call: Call) -> Tensors:
         prepared_for.append(model)
         decoding.set()
         assert swapped.wait(10), "the test never swapped the model"
-        return np.zeros((rows, *model.config.input.shape), np.float32)
+        (spec,) = model.config.inputs
+        return {spec.name: np.zeros((rows, *spec.shape), np.float32)}
 
     async def scenario() -> tuple[ServedModel, ServedModel, InferenceCore,
                                   Status | np.ndarray, ServedModel | None]:
@@ -63,7 +65,7 @@ def test_a_request_a_hot_reload_redirects_is_checked_against_the_version_that_ru
             swapped.set()
             try:
                 result = await call
-                answer: Status | np.ndarray = result.outputs
+                answer: Status | np.ndarray = result.outputs[0]
                 ran_on: ServedModel | None = result.model
             except ServingError as exc:
                 answer, ran_on = exc.status, None

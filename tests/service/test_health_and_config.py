@@ -83,7 +83,7 @@ def test_a_broken_model_is_unready_while_the_others_serve(
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # truncated file
     config = repo / "vgg11_bn" / "config.json"  # a config that contradicts its model
     fields = json.loads(config.read_text())
-    fields["input"]["shape"] = [1, 28, 28]
+    fields["inputs"][0]["shape"] = [1, 28, 28]
     config.write_text(json.dumps(fields))
     server = server_factory(repo)
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
@@ -97,7 +97,7 @@ def test_a_broken_model_is_unready_while_the_others_serve(
     assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING  # not every model ready
     log = "".join(server.lines)
     assert "model alexnet version 1 not served" in log
-    assert "config.json says input (1, 28, 28)" in log
+    assert "config says FP32 [-1, 1, 28, 28]" in log
 
 
 def test_generated_stubs_are_up_to_date() -> None:

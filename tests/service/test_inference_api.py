@@ -69,7 +69,7 @@ def test_model_config_through_tritonclient_is_the_served_configuration(
         assert config.max_batch_size == declared["max_batch_size"]
         (tensor_in,), (tensor_out,) = config.input, config.output
         assert (tensor_in.name, list(tensor_in.dims)) == ("input", list(shape))  # no batch
-        assert (tensor_out.name, list(tensor_out.dims)) == (declared["output"]["name"], [10])
+        assert (tensor_out.name, list(tensor_out.dims)) == (declared["outputs"][0]["name"], [10])
         assert tensor_in.data_type == tensor_out.data_type == 11  # TYPE_FP32
         assert list(config.dynamic_batching.preferred_batch_size) == sorted(
             declared["preferred_batch_sizes"])
@@ -124,14 +124,15 @@ def raw_request(model: str = "lenet", shape: tuple[int, ...] = (1, 1, 28, 28),
     (raw_request(model="resnet"), grpc.StatusCode.NOT_FOUND, "unknown model 'resnet'"),
     (raw_request(version="9"), grpc.StatusCode.NOT_FOUND, "no served version '9'"),
     (raw_request(shape=(1, 1, 27, 28)), grpc.StatusCode.INVALID_ARGUMENT,
-     r"shape \[N, 1, 28, 28\] with N >= 1, got \[1, 1, 27, 28\]"),
-    (raw_request(shape=(0, 1, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT, "N >= 1"),
+     r"shape \[N, 1, 28, 28\] \(each dim >= 1\), got \[1, 1, 27, 28\]"),
+    (raw_request(shape=(0, 1, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT,
+     r"\(each dim >= 1\), got \[0, 1, 28, 28\]"),
     (raw_request(datatype="INT64"), grpc.StatusCode.INVALID_ARGUMENT,
      "datatype FP32, got 'INT64'"),
     (raw_request(data=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT,
      "needs 3136 bytes of little-endian FP32, got 100"),
     (raw_request(name="images"), grpc.StatusCode.INVALID_ARGUMENT,
-     r"exactly one input named 'input', got \['images'\]"),
+     r"takes inputs \['input'\], got \['images'\]"),
     (raw_request(shape=(33, 1, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT,
      "at most 32 images per request"),
     (raw_request(shape=(2**62, 1, 28, 28), data=b""), grpc.StatusCode.INVALID_ARGUMENT,

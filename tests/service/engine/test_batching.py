@@ -21,6 +21,7 @@ class Q:
     enqueued: float = 0.0
     deadline: float | None = None
     cancelled: bool = False
+    shapes: tuple[int, ...] = (1, 28, 28)
 
 
 def names(requests: list[Q]) -> list[str]:
@@ -53,6 +54,8 @@ CASES = [
     ("cancelled requests leave room: the rest is a preferred size",
      [Q("a"), Q("x", cancelled=True), Q("b"), Q("c"), Q("d")], 0.0, False, list("abcd"), [],
      [], None),
+    ("a request of other shapes does not join the head's batch, which leaves at once",
+     [Q("a"), Q("b", shapes=(1, 28, 27)), Q("c")], 0.0, False, ["a"], [], ["b", "c"], None),
     ("draining runs what is queued without waiting",
      [Q("a")], 0.0, True, ["a"], [], [], None),
 ]
@@ -70,8 +73,9 @@ def test_select_batch(queue: list[Q], now: float, drain: bool, batch: list[str],
 
 
 CONFIG = ModelConfig(name="lenet", max_batch_size=32, preferred_batch_sizes=(8, 16, 32),
-                     max_queue_delay_us=2000, input=TensorSpec(name="input", shape=(1, 28, 28)),
-                     output=TensorSpec(name="logits", shape=(2,)), labels=("a", "b"))
+                     max_queue_delay_us=2000,
+                     inputs=(TensorSpec(name="input", shape=(1, 28, 28)),),
+                     outputs=(TensorSpec(name="logits", shape=(2,)),), labels=("a", "b"))
 
 
 def test_the_policy_comes_from_config_json_and_server_defaults() -> None:
