@@ -78,6 +78,10 @@ class Call:
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
 
+    @property
+    def admission(self) -> Admission | None:
+        return self._admission
+
 
 CURRENT_CALL: ContextVar[Call | None] = ContextVar("cnnserve_call", default=None)
 """The call the running task serves, set by the edge: the core charges and labels it."""

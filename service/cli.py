@@ -32,6 +32,10 @@ _FLAGS: dict[str, dict[str, object]] = {
     "max_queue_size": {"type": int},
     "max_images_per_request": {"type": int},
     "request_timeout_s": {"type": float, "help": "deadline for calls that set none"},
+    "model_control_mode": {"choices": ("none", "poll", "explicit"),
+                           "help": "as Triton's (default none)"},
+    "load_model": {"action": "append", "help": "explicit mode: load this model at start "
+                                               "(repeatable; * for all)"},
     "reload_interval_s": {"type": float, "help": "poll the repository for new versions; 0: off"},
     "tls_cert_file": {"type": Path, "help": "PEM certificate chain: serve TLS only"},
     "tls_key_file": {"type": Path, "help": "PEM private key of the certificate"},

@@ -22,7 +22,7 @@ from service.admission import Admission, AdmissionLimits
 from service.connections import count_connections
 from service.core import InferenceCore, RequestLimits
 from service.engine.models import ModelSet, load_models
-from service.engine.reload import RepositoryWatcher
+from service.engine.reload import ModelControl
 from service.frontends.grpc_classifier import ClassifierServicer, DecodeLimits
 from service.frontends.grpc_edge import EdgeInterceptor
 from service.frontends.grpc_inference import InferenceServicer
@@ -37,6 +37,7 @@ from service.security import (
     warn_if_exposed,
 )
 from service.settings import ServiceSettings
+from service.shared_memory import SharedMemoryRegistry
 from service.status import bounded
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class RunningServer:
     executor: ThreadPoolExecutor
     decoder: ThreadPoolExecutor
     probes: ProbeState
+    shm: SharedMemoryRegistry
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     """Background work (the repository watcher, the connection count), cancelled at stop."""
     _announced: set[str] = field(default_factory=set)
@@ -105,6 +107,7 @@ class RunningServer:
         # Calls have ended, so every decode in progress was told to stop between images.
         self.decoder.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True)
+        self.shm.unregister()
 
 
 def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[str, int]]:
@@ -165,8 +168,10 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     decoder = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode")
     core = InferenceCore(models, metrics, RequestLimits(
         settings.max_images_per_request, settings.request_timeout_s), decoder)
+    shm = SharedMemoryRegistry()
+    control = ModelControl(settings, models, executor, metrics)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(core), server)
+        InferenceServicer(core, shm, control), server)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(
         core, DecodeLimits(settings.max_image_pixels, settings.max_decode_cost)), server)
     health_servicer = health.aio.HealthServicer()
@@ -181,13 +186,13 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     warn_if_exposed(settings)
     await server.start()
     probes = probes or ProbeState()
-    running = RunningServer(server, port, core, health_servicer, executor, decoder, probes)
+    running = RunningServer(server, port, core, health_servicer, executor, decoder, probes, shm)
+    control.on_change = running.set_serving
     await running.set_serving()
     running.tasks.append(asyncio.create_task(
         count_connections(port, metrics.connections), name="connection-count"))
-    if settings.reload_interval_s > 0:
-        watcher = RepositoryWatcher(settings, models, executor, metrics, running.set_serving)
-        running.tasks.append(asyncio.create_task(watcher.run(), name="repository-watcher"))
+    if settings.polls > 0:
+        running.tasks.append(asyncio.create_task(control.run(), name="repository-poll"))
     return running
 
 

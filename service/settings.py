@@ -135,8 +135,15 @@ class ServiceSettings(BaseSettings):
     request_timeout_s: float = Field(default=30.0, gt=0)
     """Deadline for requests whose client set none (or a later one)."""
     grace_period_s: float = Field(default=10.0, ge=0)
+    model_control_mode: Literal["none", "poll", "explicit"] = "none"
+    """As Triton's: `none` serves the repository as found at start; `poll` also loads new
+    versions and models and unloads removed ones every `reload_interval_s`; `explicit`
+    loads `load_model` at start and then what RepositoryModelLoad/Unload ask for."""
+    load_model: tuple[str, ...] = ()
+    """Models `explicit` mode loads at start (`*`: all of them); repeat --load-model."""
     reload_interval_s: float = Field(default=0.0, ge=0)
-    """Poll the repository this often for new versions and models; 0 turns it off."""
+    """How often `poll` mode reads the repository (0: 15 s, Triton's default). Set alone,
+    it turns `poll` mode on, as it did before model_control_mode existed."""
 
     tls_cert_file: Path | None = None
     """PEM certificate chain; with tls_key_file the gRPC port speaks TLS only."""
@@ -177,6 +184,12 @@ class ServiceSettings(BaseSettings):
         if self.max_bytes_per_connection > self.memory_budget_bytes:
             raise ValueError(f"max_bytes_per_connection ({self.max_bytes_per_connection}) must "
                              f"not exceed memory_budget_bytes ({self.memory_budget_bytes})")
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError("load_model needs model_control_mode explicit, got "
+                             f"{self.model_control_mode}")
+        if self.model_control_mode == "explicit" and self.workers > 1:
+            raise ValueError("model_control_mode explicit needs workers 1: a load call reaches "
+                             "one worker only")
         if self.workers > 1 and self.port == 0:
             raise ValueError("workers > 1 share one port: set an explicit port, not 0")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -190,6 +203,13 @@ class ServiceSettings(BaseSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: expected a readable file, got {path} (not found)")
         return self
+
+    @property
+    def polls(self) -> float:
+        """Seconds between repository reads; 0 when the repository is not polled."""
+        if self.model_control_mode == "poll":
+            return self.reload_interval_s or 15.0
+        return self.reload_interval_s if self.model_control_mode == "none" else 0.0
 
     @property
     def tls(self) -> bool:

@@ -19,6 +19,7 @@ class Status(enum.Enum):
     INVALID_ARGUMENT = enum.auto()
     DEADLINE_EXCEEDED = enum.auto()
     NOT_FOUND = enum.auto()
+    ALREADY_EXISTS = enum.auto()
     RESOURCE_EXHAUSTED = enum.auto()
     FAILED_PRECONDITION = enum.auto()
     UNIMPLEMENTED = enum.auto()

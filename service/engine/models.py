@@ -66,8 +66,10 @@ class ServedModel:
 class ModelSet:
     """The model served under each name; hot reload swaps entries, requests look them up."""
 
-    def __init__(self, models: Iterable[ServedModel] = ()) -> None:
+    def __init__(self, models: Iterable[ServedModel] = (), require_any: bool = True) -> None:
         self._models = {m.name: m for m in models}
+        self._require_any = require_any
+        """Not ready while empty (false in explicit model control, which may start empty)."""
 
     def get(self, name: str, version: str = "") -> ServedModel:
         """The served model, or ModelNotFoundError saying what is served instead."""
@@ -99,7 +101,8 @@ class ModelSet:
 
     @property
     def all_ready(self) -> bool:
-        return bool(self._models) and all(m.ready for m in self._models.values())
+        return (bool(self._models) or not self._require_any) and all(
+            m.ready for m in self._models.values())
 
     async def close(self) -> None:
         for model in self._models.values():
@@ -172,8 +175,18 @@ _FALLBACK_CONFIG = ModelConfig(name="unserved", inputs=(TensorSpec(name="input",
 
 
 def load_models(settings: ServiceSettings, executor: Executor, metrics: Metrics) -> ModelSet:
-    """Every model in the repository; raises RepositoryError if the repository is unusable."""
+    """Every model in the repository (in explicit model control, those `load_model`
+    names); raises RepositoryError if the repository is unusable."""
     names = list_models(settings.repo)
+    if settings.model_control_mode == "explicit":
+        missing = set(settings.load_model) - set(names) - {"*"}
+        if missing:
+            raise RepositoryError(f"--load-model {', '.join(sorted(missing))}: not in "
+                                  f"{settings.repo} (models there: {', '.join(names) or 'none'})")
+        if "*" not in settings.load_model:
+            names = [n for n in names if n in settings.load_model]
+        return ModelSet((load_model(settings, name, executor, metrics) for name in names),
+                        require_any=False)
     if not names:
         raise RepositoryError(f"no models in {settings.repo}: export some with "
                               "`python -m export --all RUN_DIR --repo "

@@ -19,6 +19,7 @@ client, and the edge holds the call from its headers on, not from its message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,11 +52,17 @@ class Route:
 
 ROUTES: dict[str, Route] = {
     _OIP + "ModelInfer": Route("oip", Kind.WORK),
+    _OIP + "ModelStreamInfer": Route("stream", Kind.STREAM),  # each request: "oip_stream"
     _OIP + "ModelMetadata": Route("metadata", Kind.WORK),
     _OIP + "ModelConfig": Route("metadata", Kind.WORK),
     _OIP + "ServerMetadata": Route("metadata", Kind.WORK),
     _OIP + "ModelStatistics": Route("statistics", Kind.WORK),
     _OIP + "RepositoryIndex": Route("repository", Kind.WORK),
+    _OIP + "RepositoryModelLoad": Route("repository", Kind.WORK),
+    _OIP + "RepositoryModelUnload": Route("repository", Kind.WORK),
+    _OIP + "SystemSharedMemoryRegister": Route("shared_memory", Kind.WORK),
+    _OIP + "SystemSharedMemoryStatus": Route("shared_memory", Kind.WORK),
+    _OIP + "SystemSharedMemoryUnregister": Route("shared_memory", Kind.WORK),
     _OIP + "ServerLive": Route("probe", Kind.PROBE),
     _OIP + "ServerReady": Route("probe", Kind.PROBE),
     _OIP + "ModelReady": Route("probe", Kind.PROBE),
@@ -246,6 +253,40 @@ class _EdgeCall:
     def _count(self, status: Status) -> None:
         model = self.call.model if self.call is not None else "unknown"
         self.edge.metrics.requests.labels(model, self.route.api, status.name).inc()
+
+
+@contextlib.asynccontextmanager
+async def request_in_stream(api: str) -> AsyncIterator[Call]:
+    """One request of a stream (ModelStreamInfer) as a call of its own: admitted under the
+    stream's connection (RESOURCE_EXHAUSTED at the cap, as a unary call would be),
+    charged, and counted with its status, while the stream goes on."""
+    stream = CURRENT_CALL.get()
+    admission = stream.admission if stream is not None else None
+    if stream is None or admission is None:
+        raise RuntimeError("request_in_stream outside a call the edge admitted")
+    status = Status.OK
+    call: Call | None = None
+    try:
+        call = admission.open(api, stream.client, Kind.WORK)
+        token = CURRENT_CALL.set(call)
+        try:
+            yield call
+        finally:
+            CURRENT_CALL.reset(token)
+    except ServingError as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = Status.CANCELLED
+        raise
+    except Exception:
+        status = Status.INTERNAL
+        raise
+    finally:
+        if call is not None:
+            admission.close(call)
+        model = call.model if call is not None else "unknown"
+        admission.metrics.requests.labels(model, api, status.name).inc()
 
 
 async def abort(context: grpc.aio.ServicerContext, status: Status, message: str) -> NoReturn:

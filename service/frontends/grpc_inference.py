@@ -7,8 +7,11 @@ tritonclient decodes outputs only from `raw_output_contents`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import math
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 import numpy as np
@@ -18,18 +21,24 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 from service.admission import Call
-from service.core import InferenceCore, InferRequest, invalid
+from service.core import InferenceCore, InferRequest, ServingError, invalid
 from service.engine.models import ServedModel
+from service.engine.reload import ModelControl
 from service.engine.runtime import Tensors
+from service.frontends.grpc_edge import request_in_stream
 from service.metrics import Duration
-from service.status import shown
+from service.shared_memory import SharedMemoryRegistry
+from service.status import bounded, shown
 
+log = logging.getLogger(__name__)
+STREAM_IN_FLIGHT = 64
+"""Requests of one ModelStreamInfer stream in progress at once."""
 SERVER_NAME = "cnnserve"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ("model_configuration", "statistics")
-"""Triton's protocol extensions this server implements whole (RepositoryIndex is served,
-but model_repository also means load and unload, which it does not have yet)."""
+EXTENSIONS = ("model_configuration", "model_repository", "statistics", "system_shared_memory")
+"""Triton's protocol extensions this server implements whole (load and unload answer
+FAILED_PRECONDITION unless --model-control-mode is explicit, as Triton's do)."""
 _TYPED_FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
                  "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
                  "UINT16": "uint_contents", "UINT32": "uint_contents",
@@ -49,33 +58,69 @@ def _declared_rows(request: pb.ModelInferRequest) -> int:
     return shape[0] if shape else 0
 
 
-def _inputs(request: pb.ModelInferRequest, model: ServedModel, call: Call) -> Tensors:
-    """The request checked against `model`: its inputs by name, or INVALID_ARGUMENT."""
+def _inputs(request: pb.ModelInferRequest, shm: SharedMemoryRegistry, model: ServedModel,
+            call: Call) -> Tensors:
+    """The request checked against `model`: its inputs by name, or INVALID_ARGUMENT.
+    Inputs that name a shared memory region are read from it in place; raw_input_contents
+    holds one entry for each of the others, in order."""
     config = model.config
     given = [t.name for t in request.inputs]
     if sorted(given) != sorted(t.name for t in config.inputs):
         invalid(f"model {model.name!r} takes inputs {[t.name for t in config.inputs]}, got "
                 f"[{', '.join(shown(n, 64) for n in given[:16])}]")
+    in_shm = [_shm_window(t.parameters, f"input {shown(t.name)}") for t in request.inputs]
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        invalid(f"expected {len(request.inputs)} raw_input_contents entries (one per input), "
-                f"got {len(raw)}")
+    sent = sum(window is None for window in in_shm)
+    if raw and len(raw) != sent:
+        invalid(f"expected {sent} raw_input_contents entries (one per input not in shared "
+                f"memory), got {len(raw)}")
     specs = {t.name: t for t in config.inputs}
     tensors: Tensors = {}
     rows: set[int] = set()
-    for i, tensor in enumerate(request.inputs):
+    next_raw = 0
+    for tensor, window in zip(request.inputs, in_shm, strict=True):
         spec = specs[tensor.name]
         shape = _checked_shape(tensor, spec, config.batched)
         if config.batched:
             rows.add(shape[0])
-        if raw and tensor.HasField("contents"):
-            invalid("send input data either in raw_input_contents or in contents, not both")
-        tensors[spec.name] = (_from_raw(raw[i], spec, shape) if raw
-                              else _from_contents(tensor, spec, shape))
+        if (raw or window) and tensor.HasField("contents"):
+            invalid(f"input {spec.name!r}: send its data in one place (contents, "
+                    "raw_input_contents or shared memory)")
+        if window is not None:
+            tensors[spec.name] = shm.read(*window, np.dtype(NUMPY_DTYPES[spec.datatype]), shape)
+        elif raw:
+            tensors[spec.name] = _from_raw(raw[next_raw], spec, shape)
+            next_raw += 1
+        else:
+            tensors[spec.name] = _from_contents(tensor, spec, shape)
     if len(rows) > 1:
         invalid(f"every input's first (batch) dimension must be the same, got {sorted(rows)}")
-    _check_outputs(request, model)
+    _check_outputs(request, model, shm)
     return {t.name: tensors[t.name] for t in config.inputs}
+
+
+def _shm_window(parameters: Mapping[str, pb.InferParameter], what: str
+                ) -> tuple[str, int, int] | None:
+    """(region, offset, byte_size) from Triton's shared memory parameters, if set."""
+    if "shared_memory_region" not in parameters:
+        return None
+    region = parameters["shared_memory_region"].string_param
+    size = parameters.get("shared_memory_byte_size")
+    if size is None:
+        invalid(f"{what} names shared memory region {shown(region)} without "
+                "shared_memory_byte_size")
+    offset = parameters.get("shared_memory_offset")
+    return (region, _int_param(offset) if offset is not None else 0, _int_param(size))
+
+
+def _int_param(parameter: pb.InferParameter) -> int:
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        invalid(f"shared memory sizes and offsets are integers, got {kind}")
+    value = int(getattr(parameter, kind))
+    if value < 0:
+        invalid(f"shared memory sizes and offsets are not negative, got {value}")
+    return value
 
 
 def _checked_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec,
@@ -133,7 +178,8 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSp
     return array.astype(dtype).reshape(shape)
 
 
-def _check_outputs(request: pb.ModelInferRequest, model: ServedModel) -> None:
+def _check_outputs(request: pb.ModelInferRequest, model: ServedModel,
+                   shm: SharedMemoryRegistry) -> None:
     names = {t.name for t in model.config.outputs}
     wanted = [o.name for o in request.outputs]
     if any(name not in names for name in wanted) or len(set(wanted)) != len(wanted):
@@ -143,6 +189,9 @@ def _check_outputs(request: pb.ModelInferRequest, model: ServedModel) -> None:
         if "classification" in output.parameters:
             invalid("the classification extension is not supported; use the "
                     "cnnserve.v1.Classifier API for labels and probabilities")
+        window = _shm_window(output.parameters, f"output {shown(output.name)}")
+        if window is not None:
+            shm.status(window[0])  # NOT_FOUND before the model runs, not after
 
 
 def _shape(spec: TensorSpec, batched: bool) -> list[int]:
@@ -164,8 +213,11 @@ def _duration(d: Duration) -> pb.StatisticDuration:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, shm: SharedMemoryRegistry,
+                 control: ModelControl) -> None:
         self.core = core
+        self.shm = shm
+        self.control = control
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ServerLiveResponse:
@@ -200,21 +252,88 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInferResponse:
+        return await self._infer(request, "oip", context.time_remaining())
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request runs as a call of its own, batched with every other; answers go
+        back as they finish, each with its request's id. At most STREAM_IN_FLIGHT run at
+        once: past it the stream is not read, and HTTP/2 flow control holds the client."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                async with request_in_stream("oip_stream") as call:
+                    call.charge(2 * request.ByteSize(), "the request message")
+                    response = await self._infer(request, "oip_stream",
+                                                 context.time_remaining())
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            except Exception as exc:  # noqa: BLE001 - the stream goes on; its client is told
+                if isinstance(exc, ServingError):
+                    error = f"{exc.status.name}: {exc}"
+                else:
+                    log.exception("a ModelStreamInfer request failed")
+                    error = f"INTERNAL: internal error ({type(exc).__name__})"
+                answers.put_nowait(pb.ModelStreamInferResponse(
+                    error_message=error, infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version,
+                        id=request.id)))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                await asyncio.gather(*running)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+            await reader  # a request message that was not valid protobuf: the stream's error
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _infer(self, request: pb.ModelInferRequest, api: str, timeout_s: float | None
+                     ) -> pb.ModelInferResponse:
         result = await self.core.infer(InferRequest(
-            api="oip", model=request.model_name, version=request.model_version,
-            rows=_declared_rows(request), prepare=functools.partial(_inputs, request),
-            timeout_s=context.time_remaining()))
+            api=api, model=request.model_name, version=request.model_version,
+            rows=_declared_rows(request), prepare=functools.partial(_inputs, request, self.shm),
+            timeout_s=timeout_s))
         model = result.model
-        wanted = {o.name for o in request.outputs}
-        chosen = [(spec, array) for spec, array in zip(model.config.outputs, result.outputs,
-                                                       strict=True)
-                  if not wanted or spec.name in wanted]
-        return pb.ModelInferResponse(
-            model_name=model.name, model_version=str(model.version), id=request.id,
-            outputs=[pb.ModelInferResponse.InferOutputTensor(
-                name=spec.name, datatype=spec.datatype, shape=list(array.shape))
-                for spec, array in chosen],
-            raw_output_contents=[_raw(array, spec) for spec, array in chosen])
+        wanted = {o.name: o for o in request.outputs}
+        response = pb.ModelInferResponse(model_name=model.name,
+                                         model_version=str(model.version), id=request.id)
+        raw: list[bytes] = []
+        for spec, array in zip(model.config.outputs, result.outputs, strict=True):
+            if wanted and spec.name not in wanted:
+                continue
+            tensor = response.outputs.add(name=spec.name, datatype=spec.datatype,
+                                          shape=array.shape)
+            window = (_shm_window(wanted[spec.name].parameters, f"output {shown(spec.name)}")
+                      if spec.name in wanted else None)
+            if window is None:
+                raw.append(_raw(array, spec))
+                continue
+            written = self.shm.write(*window, array.astype(NUMPY_DTYPES[spec.datatype],
+                                                           copy=False))
+            tensor.parameters["shared_memory_region"].string_param = window[0]
+            tensor.parameters["shared_memory_byte_size"].int64_param = written
+            raw.append(b"")  # keeps raw_output_contents in step with outputs
+        if any(raw):
+            response.raw_output_contents.extend(raw)
+        return response
 
     async def ModelConfig(self, request: pb.ModelConfigRequest,
                           context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
@@ -263,6 +382,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
         entries = [pb.RepositoryIndexResponse.ModelIndex(
-            name=m.name, version=str(m.version), state="READY" if m.ready else "UNAVAILABLE",
-            reason=m.reason) for m in self.core.models if m.ready or not request.ready]
+            name=v.name, version=str(v.version) if v.version else "", state=v.state,
+            reason=bounded(v.reason)) for v in await self.control.index()
+            if v.state == "READY" or not request.ready]
         return pb.RepositoryIndexResponse(models=entries)
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> pb.RepositoryModelLoadResponse:
+        if request.parameters:
+            invalid(f"load parameters are not supported (got {sorted(request.parameters)[:8]}): "
+                    "edit the repository, then load")
+        await self.control.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        await self.control.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def SystemSharedMemoryRegister(
+            self, request: pb.SystemSharedMemoryRegisterRequest,
+            context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:
+        self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryStatus(
+            self, request: pb.SystemSharedMemoryStatusRequest,
+            context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryStatusResponse:
+        status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+        return pb.SystemSharedMemoryStatusResponse(regions={
+            r.name: status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+            for r in self.shm.status(request.name)})
+
+    async def SystemSharedMemoryUnregister(
+            self, request: pb.SystemSharedMemoryUnregisterRequest,
+            context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()

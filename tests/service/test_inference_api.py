@@ -45,7 +45,8 @@ def triton_input(x: np.ndarray, datatype: str = "FP32") -> triton.InferInput:
 def test_health_and_metadata_through_tritonclient(client: triton.InferenceServerClient) -> None:
     assert client.is_server_live() and client.is_server_ready()
     assert client.get_server_metadata().name == "cnnserve"
-    assert set(client.get_server_metadata().extensions) == {"model_configuration", "statistics"}
+    assert set(client.get_server_metadata().extensions) == {
+        "model_configuration", "model_repository", "statistics", "system_shared_memory"}
     for name, shape in SHAPES.items():
         assert client.is_model_ready(name) and client.is_model_ready(name, "1")
         assert not client.is_model_ready(name, "7")
@@ -154,7 +155,7 @@ def test_raw_and_typed_data_together_is_refused(
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelInfer(request, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not both" in err.value.details()
+    assert "send its data in one place" in (err.value.details() or "")
 
 
 def test_tritonclient_sees_errors_as_exceptions(client: triton.InferenceServerClient) -> None:
