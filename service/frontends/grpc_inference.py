@@ -28,7 +28,7 @@ from service.engine.runtime import Tensors
 from service.frontends.grpc_edge import request_in_stream
 from service.metrics import Duration
 from service.shared_memory import SharedMemoryRegistry
-from service.status import bounded, shown
+from service.status import Status, bounded, shown
 
 log = logging.getLogger(__name__)
 STREAM_IN_FLIGHT = 64
@@ -330,9 +330,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                                            copy=False))
             tensor.parameters["shared_memory_region"].string_param = window[0]
             tensor.parameters["shared_memory_byte_size"].int64_param = written
-            raw.append(b"")  # keeps raw_output_contents in step with outputs
-        if any(raw):
-            response.raw_output_contents.extend(raw)
+            raw.append(b"")  # one entry per output, as Triton's clients index them
+        response.raw_output_contents.extend(raw)
         return response
 
     async def ModelConfig(self, request: pb.ModelConfigRequest,
@@ -421,3 +420,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:
         self.shm.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryRegister(
+            self, request: pb.CudaSharedMemoryRegisterRequest,
+            context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryRegisterResponse:
+        raise ServingError(Status.FAILED_PRECONDITION,
+                           "CUDA shared memory is not supported by this server; use system "
+                           "shared memory or send tensors in the request")
+
+    async def CudaSharedMemoryStatus(
+            self, request: pb.CudaSharedMemoryStatusRequest,
+            context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryStatusResponse:
+        if request.name:
+            raise ServingError(Status.NOT_FOUND, f"no CUDA shared memory region "
+                                                 f"{shown(request.name)} is registered")
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryUnregister(
+            self, request: pb.CudaSharedMemoryUnregisterRequest,
+            context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryUnregisterResponse:
+        return pb.CudaSharedMemoryUnregisterResponse()  # none registered: nothing to do

@@ -199,3 +199,11 @@ def test_loads_and_unloads_under_load_answer_every_accepted_request(
     index = {m.name: m.state for m in client.get_model_repository_index().models}
     assert index["alexnet"] == "UNLOADED" and index["lenet"] == "READY"
     assert server.terminate() == 0
+
+
+def test_cuda_shared_memory_is_refused_clearly_and_clean_up_calls_succeed(
+        client: triton.InferenceServerClient) -> None:
+    client.unregister_cuda_shared_memory()  # what tritonclient and perf_analyzer clean up with
+    assert not client.get_cuda_shared_memory_status().regions
+    with pytest.raises(InferenceServerException, match="CUDA shared memory is not supported"):
+        client.register_cuda_shared_memory("gpu", b"\0" * 64, 0, 64)
