@@ -97,10 +97,20 @@ def _every_datatype(repo: Path) -> None:
     (repo / "types" / "config.json").write_text(json.dumps({"max_batch_size": 4}))
 
 
+def _images(repo: Path) -> None:
+    """224x224 RGB batches in, each image's channel means out."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["images"], ["means"], axes=[2, 3], keepdims=0)],
+        "images", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                 ["n", 3, 224, 224])],
+        [helper.make_tensor_value_info("means", TensorProto.FLOAT, ["n", 3])])
+    _save(repo, "images", graph)
+
+
 @pytest.fixture(scope="module")
 def plain_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("plain-repo")
-    for build in (_sklearn, _two_in_two_out, _fixed_batch, _fp16, _every_datatype):
+    for build in (_sklearn, _two_in_two_out, _fixed_batch, _fp16, _every_datatype, _images):
         build(repo)
     return repo
 
@@ -139,7 +149,8 @@ def test_every_model_is_served_and_the_server_is_ready(
         client: triton.InferenceServerClient) -> None:
     assert client.is_server_ready()
     index = {m.name: m.state for m in client.get_model_repository_index().models}
-    assert index == {name: "READY" for name in ("fixed", "half", "iris", "two", "types")}
+    assert index == {name: "READY"
+                     for name in ("fixed", "half", "images", "iris", "two", "types")}
 
 
 def test_a_scikit_learn_model_answers_as_onnxruntime_does(
@@ -254,3 +265,23 @@ def test_a_model_that_cannot_be_served_is_unready_with_its_reason(
         assert entry.state == "UNAVAILABLE" and "['k'] are not in the config" in entry.reason
     finally:
         assert server.terminate() == 0
+
+
+def test_a_batch_of_224x224_images_travels_in_system_shared_memory(
+        client: triton.InferenceServerClient, plain_repo: Path) -> None:
+    import tritonclient.utils.shared_memory as shm
+
+    x = np.random.default_rng(4).uniform(0, 1, (8, 3, 224, 224)).astype(np.float32)
+    key = "/cnnserve-test-images"
+    handle = shm.create_shared_memory_region("images", key, x.nbytes)
+    try:
+        shm.set_shared_memory_region(handle, [x])
+        client.register_system_shared_memory("images", key, x.nbytes)
+        tensor = triton.InferInput("images", list(x.shape), "FP32")
+        tensor.set_shared_memory("images", x.nbytes)  # the request carries no tensor bytes
+        means = client.infer("images", [tensor]).as_numpy("means")
+        np.testing.assert_allclose(means, direct(plain_repo, "images", {"images": x})[0],
+                                   rtol=1e-5)
+    finally:
+        client.unregister_system_shared_memory("images")
+        shm.destroy_shared_memory_region(handle)

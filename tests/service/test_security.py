@@ -157,6 +157,14 @@ def test_tokens_are_required_health_stays_open_and_tokens_never_reach_the_log(
     assert client.is_server_live(headers={"authorization": "Bearer env-token"})
     with pytest.raises(triton.InferenceServerException, match="UNAUTHENTICATED|bearer"):
         client.is_server_live()
+    # Shared memory maps the server's /dev/shm, model control changes what it serves.
+    for call in (client.get_system_shared_memory_status,
+                 lambda: client.register_system_shared_memory("r", "/cnnserve-x", 8),
+                 lambda: client.unload_model("lenet")):
+        with pytest.raises(triton.InferenceServerException, match="UNAUTHENTICATED|bearer"):
+            call()
+    assert not client.get_system_shared_memory_status(
+        headers={"authorization": "Bearer env-token"}).regions
     assert server.terminate() == 0
     log = "".join(server.lines)
     assert "refused an unauthenticated call" in log
