@@ -21,6 +21,7 @@ from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_s
 from service.admission import Admission, AdmissionLimits
 from service.connections import count_connections
 from service.core import InferenceCore, RequestLimits
+from service.cuda_memory import CudaSharedMemoryRegistry
 from service.engine.models import ModelSet, load_models
 from service.engine.reload import ModelControl
 from service.frontends.grpc_classifier import ClassifierServicer, DecodeLimits
@@ -37,7 +38,7 @@ from service.security import (
     warn_if_exposed,
 )
 from service.settings import ServiceSettings
-from service.shared_memory import SharedMemoryRegistry
+from service.shared_memory import Regions, SharedMemoryRegistry
 from service.status import bounded
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class RunningServer:
     executor: ThreadPoolExecutor
     decoder: ThreadPoolExecutor
     probes: ProbeState
-    shm: SharedMemoryRegistry
+    shm: Regions
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     """Background work (the repository watcher, the connection count), cancelled at stop."""
     _announced: set[str] = field(default_factory=set)
@@ -107,7 +108,7 @@ class RunningServer:
         # Calls have ended, so every decode in progress was told to stop between images.
         self.decoder.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True)
-        self.shm.unregister()
+        self.shm.close()
 
 
 def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[str, int]]:
@@ -168,7 +169,7 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     decoder = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode")
     core = InferenceCore(models, metrics, RequestLimits(
         settings.max_images_per_request, settings.request_timeout_s), decoder)
-    shm = SharedMemoryRegistry()
+    shm = Regions(SharedMemoryRegistry(), CudaSharedMemoryRegistry())
     control = ModelControl(settings, models, executor, metrics)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(core, shm, control), server)

@@ -1,4 +1,4 @@
-"""System shared memory regions clients register, as Triton's extension has them.
+"""Shared memory regions clients register, as Triton's extensions have them.
 
 A client creates a POSIX shared memory object (`/dev/shm/<key>`), registers a window of
 it under a name, and then names that region in its requests instead of sending tensor
@@ -19,9 +19,11 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from service.cuda_memory import CudaSharedMemoryRegistry
 from service.status import ServingError, Status, invalid, shown
 
 SHM_DIR = Path("/dev/shm")
@@ -127,3 +129,46 @@ class SharedMemoryRegistry:
             invalid(f"region {shown(name)} holds {region.byte_size} bytes; offset {offset} + "
                     f"byte_size {byte_size} lies outside it")
         return region
+
+
+class Regions:
+    """System and CUDA regions under one set of names, as requests name them (a name
+    registered as one kind cannot be registered as the other)."""
+
+    def __init__(self, system: SharedMemoryRegistry, cuda: CudaSharedMemoryRegistry) -> None:
+        self.system = system
+        self.cuda = cuda
+
+    def register_system(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self._unique(name, self.cuda.status())
+        self.system.register(name, key, offset, byte_size)
+
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int,
+                      byte_size: int) -> None:
+        self._unique(name, self.system.status())
+        self.cuda.register(name, raw_handle, device_id, byte_size)
+
+    def read(self, name: str, offset: int, byte_size: int, dtype: np.dtype,
+             shape: tuple[int, ...]) -> np.ndarray:
+        return self._owner(name).read(name, offset, byte_size, dtype, shape)
+
+    def write(self, name: str, offset: int, byte_size: int, array: np.ndarray) -> int:
+        return self._owner(name).write(name, offset, byte_size, array)
+
+    def check(self, name: str) -> None:
+        """NOT_FOUND unless a region of either kind has this name."""
+        self._owner(name).status(name)
+
+    def close(self) -> None:
+        self.system.unregister()
+        self.cuda.unregister()
+
+    def _owner(self, name: str) -> SharedMemoryRegistry | CudaSharedMemoryRegistry:
+        return self.cuda if any(r.name == name for r in self.cuda.status()) else self.system
+
+    @staticmethod
+    def _unique(name: str, others: list[Any]) -> None:
+        if any(r.name == name for r in others):
+            raise ServingError(Status.ALREADY_EXISTS,
+                               f"a shared memory region of the other kind is registered as "
+                               f"{shown(name)}; unregister it first")

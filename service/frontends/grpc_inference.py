@@ -24,11 +24,11 @@ from service.admission import Call
 from service.core import InferenceCore, InferRequest, ServingError, invalid
 from service.engine.models import ServedModel
 from service.engine.reload import ModelControl
-from service.engine.runtime import Tensors
+from service.engine.runtime import Tensors, cuda_available
 from service.frontends.grpc_edge import request_in_stream
 from service.metrics import Duration
-from service.shared_memory import SharedMemoryRegistry
-from service.status import Status, bounded, shown
+from service.shared_memory import Regions
+from service.status import bounded, shown
 
 log = logging.getLogger(__name__)
 STREAM_IN_FLIGHT = 64
@@ -38,7 +38,8 @@ SERVER_VERSION = "0.1.0"
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ("model_configuration", "model_repository", "statistics", "system_shared_memory")
 """Triton's protocol extensions this server implements whole (load and unload answer
-FAILED_PRECONDITION unless --model-control-mode is explicit, as Triton's do)."""
+FAILED_PRECONDITION unless --model-control-mode is explicit, as Triton's do), and
+cuda_shared_memory on a host with a GPU."""
 _TYPED_FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
                  "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
                  "UINT16": "uint_contents", "UINT32": "uint_contents",
@@ -58,7 +59,7 @@ def _declared_rows(request: pb.ModelInferRequest) -> int:
     return shape[0] if shape else 0
 
 
-def _inputs(request: pb.ModelInferRequest, shm: SharedMemoryRegistry, model: ServedModel,
+def _inputs(request: pb.ModelInferRequest, shm: Regions, model: ServedModel,
             call: Call) -> Tensors:
     """The request checked against `model`: its inputs by name, or INVALID_ARGUMENT.
     Inputs that name a shared memory region are read from it in place; raw_input_contents
@@ -178,8 +179,7 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSp
     return array.astype(dtype).reshape(shape)
 
 
-def _check_outputs(request: pb.ModelInferRequest, model: ServedModel,
-                   shm: SharedMemoryRegistry) -> None:
+def _check_outputs(request: pb.ModelInferRequest, model: ServedModel, shm: Regions) -> None:
     names = {t.name for t in model.config.outputs}
     wanted = [o.name for o in request.outputs]
     if any(name not in names for name in wanted) or len(set(wanted)) != len(wanted):
@@ -191,7 +191,7 @@ def _check_outputs(request: pb.ModelInferRequest, model: ServedModel,
                     "cnnserve.v1.Classifier API for labels and probabilities")
         window = _shm_window(output.parameters, f"output {shown(output.name)}")
         if window is not None:
-            shm.status(window[0])  # NOT_FOUND before the model runs, not after
+            shm.check(window[0])  # NOT_FOUND before the model runs, not after
 
 
 def _shape(spec: TensorSpec, batched: bool) -> list[int]:
@@ -213,11 +213,11 @@ def _duration(d: Duration) -> pb.StatisticDuration:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore, shm: SharedMemoryRegistry,
-                 control: ModelControl) -> None:
+    def __init__(self, core: InferenceCore, shm: Regions, control: ModelControl) -> None:
         self.core = core
         self.shm = shm
         self.control = control
+        self.extensions = [*EXTENSIONS, *(["cuda_shared_memory"] if cuda_available() else [])]
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ServerLiveResponse:
@@ -237,7 +237,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
-                                         extensions=list(EXTENSIONS))
+                                         extensions=self.extensions)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
@@ -404,7 +404,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryRegister(
             self, request: pb.SystemSharedMemoryRegisterRequest,
             context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:
-        self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        self.shm.register_system(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryStatus(
@@ -413,30 +413,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         status = pb.SystemSharedMemoryStatusResponse.RegionStatus
         return pb.SystemSharedMemoryStatusResponse(regions={
             r.name: status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
-            for r in self.shm.status(request.name)})
+            for r in self.shm.system.status(request.name)})
 
     async def SystemSharedMemoryUnregister(
             self, request: pb.SystemSharedMemoryUnregisterRequest,
             context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:
-        self.shm.unregister(request.name)
+        self.shm.system.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryRegister(
             self, request: pb.CudaSharedMemoryRegisterRequest,
             context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryRegisterResponse:
-        raise ServingError(Status.FAILED_PRECONDITION,
-                           "CUDA shared memory is not supported by this server; use system "
-                           "shared memory or send tensors in the request")
+        self.shm.register_cuda(request.name, request.raw_handle, request.device_id,
+                               request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
 
     async def CudaSharedMemoryStatus(
             self, request: pb.CudaSharedMemoryStatusRequest,
             context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryStatusResponse:
-        if request.name:
-            raise ServingError(Status.NOT_FOUND, f"no CUDA shared memory region "
-                                                 f"{shown(request.name)} is registered")
-        return pb.CudaSharedMemoryStatusResponse()
+        status = pb.CudaSharedMemoryStatusResponse.RegionStatus
+        return pb.CudaSharedMemoryStatusResponse(regions={
+            r.name: status(name=r.name, device_id=r.device_id, byte_size=r.byte_size)
+            for r in self.shm.cuda.status(request.name)})
 
     async def CudaSharedMemoryUnregister(
             self, request: pb.CudaSharedMemoryUnregisterRequest,
             context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryUnregisterResponse:
-        return pb.CudaSharedMemoryUnregisterResponse()  # none registered: nothing to do
+        self.shm.cuda.unregister(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()

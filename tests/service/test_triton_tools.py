@@ -3,6 +3,7 @@ memory and model control."""
 
 from __future__ import annotations
 
+import base64
 import queue
 import threading
 import uuid
@@ -18,6 +19,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from service.engine.runtime import cuda_available
 from tests.servers import ServerProcess
 from tests.service.oip import request, stub_for
 from tests.service.test_inference_api import direct
@@ -201,9 +203,10 @@ def test_loads_and_unloads_under_load_answer_every_accepted_request(
     assert server.terminate() == 0
 
 
-def test_cuda_shared_memory_is_refused_clearly_and_clean_up_calls_succeed(
+@pytest.mark.skipif(cuda_available(), reason="this host has a GPU: see test_cuda.py")
+def test_without_a_gpu_cuda_shared_memory_is_refused_clearly_and_clean_up_succeeds(
         client: triton.InferenceServerClient) -> None:
     client.unregister_cuda_shared_memory()  # what tritonclient and perf_analyzer clean up with
     assert not client.get_cuda_shared_memory_status().regions
-    with pytest.raises(InferenceServerException, match="CUDA shared memory is not supported"):
-        client.register_cuda_shared_memory("gpu", b"\0" * 64, 0, 64)
+    with pytest.raises(InferenceServerException, match="FAILED_PRECONDITION.*needs a GPU"):
+        client.register_cuda_shared_memory("gpu", base64.b64encode(b"\0" * 64), 0, 64)
