@@ -29,7 +29,7 @@ from service.engine.batcher import (
 from service.engine.models import ModelNotFoundError, ModelSet, ServedModel
 from service.engine.runtime import Tensors
 from service.metrics import Metrics
-from service.status import ServingError, Status, invalid
+from service.status import ServingError, Status, invalid, outcome
 
 __all__ = ["InferRequest", "InferResult", "InferenceCore", "RequestLimits", "ServingError",
            "Status", "invalid"]
@@ -187,14 +187,8 @@ class InferenceCore:
         status = Status.OK
         try:
             yield resolved
-        except ServingError as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = Status.CANCELLED
-            raise
-        except Exception:
-            status = Status.INTERNAL
+        except BaseException as exc:
+            status = outcome(exc)
             raise
         finally:
             self.in_flight -= 1

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.shared_memory import check_new_region
 from service.status import ServingError, Status, invalid, shown
 
-MAX_REGIONS = 256
 _IPC_HANDLE_BYTES = 64
 _LAZY_PEER_ACCESS = 1
 _HOST_TO_DEVICE, _DEVICE_TO_HOST = 1, 2
@@ -82,16 +82,7 @@ class CudaSharedMemoryRegistry:
 
     def register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         cudart = self._runtime()
-        if not name or len(name) > 200:
-            invalid(f"a region needs a name of 1 to 200 characters, got {len(name)}")
-        if name in self._regions:
-            raise ServingError(Status.ALREADY_EXISTS,
-                               f"CUDA shared memory region {shown(name)} is already "
-                               "registered; unregister it first")
-        if len(self._regions) >= MAX_REGIONS:
-            raise ServingError(Status.RESOURCE_EXHAUSTED,
-                               f"{MAX_REGIONS} CUDA shared memory regions are registered, the "
-                               "most this server holds")
+        check_new_region("CUDA shared memory", name, self._regions)
         if len(raw_handle) != _IPC_HANDLE_BYTES:
             invalid(f"raw_handle must be a {_IPC_HANDLE_BYTES}-byte cudaIpcMemHandle_t, got "
                     f"{len(raw_handle)} bytes")

@@ -17,14 +17,17 @@ import mmap
 import os
 import re
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.cuda_memory import CudaSharedMemoryRegistry
 from service.status import ServingError, Status, invalid, shown
+
+if TYPE_CHECKING:
+    from service.cuda_memory import CudaSharedMemoryRegistry
 
 SHM_DIR = Path("/dev/shm")
 MAX_REGIONS = 256
@@ -40,22 +43,27 @@ class Region:
     mapping: mmap.mmap
 
 
+def check_new_region(kind: str, name: str, registered: Collection[str]) -> None:
+    """A region may be registered under `name`: refuse bad or taken names, and more than
+    MAX_REGIONS of one kind."""
+    if not name or len(name) > 200:
+        invalid(f"a region needs a name of 1 to 200 characters, got {len(name)}")
+    if name in registered:
+        raise ServingError(Status.ALREADY_EXISTS, f"{kind} region {shown(name)} is already "
+                                                  "registered; unregister it first")
+    if len(registered) >= MAX_REGIONS:
+        raise ServingError(Status.RESOURCE_EXHAUSTED,
+                           f"{MAX_REGIONS} {kind} regions are registered, the most this "
+                           "server holds; unregister some first")
+
+
 class SharedMemoryRegistry:
     def __init__(self, directory: Path = SHM_DIR) -> None:
         self._directory = directory
         self._regions: dict[str, Region] = {}
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        if not name or len(name) > 200:
-            invalid(f"a region needs a name of 1 to 200 characters, got {len(name)}")
-        if name in self._regions:
-            raise ServingError(Status.ALREADY_EXISTS,
-                               f"shared memory region {shown(name)} is already registered; "
-                               "unregister it first")
-        if len(self._regions) >= MAX_REGIONS:
-            raise ServingError(Status.RESOURCE_EXHAUSTED,
-                               f"{MAX_REGIONS} shared memory regions are registered, the most "
-                               "this server holds; unregister some first")
+        check_new_region("system shared memory", name, self._regions)
         if not _KEY.fullmatch(key) or key.strip("/") in (".", ".."):
             invalid(f"shared memory key {shown(key)} must be one name of letters, digits, "
                     "'_', '.' or '-' (optionally after a leading '/'), as shm_open takes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import re
 from typing import NoReturn
@@ -47,6 +48,13 @@ class ServingError(Exception):
     def __init__(self, status: Status, message: str) -> None:
         super().__init__(bounded(message))
         self.status = status
+
+
+def outcome(exc: BaseException) -> Status:
+    """The status a call ends with when `exc` ends it."""
+    if isinstance(exc, ServingError):
+        return exc.status
+    return Status.CANCELLED if isinstance(exc, asyncio.CancelledError) else Status.INTERNAL
 
 
 def invalid(message: str) -> NoReturn:

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 from service.admission import CURRENT_CALL, Admission, Call, Kind
 from service.logs import Throttled
 from service.metrics import Metrics
-from service.status import ServingError, Status, bounded
+from service.status import ServingError, Status, bounded, outcome
 
 log = logging.getLogger(__name__)
 GRPC_CODES = {status: grpc.StatusCode[status.name] for status in Status}
@@ -276,14 +276,8 @@ async def request_in_stream(api: str) -> AsyncIterator[Call]:
             yield call
         finally:
             CURRENT_CALL.reset(token)
-    except ServingError as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = Status.CANCELLED
-        raise
-    except Exception:
-        status = Status.INTERNAL
+    except BaseException as exc:
+        status = outcome(exc)
         raise
     finally:
         if call is not None:
