@@ -7,8 +7,11 @@ every front-end shares one registry per server process.
 
 What a client gets: keys that are one plain name (no paths, no symlinks followed),
 windows that must lie inside the object, at most MAX_REGIONS regions, and every region
-unmapped when it is unregistered or the server stops (a request still reading one keeps
-its mapping alive until it ends).
+unmapped when it is unregistered or the server stops. Reading past the end of a mapped
+object kills a process (SIGBUS), and its owner may shrink it at any time: so each access
+first checks the object's size, and inputs are copied out at once (one memcpy, never
+through gRPC) rather than read by the model later. A shrink in the microseconds between
+check and copy can still crash the server; with auth on, only token holders register.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class Region:
     offset: int
     byte_size: int
     mapping: mmap.mmap
+    fd: int
+    """Kept open to check the object's size before each access."""
 
 
 def check_new_region(kind: str, name: str, registered: Collection[str]) -> None:
@@ -85,16 +90,19 @@ class SharedMemoryRegistry:
                         f"exceeds the {info.st_size} bytes of {shown(key)}")
             mapping = mmap.mmap(fd, info.st_size, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
-        self._regions[name] = Region(name, key, offset, byte_size, mapping)
+            raise
+        self._regions[name] = Region(name, key, offset, byte_size, mapping, fd)
 
     def unregister(self, name: str = "") -> None:
         """One region, or every one when `name` is empty; an unknown name is no error
-        (as in Triton). The mapping goes once no request reads it any more."""
-        if name:
-            self._regions.pop(name, None)
-        else:
+        (as in Triton)."""
+        for region in [self._regions.pop(name, None)] if name else list(self._regions.values()):
+            if region is not None:
+                region.mapping.close()
+                os.close(region.fd)
+        if not name:
             self._regions.clear()
 
     def status(self, name: str = "") -> list[Region]:
@@ -104,14 +112,15 @@ class SharedMemoryRegistry:
 
     def read(self, name: str, offset: int, byte_size: int, dtype: np.dtype,
              shape: tuple[int, ...]) -> np.ndarray:
-        """The tensor at `offset` of region `name`, in place (not copied)."""
+        """The tensor at `offset` of region `name`, copied out."""
         region = self._window(name, offset, byte_size)
         count = byte_size // dtype.itemsize
         if count * dtype.itemsize != byte_size or count != int(np.prod(shape, dtype=np.int64)):
             invalid(f"region {shown(name)}: {byte_size} bytes do not hold a {dtype.name} "
                     f"tensor of shape {list(shape)}")
+        self._still_covers(region, offset + byte_size)
         return np.frombuffer(region.mapping, dtype=dtype, count=count,
-                             offset=region.offset + offset).reshape(shape)
+                             offset=region.offset + offset).reshape(shape).copy()
 
     def write(self, name: str, offset: int, byte_size: int, array: np.ndarray) -> int:
         """Copy `array` (contiguous, in the dtype the client expects) to `offset` of region
@@ -121,8 +130,16 @@ class SharedMemoryRegistry:
         if data.size > byte_size:
             invalid(f"region {shown(name)}: the output needs {data.size} bytes, the request "
                     f"gave {byte_size}")
+        self._still_covers(region, offset + data.size)
         np.frombuffer(region.mapping, np.uint8, data.size, region.offset + offset)[:] = data
         return int(data.size)
+
+    @staticmethod
+    def _still_covers(region: Region, end: int) -> None:
+        size = os.fstat(region.fd).st_size
+        if region.offset + end > min(size, len(region.mapping)):
+            invalid(f"region {shown(region.name)}: its object {shown(region.key)} shrank to "
+                    f"{size} bytes after it was registered")
 
     def _region(self, name: str) -> Region:
         region = self._regions.get(name)

@@ -258,8 +258,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request runs as a call of its own, batched with every other; answers go
-        back as they finish, each with its request's id. At most STREAM_IN_FLIGHT run at
-        once: past it the stream is not read, and HTTP/2 flow control holds the client."""
+        back as they finish, each with its request's id. At most STREAM_IN_FLIGHT are
+        running or waiting to be written at once: past it the stream is not read, and
+        HTTP/2 flow control holds the client (one that reads no answers holds 64)."""
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
@@ -281,8 +282,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     error_message=error, infer_response=pb.ModelInferResponse(
                         model_name=request.model_name, model_version=request.model_version,
                         id=request.id)))
-            finally:
-                slots.release()
 
         async def read() -> None:
             try:
@@ -298,7 +297,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (item := await answers.get()) is not None:
-                yield item
+                yield item  # returns once written
+                slots.release()
             await reader  # a request message that was not valid protobuf: the stream's error
         finally:
             reader.cancel()

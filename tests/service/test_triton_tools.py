@@ -4,6 +4,7 @@ memory and model control."""
 from __future__ import annotations
 
 import base64
+import os
 import queue
 import threading
 import uuid
@@ -147,6 +148,28 @@ def test_requests_cannot_reach_past_a_region_or_name_an_unknown_one(
     finally:
         stub.SystemSharedMemoryUnregister(service_pb2.SystemSharedMemoryUnregisterRequest(
             name="small"), timeout=10)
+
+
+def test_an_object_shrunk_after_registration_is_refused_not_read_past_its_end(
+        server: ServerProcess, regions: Callable[[int], tuple[str, object]]) -> None:
+    key, _ = regions(X.nbytes)
+    stub = stub_for(server)
+    stub.SystemSharedMemoryRegister(service_pb2.SystemSharedMemoryRegisterRequest(
+        name="shrinking", key=key, byte_size=X.nbytes), timeout=10)
+    try:
+        os.truncate(f"/dev/shm/{key.lstrip('/')}", 0)  # reading past it would be SIGBUS
+        call = request(X)
+        del call.raw_input_contents[:]
+        call.inputs[0].parameters["shared_memory_region"].string_param = "shrinking"
+        call.inputs[0].parameters["shared_memory_byte_size"].int64_param = X.nbytes
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(call, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "shrank to 0 bytes" in (err.value.details() or "")
+        assert stub.ModelInfer(request(X), timeout=10).outputs  # still serving
+    finally:
+        stub.SystemSharedMemoryUnregister(service_pb2.SystemSharedMemoryUnregisterRequest(
+            name="shrinking"), timeout=10)
 
 
 def test_load_and_unload_need_explicit_model_control(
