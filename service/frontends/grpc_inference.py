@@ -66,7 +66,8 @@ def _inputs(request: pb.ModelInferRequest, shm: Regions, model: ServedModel,
     holds one entry for each of the others, in order."""
     config = model.config
     given = [t.name for t in request.inputs]
-    if sorted(given) != sorted(t.name for t in config.inputs):
+    names = [t.name for t in config.inputs]
+    if given != names and sorted(given) != sorted(names):
         invalid(f"model {model.name!r} takes inputs {[t.name for t in config.inputs]}, got "
                 f"[{', '.join(shown(n, 64) for n in given[:16])}]")
     in_shm = [_shm_window(t.parameters, f"input {shown(t.name)}") for t in request.inputs]
@@ -180,6 +181,8 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSp
 
 
 def _check_outputs(request: pb.ModelInferRequest, model: ServedModel, shm: Regions) -> None:
+    if not request.outputs:
+        return  # every output
     names = {t.name for t in model.config.outputs}
     wanted = [o.name for o in request.outputs]
     if any(name not in names for name in wanted) or len(set(wanted)) != len(wanted):
