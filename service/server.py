@@ -27,6 +27,7 @@ from service.engine.reload import ModelControl
 from service.frontends.grpc_classifier import ClassifierServicer, DecodeLimits
 from service.frontends.grpc_edge import EdgeInterceptor
 from service.frontends.grpc_inference import InferenceServicer
+from service.frontends.oip import OpenInference
 from service.metrics import Metrics
 from service.metrics_http import MetricsServer
 from service.probes import LIVENESS, ProbeServer, ProbeState
@@ -172,7 +173,7 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     shm = Regions(SharedMemoryRegistry(), CudaSharedMemoryRegistry())
     control = ModelControl(settings, models, executor, metrics)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(core, shm, control), server)
+        InferenceServicer(OpenInference(core, shm, control)), server)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(
         core, DecodeLimits(settings.max_image_pixels, settings.max_decode_cost)), server)
     health_servicer = health.aio.HealthServicer()

@@ -1,264 +1,58 @@
-"""Open Inference Protocol (KServe v2 / Triton) gRPC servicer.
+"""The Open Inference Protocol's gRPC binding: each RPC hands its message to `OpenInference`.
 
-Inputs arrive as `raw_input_contents` (what tritonclient sends) or typed
-`contents.fp32_contents`; outputs always go back raw, as Triton answers, because
-tritonclient decodes outputs only from `raw_output_contents`.
+`ModelStreamInfer` is the one call with gRPC of its own: a bidirectional stream whose
+requests each run as a call of their own (admitted, batched and counted by the edge).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
-import grpc
-import numpy as np
+from grpc.aio import ServicerContext as Context
 
-from contract.repository import NUMPY_DTYPES, TensorSpec
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from protos import model_config_pb2 as mc
-from service.admission import Call
-from service.core import InferenceCore, InferRequest, ServingError, invalid
-from service.engine.models import ServedModel
-from service.engine.reload import ModelControl
-from service.engine.runtime import Tensors, cuda_available
 from service.frontends.grpc_edge import request_in_stream
-from service.metrics import Duration
-from service.shared_memory import Regions
-from service.status import bounded, shown
+from service.frontends.oip import OpenInference
+from service.status import ServingError
 
 log = logging.getLogger(__name__)
 STREAM_IN_FLIGHT = 64
 """Requests of one ModelStreamInfer stream in progress at once."""
-SERVER_NAME = "cnnserve"
-SERVER_VERSION = "0.1.0"
-PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ("model_configuration", "model_repository", "statistics", "system_shared_memory")
-"""Triton's protocol extensions this server implements whole (load and unload answer
-FAILED_PRECONDITION unless --model-control-mode is explicit, as Triton's do), and
-cuda_shared_memory on a host with a GPU."""
-_TYPED_FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-                 "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-                 "UINT16": "uint_contents", "UINT32": "uint_contents",
-                 "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
-"""Where `InferTensorContents` holds each datatype (FP16 travels raw only)."""
-_CONTENTS_DTYPES: dict[str, type] = {
-    "bool_contents": np.bool_, "int64_contents": np.int64, "uint64_contents": np.uint64,
-    "fp32_contents": np.float32, "fp64_contents": np.float64}
-"""The numpy type each field's values fit whole; the 32-bit fields are read as int64 and
-range-checked against the narrower datatype."""
-
-
-def _declared_rows(request: pb.ModelInferRequest) -> int:
-    """The batch dimension the request declares (its first input's first dim); 0 when
-    there is none (then `_inputs` says what is wrong)."""
-    shape = request.inputs[0].shape if request.inputs else ()
-    return shape[0] if shape else 0
-
-
-def _inputs(request: pb.ModelInferRequest, shm: Regions, model: ServedModel,
-            call: Call) -> Tensors:
-    """The request checked against `model`: its inputs by name, or INVALID_ARGUMENT.
-    Inputs that name a shared memory region are read from it in place; raw_input_contents
-    holds one entry for each of the others, in order."""
-    config = model.config
-    given = [t.name for t in request.inputs]
-    names = [t.name for t in config.inputs]
-    if given != names and sorted(given) != sorted(names):
-        invalid(f"model {model.name!r} takes inputs {[t.name for t in config.inputs]}, got "
-                f"[{', '.join(shown(n, 64) for n in given[:16])}]")
-    in_shm = [_shm_window(t.parameters, f"input {shown(t.name)}") for t in request.inputs]
-    raw = request.raw_input_contents
-    sent = sum(window is None for window in in_shm)
-    if raw and len(raw) != sent:
-        invalid(f"expected {sent} raw_input_contents entries (one per input not in shared "
-                f"memory), got {len(raw)}")
-    specs = {t.name: t for t in config.inputs}
-    tensors: Tensors = {}
-    rows: set[int] = set()
-    next_raw = 0
-    for tensor, window in zip(request.inputs, in_shm, strict=True):
-        spec = specs[tensor.name]
-        shape = _checked_shape(tensor, spec, config.batched)
-        if config.batched:
-            rows.add(shape[0])
-        if (raw or window) and tensor.HasField("contents"):
-            invalid(f"input {spec.name!r}: send its data in one place (contents, "
-                    "raw_input_contents or shared memory)")
-        if window is not None:
-            tensors[spec.name] = shm.read(*window, np.dtype(NUMPY_DTYPES[spec.datatype]), shape)
-        elif raw:
-            tensors[spec.name] = _from_raw(raw[next_raw], spec, shape)
-            next_raw += 1
-        else:
-            tensors[spec.name] = _from_contents(tensor, spec, shape)
-    if len(rows) > 1:
-        invalid(f"every input's first (batch) dimension must be the same, got {sorted(rows)}")
-    _check_outputs(request, model, shm)
-    return {t.name: tensors[t.name] for t in config.inputs}
-
-
-def _shm_window(parameters: Mapping[str, pb.InferParameter], what: str
-                ) -> tuple[str, int, int] | None:
-    """(region, offset, byte_size) from Triton's shared memory parameters, if set."""
-    if "shared_memory_region" not in parameters:
-        return None
-    region = parameters["shared_memory_region"].string_param
-    size = parameters.get("shared_memory_byte_size")
-    if size is None:
-        invalid(f"{what} names shared memory region {shown(region)} without "
-                "shared_memory_byte_size")
-    offset = parameters.get("shared_memory_offset")
-    return (region, _int_param(offset) if offset is not None else 0, _int_param(size))
-
-
-def _int_param(parameter: pb.InferParameter) -> int:
-    kind = parameter.WhichOneof("parameter_choice")
-    if kind not in ("int64_param", "uint64_param"):
-        invalid(f"shared memory sizes and offsets are integers, got {kind}")
-    value = int(getattr(parameter, kind))
-    if value < 0:
-        invalid(f"shared memory sizes and offsets are not negative, got {value}")
-    return value
-
-
-def _checked_shape(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec,
-                   batched: bool) -> tuple[int, ...]:
-    if tensor.datatype != spec.datatype:
-        invalid(f"input {spec.name!r} must have datatype {spec.datatype}, got "
-                f"{shown(tensor.datatype, 16)}")
-    shape = tuple(tensor.shape)
-    expected = ((-1,) if batched else ()) + spec.shape
-    fits = len(shape) == len(expected) and all(
-        d >= 1 and (e == -1 or d == e) for d, e in zip(shape, expected, strict=True))
-    if not fits:
-        wanted = ", ".join("N" if (batched and i == 0) else ("*" if e == -1 else str(e))
-                           for i, e in enumerate(expected))
-        invalid(f"input {spec.name!r} must have shape [{wanted}] (each dim >= 1), got "
-                f"{list(shape[:16])}")
-    return shape
-
-
-def _from_raw(raw: bytes, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
-    dtype = np.dtype(NUMPY_DTYPES[spec.datatype])
-    needed = math.prod(shape) * dtype.itemsize
-    if len(raw) != needed:
-        invalid(f"input {spec.name!r} of shape {list(shape)} needs {needed} bytes of "
-                f"little-endian {spec.datatype}, got {len(raw)}")
-    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
-    if spec.datatype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
-        invalid(f"input {spec.name!r} is BOOL: each byte must be 0 or 1")
-    return array
-
-
-def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec,
-                   shape: tuple[int, ...]) -> np.ndarray:
-    field = _TYPED_FIELDS.get(spec.datatype)
-    if not tensor.HasField("contents"):
-        invalid(f"input {spec.name!r} carries no data: fill raw_input_contents"
-                + (f" or contents.{field}" if field else ""))
-    if field is None:
-        invalid(f"{spec.datatype} input {spec.name!r} travels in raw_input_contents only")
-    others = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
-    if others:
-        invalid(f"{spec.datatype} input data goes in contents.{field}, got {others}")
-    values = getattr(tensor.contents, field)
-    count = math.prod(shape)
-    if len(values) != count:
-        invalid(f"input {spec.name!r} of shape {list(shape)} needs {count} {field} values, "
-                f"got {len(values)}")
-    dtype = np.dtype(NUMPY_DTYPES[spec.datatype])
-    array: np.ndarray = np.asarray(values, dtype=_CONTENTS_DTYPES.get(field, np.int64))
-    if dtype.kind in "iu" and dtype != array.dtype and array.size:
-        info = np.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
-            invalid(f"input {spec.name!r}: values must lie in {info.min}..{info.max} for "
-                    f"{spec.datatype}")
-    return array.astype(dtype).reshape(shape)
-
-
-def _check_outputs(request: pb.ModelInferRequest, model: ServedModel, shm: Regions) -> None:
-    if not request.outputs:
-        return  # every output
-    names = {t.name for t in model.config.outputs}
-    wanted = [o.name for o in request.outputs]
-    if any(name not in names for name in wanted) or len(set(wanted)) != len(wanted):
-        invalid(f"model {model.name!r} has outputs {[t.name for t in model.config.outputs]}; "
-                f"requested [{', '.join(shown(n, 64) for n in wanted[:16])}]")
-    for output in request.outputs:
-        if "classification" in output.parameters:
-            invalid("the classification extension is not supported; use the "
-                    "cnnserve.v1.Classifier API for labels and probabilities")
-        window = _shm_window(output.parameters, f"output {shown(output.name)}")
-        if window is not None:
-            shm.check(window[0])  # NOT_FOUND before the model runs, not after
-
-
-def _shape(spec: TensorSpec, batched: bool) -> list[int]:
-    """A tensor's shape as the protocol's metadata shows it: -1 for the batch dimension."""
-    return [-1, *spec.shape] if batched else list(spec.shape)
-
-
-def _raw(array: np.ndarray, spec: TensorSpec) -> bytes:
-    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[spec.datatype]).tobytes()
-
-
-def _data_type(spec: TensorSpec) -> str:
-    """Triton's configuration enum for a protocol datatype (BYTES is TYPE_STRING)."""
-    return "TYPE_STRING" if spec.datatype == "BYTES" else f"TYPE_{spec.datatype}"
-
-
-def _duration(d: Duration) -> pb.StatisticDuration:
-    return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore, shm: Regions, control: ModelControl) -> None:
-        self.core = core
-        self.shm = shm
-        self.control = control
-        self.extensions = [*EXTENSIONS, *(["cuda_shared_memory"] if cuda_available() else [])]
+    def __init__(self, oip: OpenInference) -> None:
+        self.oip = oip
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context
                          ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+        return await self.oip.ServerLive(request)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.core.models.all_ready)
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context
+                          ) -> pb.ServerReadyResponse:
+        return await self.oip.ServerReady(request)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context
                          ) -> pb.ModelReadyResponse:
-        model = self.core.models.current(request.name)
-        ready = (model is not None and model.ready
-                 and request.version in ("", str(model.version)))
-        return pb.ModelReadyResponse(ready=ready)
+        return await self.oip.ModelReady(request)
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
-                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
-                                         extensions=self.extensions)
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context
+                             ) -> pb.ServerMetadataResponse:
+        return await self.oip.ServerMetadata(request)
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
-                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        model = self.core.model(request.name, request.version)
-        config, meta = model.config, pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=model.name, versions=[str(model.version)], platform=PLATFORM,
-            inputs=[meta(name=t.name, datatype=t.datatype, shape=_shape(t, config.batched))
-                    for t in config.inputs],
-            outputs=[meta(name=t.name, datatype=t.datatype, shape=_shape(t, config.batched))
-                     for t in config.outputs])
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context
+                            ) -> pb.ModelMetadataResponse:
+        return await self.oip.ModelMetadata(request)
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context
                          ) -> pb.ModelInferResponse:
-        return await self._infer(request, "oip", context.time_remaining())
+        return await self.oip.infer(request, "oip", context.time_remaining())
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
-                               context: grpc.aio.ServicerContext
+                               context: Context
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request runs as a call of its own, batched with every other; answers go
         back as they finish, each with its request's id. At most STREAM_IN_FLIGHT are
@@ -272,7 +66,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async with request_in_stream("oip_stream") as call:
                     call.charge(2 * request.ByteSize(), "the request message")
-                    response = await self._infer(request, "oip_stream",
+                    response = await self.oip.infer(request, "oip_stream",
                                                  context.time_remaining())
                 answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:  # noqa: BLE001 - the stream goes on; its client is told
@@ -308,139 +102,49 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(running):
                 task.cancel()
 
-    async def _infer(self, request: pb.ModelInferRequest, api: str, timeout_s: float | None
-                     ) -> pb.ModelInferResponse:
-        result = await self.core.infer(InferRequest(
-            api=api, model=request.model_name, version=request.model_version,
-            rows=_declared_rows(request), prepare=functools.partial(_inputs, request, self.shm),
-            timeout_s=timeout_s))
-        model = result.model
-        wanted = {o.name: o for o in request.outputs}
-        response = pb.ModelInferResponse(model_name=model.name,
-                                         model_version=str(model.version), id=request.id)
-        raw: list[bytes] = []
-        for spec, array in zip(model.config.outputs, result.outputs, strict=True):
-            if wanted and spec.name not in wanted:
-                continue
-            tensor = response.outputs.add(name=spec.name, datatype=spec.datatype,
-                                          shape=array.shape)
-            window = (_shm_window(wanted[spec.name].parameters, f"output {shown(spec.name)}")
-                      if spec.name in wanted else None)
-            if window is None:
-                raw.append(_raw(array, spec))
-                continue
-            written = self.shm.write(*window, array.astype(NUMPY_DTYPES[spec.datatype],
-                                                           copy=False))
-            tensor.parameters["shared_memory_region"].string_param = window[0]
-            tensor.parameters["shared_memory_byte_size"].int64_param = written
-            raw.append(b"")  # one entry per output, as Triton's clients index them
-        response.raw_output_contents.extend(raw)
-        return response
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context
+                          ) -> pb.ModelConfigResponse:
+        return await self.oip.ModelConfig(request)
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        """Triton's configuration of the model, as perf_analyzer and Model Analyzer read it:
-        dims leave out the batch dimension, as in Triton's config.pbtxt."""
-        model = self.core.model(request.name, request.version)
-        config, policy = model.config, model.policy
-        on_gpu = model.provider == "CUDAExecutionProvider"
-        image = mc.ModelInput.FORMAT_NCHW if model.metadata else mc.ModelInput.FORMAT_NONE
-        batching = mc.ModelDynamicBatching(
-            preferred_batch_size=sorted(policy.preferred_batch_sizes),
-            max_queue_delay_microseconds=round(policy.max_queue_delay_s * 1e6))
-        return pb.ModelConfigResponse(config=mc.ModelConfig(
-            name=model.name, platform=PLATFORM, backend="onnxruntime",
-            version_policy=mc.ModelVersionPolicy(
-                latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
-            max_batch_size=policy.max_batch_size,
-            input=[mc.ModelInput(name=t.name, data_type=_data_type(t), format=image,
-                                 dims=list(t.shape)) for t in config.inputs],
-            output=[mc.ModelOutput(name=t.name, data_type=_data_type(t), dims=list(t.shape))
-                    for t in config.outputs],
-            dynamic_batching=batching if config.batched else None,
-            instance_group=[mc.ModelInstanceGroup(
-                name=f"{model.name}_0", count=policy.instances,
-                kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU,
-                gpus=[0] if on_gpu else [])],
-            default_model_filename=model.file or "model.onnx"))
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context
+                              ) -> pb.ModelStatisticsResponse:
+        return await self.oip.ModelStatistics(request)
 
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
-                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
-        return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(
-            name=m.name, version=str(m.version), last_inference=m.stats.last_inference_ms,
-            inference_count=m.stats.inference_count, execution_count=m.stats.execution_count,
-            inference_stats=pb.InferStatistics(
-                success=_duration(m.stats.success), fail=_duration(m.stats.fail),
-                queue=_duration(m.stats.queue),
-                compute_input=_duration(m.stats.compute.input),
-                compute_infer=_duration(m.stats.compute.infer),
-                compute_output=_duration(m.stats.compute.output)),
-            batch_stats=[pb.InferBatchStatistics(
-                batch_size=size, compute_input=_duration(c.input),
-                compute_infer=_duration(c.infer), compute_output=_duration(c.output))
-                for size, c in sorted(m.stats.batches.items())])
-            for m in self.core.statistics(request.name, request.version)])
-
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
-                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
-        entries = [pb.RepositoryIndexResponse.ModelIndex(
-            name=v.name, version=str(v.version) if v.version else "", state=v.state,
-            reason=bounded(v.reason)) for v in await self.control.index()
-            if v.state == "READY" or not request.ready]
-        return pb.RepositoryIndexResponse(models=entries)
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
+                              ) -> pb.RepositoryIndexResponse:
+        return await self.oip.RepositoryIndex(request)
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
-                                  context: grpc.aio.ServicerContext
-                                  ) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            invalid(f"load parameters are not supported (got {sorted(request.parameters)[:8]}): "
-                    "edit the repository, then load")
-        await self.control.load(request.model_name)
-        return pb.RepositoryModelLoadResponse()
+                                  context: Context) -> pb.RepositoryModelLoadResponse:
+        return await self.oip.RepositoryModelLoad(request)
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
-                                    context: grpc.aio.ServicerContext
-                                    ) -> pb.RepositoryModelUnloadResponse:
-        await self.control.unload(request.model_name)
-        return pb.RepositoryModelUnloadResponse()
+                                    context: Context) -> pb.RepositoryModelUnloadResponse:
+        return await self.oip.RepositoryModelUnload(request)
 
-    async def SystemSharedMemoryRegister(
-            self, request: pb.SystemSharedMemoryRegisterRequest,
-            context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:
-        self.shm.register_system(request.name, request.key, request.offset, request.byte_size)
-        return pb.SystemSharedMemoryRegisterResponse()
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
+                                         context: Context
+                                         ) -> pb.SystemSharedMemoryRegisterResponse:
+        return await self.oip.SystemSharedMemoryRegister(request)
 
-    async def SystemSharedMemoryStatus(
-            self, request: pb.SystemSharedMemoryStatusRequest,
-            context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryStatusResponse:
-        status = pb.SystemSharedMemoryStatusResponse.RegionStatus
-        return pb.SystemSharedMemoryStatusResponse(regions={
-            r.name: status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
-            for r in self.shm.system.status(request.name)})
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
+                                       context: Context) -> pb.SystemSharedMemoryStatusResponse:
+        return await self.oip.SystemSharedMemoryStatus(request)
 
     async def SystemSharedMemoryUnregister(
-            self, request: pb.SystemSharedMemoryUnregisterRequest,
-            context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:
-        self.shm.system.unregister(request.name)
-        return pb.SystemSharedMemoryUnregisterResponse()
+            self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        return await self.oip.SystemSharedMemoryUnregister(request)
 
-    async def CudaSharedMemoryRegister(
-            self, request: pb.CudaSharedMemoryRegisterRequest,
-            context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryRegisterResponse:
-        self.shm.register_cuda(request.name, request.raw_handle, request.device_id,
-                               request.byte_size)
-        return pb.CudaSharedMemoryRegisterResponse()
+    async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
+                                       context: Context) -> pb.CudaSharedMemoryRegisterResponse:
+        return await self.oip.CudaSharedMemoryRegister(request)
 
-    async def CudaSharedMemoryStatus(
-            self, request: pb.CudaSharedMemoryStatusRequest,
-            context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryStatusResponse:
-        status = pb.CudaSharedMemoryStatusResponse.RegionStatus
-        return pb.CudaSharedMemoryStatusResponse(regions={
-            r.name: status(name=r.name, device_id=r.device_id, byte_size=r.byte_size)
-            for r in self.shm.cuda.status(request.name)})
+    async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
+                                     context: Context) -> pb.CudaSharedMemoryStatusResponse:
+        return await self.oip.CudaSharedMemoryStatus(request)
 
-    async def CudaSharedMemoryUnregister(
-            self, request: pb.CudaSharedMemoryUnregisterRequest,
-            context: grpc.aio.ServicerContext) -> pb.CudaSharedMemoryUnregisterResponse:
-        self.shm.cuda.unregister(request.name)
-        return pb.CudaSharedMemoryUnregisterResponse()
+    async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
+                                         context: Context
+                                         ) -> pb.CudaSharedMemoryUnregisterResponse:
+        return await self.oip.CudaSharedMemoryUnregister(request)
