@@ -59,7 +59,7 @@ RUN pip install --no-deps . \
 USER 10001
 ENV CNNSERVE_REPO=/models CNNSERVE_HOST=0.0.0.0 CNNSERVE_PORT=8001 CNNSERVE_METRICS_PORT=8002 \
     CNNSERVE_PROBE_PORT=8003
-EXPOSE 8001 8002 8003
+EXPOSE 8000 8001 8002 8003
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["sh", "-c", "python -m service.client --health --timeout 3 --address 127.0.0.1:${CNNSERVE_PROBE_PORT}"]
 STOPSIGNAL SIGTERM

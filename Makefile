@@ -8,6 +8,7 @@ REPO ?= $(RUN)/model_repository
 PORT ?= 8001
 METRICS_PORT ?= 8002
 PROBE_PORT ?= 8003
+HTTP_PORT ?= 8000
 
 .PHONY: demo train export serve bench test lint stubs install clean perf-analyzer
 
@@ -20,7 +21,7 @@ install: $(STAMP)
 
 # train -> export -> serve -> classify a few held-out digits -> a short load test.
 demo: train export
-	@$(BIN)/python -m service --repo $(REPO) --port $(PORT) --metrics-port $(METRICS_PORT) --probe-port $(PROBE_PORT) \
+	@$(BIN)/python -m service --repo $(REPO) --port $(PORT) --metrics-port $(METRICS_PORT) --probe-port $(PROBE_PORT) --http-port $(HTTP_PORT) \
 	    > $(RUN)/server.log 2>&1 & pid=$$!; \
 	  trap 'kill $$pid 2>/dev/null' EXIT; \
 	  $(BIN)/python -m service.client --address 127.0.0.1:$(PORT) --wait 120 --digits 8 \
@@ -40,7 +41,7 @@ export: $(STAMP)
 	$(BIN)/python -m export --all $(RUN) --repo $(REPO) --fp16
 
 serve: $(STAMP)
-	$(BIN)/python -m service --repo $(REPO) --port $(PORT) --metrics-port $(METRICS_PORT) --probe-port $(PROBE_PORT)
+	$(BIN)/python -m service --repo $(REPO) --port $(PORT) --metrics-port $(METRICS_PORT) --probe-port $(PROBE_PORT) --http-port $(HTTP_PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

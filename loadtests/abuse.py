@@ -351,6 +351,7 @@ def _server(repo: Path, env: dict[str, str]) -> tuple[Launched, int, int]:
     metrics_port, probe_port = free_port(), free_port()
     server = launch([sys.executable, "-m", "service", "--repo", str(repo), "--port", "0",
                      "--metrics-port", str(metrics_port), "--probe-port", str(probe_port),
+                     "--http-port", "0",
                      "--device", "cpu"], env=env)
     return server, metrics_port, probe_port
 

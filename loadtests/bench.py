@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics_port = free_port()
     serve = [sys.executable, "-m", "service", "--repo", str(args.repo), "--port", "0",
              "--metrics-port", str(metrics_port), "--probe-port", str(free_port()),
-             "--device", args.device,
+             "--http-port", str(free_port()), "--device", args.device,
              *shlex.split(args.server_args)]
     if args.workers > 1:
         serve[serve.index("--port") + 1] = str(free_port())

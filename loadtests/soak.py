@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = args.minutes * 60
     serve = [sys.executable, "-m", "service", "--repo", str(args.repo), "--port", "0",
              "--metrics-port", str(free_port()), "--probe-port", str(free_port()),
-             "--device", args.device,
+             "--http-port", "0", "--device", args.device,
              *(["--max-queue-size", str(args.queue_size)] if args.overload else [])]
     scenario = Scenario(kind, args.model, "oip", users, 1, True)
     prefix = out / scenario.slug

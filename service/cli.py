@@ -22,6 +22,7 @@ _FLAGS: dict[str, dict[str, object]] = {
     "port": {"type": int, "help": "gRPC port (default 8001; 0 picks a free one)"},
     "metrics_port": {"type": int, "help": "Prometheus port (default 8002)"},
     "probe_port": {"type": int, "help": "liveness/readiness port (default 8003)"},
+    "http_port": {"type": int, "help": "REST port (default 8000; 0 picks a free one)"},
     "workers": {"type": int, "help": "server processes sharing the port"},
     "device": {"choices": ("auto", "cpu", "cuda")},
     "precision": {"choices": ("fp32", "fp16")},
@@ -51,6 +52,7 @@ def parse_settings(argv: Sequence[str] | None) -> tuple[ServiceSettings, argpars
     for name, kwargs in _FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)  # type: ignore[arg-type]
     p.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    p.add_argument("--no-http-port", action="store_true", help="serve no REST port")
     p.add_argument("--no-probe-port", action="store_true",
                    help="no probe listener (probes still answer on the gRPC port)")
     p.add_argument("--settings-json", type=Path, help=argparse.SUPPRESS)  # worker processes
@@ -60,6 +62,8 @@ def parse_settings(argv: Sequence[str] | None) -> tuple[ServiceSettings, argpars
         given["metrics_port"] = None
     if args.no_probe_port:
         given["probe_port"] = None
+    if args.no_http_port:
+        given["http_port"] = None
     if args.settings_json:
         return ServiceSettings(**json.loads(args.settings_json.read_text())), args
     return ServiceSettings(**given), args

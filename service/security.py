@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
@@ -66,22 +67,49 @@ def load_tokens(settings: ServiceSettings) -> list[bytes]:
     return [t.encode() for t in tokens]
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without an accepted `authorization: Bearer <token>` with UNAUTHENTICATED."""
+REFUSAL = ("missing or unaccepted bearer token: send the header 'authorization: Bearer "
+           "<token>'")
 
-    def __init__(self, tokens: Sequence[bytes], open_services: Sequence[str]) -> None:
+
+class BearerTokens:
+    """The accepted tokens, checked in constant time; for every protocol's edge."""
+
+    def __init__(self, tokens: Sequence[bytes]) -> None:
         self._tokens = list(tokens)  # load_tokens guarantees at least one
-        self._open = frozenset(open_services)
-        self._refusals = Throttled(log)
 
-    def _accepts(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
-        presented = next((v for k, v in metadata or () if k == AUTH_HEADER), None)
+    def accepts(self, presented: object) -> bool:
+        """`presented` is the authorization header's value, as it arrived."""
         if not isinstance(presented, str) or not presented.startswith(BEARER):
             return False
         candidate = presented[len(BEARER):].encode()
         # Compare with every token, without stopping early, so timing tells nothing.
         matches = [hmac.compare_digest(candidate, token) for token in self._tokens]
         return any(matches)
+
+
+def ssl_context(settings: ServiceSettings) -> ssl.SSLContext | None:
+    """The same TLS (and mutual TLS) as the gRPC port's, for the HTTP port."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    if settings.tls_client_ca_file is not None:
+        context.load_verify_locations(settings.tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without an accepted `authorization: Bearer <token>` with UNAUTHENTICATED."""
+
+    def __init__(self, tokens: Sequence[bytes], open_services: Sequence[str]) -> None:
+        self._tokens = BearerTokens(tokens)
+        self._open = frozenset(open_services)
+        self._refusals = Throttled(log)
+
+    def _accepts(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        return self._tokens.accepts(next((v for k, v in metadata or () if k == AUTH_HEADER),
+                                         None))
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -99,9 +127,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _refuse(request: object, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                        "missing or unaccepted bearer token: send metadata "
-                        "'authorization: Bearer <token>'")
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
 
 
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
@@ -27,15 +28,19 @@ from service.engine.reload import ModelControl
 from service.frontends.grpc_classifier import ClassifierServicer, DecodeLimits
 from service.frontends.grpc_edge import EdgeInterceptor
 from service.frontends.grpc_inference import InferenceServicer
+from service.frontends.http_edge import HttpEdge
+from service.frontends.http_inference import InferenceRoutes
 from service.frontends.oip import OpenInference
 from service.metrics import Metrics
 from service.metrics_http import MetricsServer
 from service.probes import LIVENESS, ProbeServer, ProbeState
 from service.ready import ready_line
 from service.security import (
+    BearerTokens,
     TokenAuthInterceptor,
     load_tokens,
     server_credentials,
+    ssl_context,
     warn_if_exposed,
 )
 from service.settings import ServiceSettings
@@ -61,6 +66,10 @@ class RunningServer:
     decoder: ThreadPoolExecutor
     probes: ProbeState
     shm: Regions
+    oip: OpenInference
+    http: web.AppRunner | None = None
+    """The REST port's server, when it is on."""
+    http_port: int | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     """Background work (the repository watcher, the connection count), cancelled at stop."""
     _announced: set[str] = field(default_factory=set)
@@ -94,6 +103,7 @@ class RunningServer:
         """
         deadline = time.monotonic() + grace_s
         self.probes.drain()
+        self.oip.draining = True
         for task in self.tasks:
             task.cancel()
         await self.health.enter_graceful_shutdown()
@@ -105,11 +115,32 @@ class RunningServer:
                 self.core.in_flight
                 or time.monotonic() - self.core.last_call_at < DRAIN_QUIET_S):
             await asyncio.sleep(0.01)
+        if self.http is not None:  # closes idle connections; running requests have ended
+            await self.http.cleanup()
         await self.server.stop(max(deadline - time.monotonic(), 0.0))
         # Calls have ended, so every decode in progress was told to stop between images.
         self.decoder.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True)
         self.shm.close()
+
+
+async def start_http(settings: ServiceSettings, oip: OpenInference,
+                     classifier: ClassifierServicer, admission: Admission, metrics: Metrics,
+                     reuse_port: bool) -> tuple[web.AppRunner, int]:
+    """The REST binding on the same event loop as gRPC; returns its runner and port."""
+    tokens = BearerTokens(load_tokens(settings)) if settings.auth else None
+    edge = HttpEdge(admission, metrics, tokens, settings.request_arrival_timeout_s)
+    app = web.Application(client_max_size=settings.max_message_bytes,
+                          middlewares=[edge.middleware])
+    app.add_routes(InferenceRoutes(oip, classifier, edge.read_body).routes())
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           keepalive_timeout=settings.max_connection_idle_s,
+                           shutdown_timeout=settings.grace_period_s)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.http_port,
+                       ssl_context=ssl_context(settings), reuse_port=reuse_port or None)
+    await site.start()
+    return runner, runner.addresses[0][1]
 
 
 def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[str, int]]:
@@ -172,10 +203,12 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
         settings.max_images_per_request, settings.request_timeout_s), decoder)
     shm = Regions(SharedMemoryRegistry(), CudaSharedMemoryRegistry())
     control = ModelControl(settings, models, executor, metrics)
+    oip = OpenInference(core, shm, control)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(OpenInference(core, shm, control)), server)
-    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(
-        core, DecodeLimits(settings.max_image_pixels, settings.max_decode_cost)), server)
+        InferenceServicer(oip), server)
+    classifier = ClassifierServicer(
+        core, DecodeLimits(settings.max_image_pixels, settings.max_decode_cost))
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -188,7 +221,11 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     warn_if_exposed(settings)
     await server.start()
     probes = probes or ProbeState()
-    running = RunningServer(server, port, core, health_servicer, executor, decoder, probes, shm)
+    running = RunningServer(server, port, core, health_servicer, executor, decoder, probes, shm,
+                            oip)
+    if settings.http_port is not None:
+        running.http, running.http_port = await start_http(settings, oip, classifier, admission,
+                                                           metrics, reuse_port)
     control.on_change = running.set_serving
     await running.set_serving()
     running.tasks.append(asyncio.create_task(
@@ -231,7 +268,8 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
     log.info("listening on %s:%d (%s%s)%s; serving %s", settings.host, running.port,
              "mutual TLS" if settings.tls_client_ca_file else "TLS" if settings.tls
              else "plaintext", ", bearer tokens" if settings.auth else "",
-             f", probes on {probe_server.port}" if probe_server else "", ", ".join(ready))
+             (f", REST on {running.http_port}" if running.http_port else "")
+             + (f", probes on {probe_server.port}" if probe_server else ""), ", ".join(ready))
     unready = "; ".join(f"model {m.name} ({bounded(m.reason, 200)})"
                         for m in running.models if not m.ready)
     print(ready_line("cnnserve", settings.host, running.port, unready), flush=True)

@@ -44,6 +44,9 @@ class ServiceSettings(BaseSettings):
     repo: Path = Path("model_repository")
     host: str = "127.0.0.1"
     port: int = Field(default=8001, ge=0, le=65535)
+    http_port: int | None = Field(default=8000, ge=0, le=65535)
+    """The Open Inference Protocol's REST binding (Triton's 8000), with the gRPC port's
+    TLS, tokens, limits and admission. None turns it off; 0 picks a free port."""
     metrics_port: int | None = Field(default=8002, ge=0, le=65535)
     """Prometheus metrics over HTTP; None turns the endpoint off."""
     probe_port: int | None = Field(default=8003, ge=0, le=65535)
@@ -190,8 +193,9 @@ class ServiceSettings(BaseSettings):
         if self.model_control_mode == "explicit" and self.workers > 1:
             raise ValueError("model_control_mode explicit needs workers 1: a load call reaches "
                              "one worker only")
-        if self.workers > 1 and self.port == 0:
-            raise ValueError("workers > 1 share one port: set an explicit port, not 0")
+        if self.workers > 1 and 0 in (self.port, self.http_port):
+            raise ValueError("workers > 1 share one port: set explicit ports (port, "
+                             "http_port), not 0")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both tls_cert_file and tls_key_file, got only "
                              f"{'tls_cert_file' if self.tls_cert_file else 'tls_key_file'}")

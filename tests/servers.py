@@ -16,6 +16,7 @@ START_TIMEOUT_S = 120
 class ServerProcess(Launched):
     metrics_port: int
     probe_port: int
+    http_port: int
 
     def metrics(self) -> str:
         import urllib.request
@@ -28,11 +29,12 @@ class ServerProcess(Launched):
 def start_server(repo: Path, *args: str, env: dict[str, str] | None = None, port: int = 0,
                  processes: int = 1) -> ServerProcess:
     """Start `python -m service` and wait (bounded) for each process's ready line."""
-    metrics_port, probe_port = free_port(), free_port()
+    metrics_port, probe_port, http_port = free_port(), free_port(), free_port()
     started = launch(
         [sys.executable, "-m", "service", "--repo", str(repo), "--host", "127.0.0.1",
          "--port", str(port), "--metrics-port", str(metrics_port),
-         "--probe-port", str(probe_port), "--device", "cpu",
+         "--probe-port", str(probe_port), "--http-port", str(http_port), "--device", "cpu",
          "--intra-op-threads", "1", *args],  # later flags win: args override these
         processes=processes, timeout=START_TIMEOUT_S, env=env)
-    return ServerProcess(started.proc, started.port, started.lines, metrics_port, probe_port)
+    return ServerProcess(started.proc, started.port, started.lines, metrics_port, probe_port,
+                         http_port)

@@ -105,11 +105,16 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
                       ) -> pb.PredictResponse:
+        return await self.predict(request, "classifier", context.time_remaining())
+
+    async def predict(self, request: pb.PredictRequest, api: str, timeout_s: float | None
+                      ) -> pb.PredictResponse:
+        """Classify the request's images; shared by the gRPC and REST bindings."""
         encoded = any(i.WhichOneof("source") == "encoded" for i in request.images)
         result = await self.core.infer(InferRequest(
-            api="classifier", model=request.model, version=request.version,
+            api=api, model=request.model, version=request.version,
             rows=len(request.images), prepare=functools.partial(_inputs, request, self.limits),
-            timeout_s=context.time_remaining(), offload=encoded))
+            timeout_s=timeout_s, offload=encoded))
         labels = result.model.config.labels
         top_k = min(max(request.top_k, 1), len(labels))
         return pb.PredictResponse(model=result.model.name, version=str(result.model.version),

@@ -216,12 +216,14 @@ class OpenInference:
         self.shm = shm
         self.control = control
         self.extensions = [*EXTENSIONS, *(["cuda_shared_memory"] if cuda_available() else [])]
+        self.draining = False
+        """Set at shutdown: the server answers not ready while it finishes what it holds."""
 
     async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.core.models.all_ready)
+        return pb.ServerReadyResponse(ready=self.core.models.all_ready and not self.draining)
 
     async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
         model = self.core.models.current(request.name)

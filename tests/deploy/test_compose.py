@@ -65,7 +65,7 @@ def test_services_are_ordered_and_wired() -> None:
         "service_completed_successfully"
     assert services["locust-master"]["depends_on"]["server"]["condition"] == "service_healthy"
     published = {p["published"]: p["target"] for p in services["server"]["ports"]}
-    assert published == {"8001": 8001, "8002": 8002}
+    assert published == {"8000": 8000, "8001": 8001, "8002": 8002}
     assert {p["target"] for p in services["locust-master"]["ports"]} == {8089}
     assert services["locust-worker"]["command"][-1] == "locust-master"
     assert "monitoring" in services["grafana"]["profiles"]
@@ -136,11 +136,11 @@ def test_the_containers_commands_run_as_plain_processes(tmp_path: Path) -> None:
     assert [p.name for p in (models / "lenet").iterdir() if p.is_dir()] == ["1"]
 
     server = services["server"]
-    port, metrics_port, probe_port = free_port(), free_port(), free_port()
+    port, metrics_port, probe_port, http_port = free_port(), free_port(), free_port(), free_port()
     env = {**base, **{k: v for k, v in server["environment"].items() if v not in ("", None)},
            "CNNSERVE_REPO": str(models), "CNNSERVE_HOST": "127.0.0.1",
            "CNNSERVE_PORT": str(port), "CNNSERVE_METRICS_PORT": str(metrics_port),
-           "CNNSERVE_PROBE_PORT": str(probe_port)}
+           "CNNSERVE_PROBE_PORT": str(probe_port), "CNNSERVE_HTTP_PORT": str(http_port)}
     log = tmp_path / "server.log"
     proc = subprocess.Popen(server["command"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=log.open("w"))

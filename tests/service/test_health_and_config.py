@@ -54,7 +54,7 @@ def test_settings_come_from_file_then_environment(tmp_path: Path,
     ({"CNNSERVE_PORT": "70000"}, "less than or equal to 65535"),
     ({"CNNSERVE_DEVICE": "tpu"}, "'auto', 'cpu' or 'cuda'"),
     ({"CNNSERVE_MODELS": '{"lenet": {"max_batch_size": 0}}'}, "greater than or equal to 1"),
-    ({"CNNSERVE_WORKERS": "2", "CNNSERVE_PORT": "0"}, "set an explicit port"),
+    ({"CNNSERVE_WORKERS": "2", "CNNSERVE_PORT": "0"}, "set explicit ports"),
 ])
 def test_invalid_configuration_fails_at_start_with_the_reason(
         served_repo: Path, env: dict[str, str], message: str) -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +123,14 @@ def test_tls_server_refuses_plaintext_and_serves_verified_clients(
                                           root_certificates=str(pki.ca))
     assert client.is_server_ready()
     assert any("(TLS)" in line for line in server.lines)
+    # The REST port speaks the same TLS, and nothing else.
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    with urllib.request.urlopen(f"https://localhost:{server.http_port}/v2/health/ready",
+                                context=context, timeout=10) as answer:
+        assert answer.status == 200
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/ready",
+                               timeout=10)
 
 
 def test_mutual_tls_admits_only_clients_with_a_trusted_certificate(
@@ -165,6 +177,20 @@ def test_tokens_are_required_health_stays_open_and_tokens_never_reach_the_log(
             call()
     assert not client.get_system_shared_memory_status(
         headers={"authorization": "Bearer env-token"}).regions
+    # The REST port asks for the same tokens; its health endpoints stay open for probes.
+    rest = f"http://127.0.0.1:{server.http_port}"
+    for headers, expected in (({}, 401), ({"Authorization": "Bearer nope"}, 401),
+                              ({"Authorization": "Bearer file-token-2"}, 200)):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(
+                    f"{rest}/v2/models/lenet", headers=headers), timeout=10) as answer:
+                status = answer.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            assert "bearer token" in json.loads(exc.read())["error"]
+        assert status == expected, headers
+    with urllib.request.urlopen(f"{rest}/v2/health/ready", timeout=10) as answer:
+        assert answer.status == 200
     assert server.terminate() == 0
     log = "".join(server.lines)
     assert "refused an unauthenticated call" in log

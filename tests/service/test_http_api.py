@@ -1,0 +1,189 @@
+"""The Open Inference Protocol's REST binding on the HTTP port, driven by tritonclient.http
+and by plain HTTP requests."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from tests.servers import ServerProcess
+from tests.service.oip import wait_until
+from tests.service.test_inference_api import direct
+
+X = np.random.default_rng(11).standard_normal((3, 1, 28, 28)).astype(np.float32)
+BINARY_HEADER = json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
+                                        "shape": [1, 1, 28, 28],
+                                        "parameters": {"binary_data_size": 3136}}]}).encode()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> triton_http.InferenceServerClient:
+    return triton_http.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+
+
+def call(server: ServerProcess, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None, method: str | None = None
+         ) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=body,
+                                     headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_tritonclient_http_reads_health_metadata_config_and_statistics(
+        client: triton_http.InferenceServerClient) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("lenet") and not client.is_model_ready("lenet", "7")
+    assert client.get_server_metadata()["name"] == "cnnserve"
+    meta = client.get_model_metadata("lenet")
+    assert meta["versions"] == ["1"] and meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
+    config = client.get_model_config("lenet")
+    assert config["max_batch_size"] == 32 and config["input"][0]["data_type"] == "TYPE_FP32"
+    assert config["input"][0]["dims"] == [1, 28, 28]
+    index = client.get_model_repository_index()
+    assert {(m["name"], m["state"]) for m in index} >= {("lenet", "READY")}
+    stats = client.get_inference_statistics("lenet")["model_stats"][0]
+    assert stats["version"] == "1" and isinstance(stats["inference_count"], int)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_http_inference_equals_onnxruntime(
+        client: triton_http.InferenceServerClient, served_repo: Path, binary: bool) -> None:
+    tensor = triton_http.InferInput("input", list(X.shape), "FP32")
+    tensor.set_data_from_numpy(X, binary_data=binary)
+    wanted = triton_http.InferRequestedOutput("logits", binary_data=binary)
+    result = client.infer("lenet", [tensor], outputs=[wanted], request_id="r-1")
+    np.testing.assert_allclose(result.as_numpy("logits"), direct(served_repo, "lenet", X),
+                               rtol=1e-5, atol=1e-5)
+    assert result.get_response()["id"] == "r-1"
+    everything = client.infer("lenet", [tensor])  # no outputs named: all, in binary
+    np.testing.assert_allclose(everything.as_numpy("logits"), direct(served_repo, "lenet", X),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_json_tensors_may_be_nested_and_answers_are_row_major(
+        server: ServerProcess, served_repo: Path) -> None:
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28],
+                                   "data": X[:1].tolist()}]}).encode()
+    status, answer = call(server, "/v2/models/lenet/versions/1/infer", body,
+                          {"Content-Type": "application/json"})
+    assert status == 200
+    output = json.loads(answer)["outputs"][0]
+    assert output["shape"] == [1, 10] and output["datatype"] == "FP32"
+    np.testing.assert_allclose(output["data"], direct(served_repo, "lenet", X[:1]).ravel(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("path", "body", "headers", "code", "message"), [
+    ("/v2/models/resnet/infer", b'{"inputs": []}', {}, 400, "non-empty 'inputs'"),
+    ("/v2/models/resnet/infer", b'{"inputs": [{"name": "input", "datatype": "FP32", '
+     b'"shape": [1], "data": [1]}]}', {}, 404, "unknown model 'resnet'"),
+    ("/v2/models/lenet/infer", b"{not json", {}, 400, "not valid JSON"),
+    ("/v2/models/lenet/infer", b'{"inputs": [{"name": "input", "datatype": "FP32", '
+     b'"shape": [1, 1, 28, 27], "data": [0]}]}', {}, 400, "needs 756 values, got 1"),
+    ("/v2/models/lenet/infer", b'{"inputs": [{"name": "input", "datatype": "FP32", '
+     b'"shape": [1, 1, 28, 28], "data": ["a"]}]}', {}, 400, "is not FP32 values"),
+    ("/v2/models/lenet/infer", BINARY_HEADER,
+     {"Inference-Header-Content-Length": str(len(BINARY_HEADER))}, 400, "runs past"),
+    ("/v2/models/lenet/infer", b"{}", {"Inference-Header-Content-Length": "x"}, 400,
+     "Inference-Header-Content-Length must be"),
+    ("/v2/models/lenet/infer", b'{"inputs": [{"name": "input", "datatype": "FP32", '
+     b'"shape": [1, 1, 28, 28], "data": []}], "outputs": [{"name": "probs"}]}', {}, 400,
+     "needs 784 values"),
+    ("/v2/nowhere", None, {}, 404, "Not Found"),
+])
+def test_bad_requests_answer_the_protocols_error_with_the_matching_status(
+        server: ServerProcess, path: str, body: bytes | None, headers: dict[str, str],
+        code: int, message: str) -> None:
+    status, answer = call(server, path, body, headers, "POST" if body is not None else "GET")
+    assert status == code, answer
+    assert message in json.loads(answer)["error"], answer
+
+
+def test_every_request_is_counted_with_api_http(server: ServerProcess) -> None:
+    call(server, "/v2/models/lenet/infer", b"{not json")
+    text = server.metrics()
+    assert re.search(r'cnnserve_requests_total\{api="http",code="INVALID_ARGUMENT"', text)
+    assert re.search(r'cnnserve_requests_total\{api="http",code="OK",model="lenet"\}', text)
+
+
+def test_a_body_over_the_message_limit_is_413_before_it_is_read(
+        served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory(served_repo, env={"CNNSERVE_MAX_MESSAGE_BYTES": str(1 << 20)})
+    status, answer = call(server, "/v2/models/lenet/infer", b"x" * (3 << 19))
+    assert status == 413 and "error" in json.loads(answer)
+    assert call(server, "/v2/health/ready")[0] == 200
+
+
+def test_a_request_whose_client_hangs_up_never_reaches_the_model(
+        served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    # A lone request waits 3 s in the queue for company; its client leaves after 0.3 s.
+    server = server_factory(served_repo, "--max-queue-delay-us", "3000000")
+    header = BINARY_HEADER
+    body = header + X[:1].tobytes()
+    with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+        sock.sendall(b"POST /v2/models/lenet/infer HTTP/1.1\r\nHost: x\r\n"
+                     b"Inference-Header-Content-Length: " + str(len(header)).encode() +
+                     b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.3)  # the request is queued by now; the test is that it never runs
+    wait_until(lambda: 'api="http",code="CANCELLED"' in server.metrics(), timeout=10)
+    time.sleep(3.5)  # past the queue delay, when it would have run
+    stats = json.loads(call(server, "/v2/models/lenet/stats")[1])["model_stats"][0]
+    assert stats["inference_count"] == 0, stats
+
+
+def test_tritonclient_http_errors_are_exceptions_with_the_server_text(
+        client: triton_http.InferenceServerClient) -> None:
+    tensor = triton_http.InferInput("input", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(X[:1])
+    with pytest.raises(InferenceServerException, match="unknown model 'resnet'"):
+        client.infer("resnet", [tensor])
+
+
+def _png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_images_are_classified_from_their_bytes_or_multipart_files(
+        server: ServerProcess) -> None:
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 12:16] = 255  # a "1"
+    status, answer = call(server, "/v2/models/lenet/classify?top_k=3", _png(digit),
+                          {"Content-Type": "image/png"})
+    assert status == 200, answer
+    (classification,) = json.loads(answer)["classifications"]
+    assert len(classification["predictions"]) == 3
+    probabilities = [p["probability"] for p in classification["predictions"]]
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1
+    boundary = "cnnserve-boundary"
+    parts = b"".join(
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+        f"filename=\"{i}.png\"\r\nContent-Type: image/png\r\n\r\n".encode() + _png(digit)
+        + b"\r\n" for i in range(2)) + f"--{boundary}--\r\n".encode()
+    status, answer = call(server, "/v2/models/lenet/classify", parts,
+                          {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200, answer
+    assert len(json.loads(answer)["classifications"]) == 2
+    status, answer = call(server, "/v2/models/lenet/classify", b"not an image",
+                          {"Content-Type": "image/png"})
+    assert status == 400 and "error" in json.loads(answer)
