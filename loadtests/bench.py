@@ -32,7 +32,13 @@ from service.engine.runtime import ModelRunner
 from service.settings import ServiceSettings
 
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
-METHOD = {"oip": ("InferenceUser", "ModelInfer"), "classifier": ("ClassifierUser", "Predict")}
+HTTP_LOCUSTFILE = ROOT / "loadtests" / "http_locustfile.py"
+METHOD = {"oip": (LOCUSTFILE, "InferenceUser", "ModelInfer"),
+          "classifier": (LOCUSTFILE, "ClassifierUser", "Predict"),
+          "rest-binary": (HTTP_LOCUSTFILE, "HttpBinaryUser", "REST infer binary"),
+          "rest-json": (HTTP_LOCUSTFILE, "HttpJsonUser", "REST infer json"),
+          "rest-png": (HTTP_LOCUSTFILE, "HttpPngUser", "REST classify png")}
+"""Per api: the locustfile, its user class, and the row it reports."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,10 @@ def plan(models: Sequence[str], quick: bool) -> list[Scenario]:
     # gets to onnxruntime's own batch-32 throughput with the load generator on this host.
     scenarios += [Scenario("saturation", m, "oip", 4, 32, True) for m in models]
     scenarios += [Scenario("png", focus, "classifier", 32, 1, True),
+                  Scenario("png", focus, "rest-png", 32, 1, True),
                   Scenario("transport", smallest, "oip", 32, 1, True),
+                  Scenario("transport", smallest, "rest-binary", 32, 1, True),
+                  Scenario("transport", smallest, "rest-json", 32, 1, True),
                   Scenario("transport", "echo", "oip", 32, 1, False, echo=True)]
     return scenarios
 
@@ -86,8 +95,8 @@ def batch_buckets(metrics_url: str | None, model: str) -> dict[str, float]:
 
 def run_locust(target: str, scenario: Scenario, seconds: float, prefix: Path,
                processes: int = 1, extra: Sequence[str] = ()) -> None:
-    user_class, _ = METHOD[scenario.api]
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", target,
+    locustfile, user_class, _ = METHOD[scenario.api]
+    cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--host", target,
            *(["--processes", str(processes)] if processes > 1 else []),
            "-u", str(scenario.users), "-r", str(scenario.users), "-t", f"{seconds:g}s",
            "--stop-timeout", "5", "--csv", str(prefix), "--html", f"{prefix}.html",
@@ -103,7 +112,7 @@ def measure(scenario: Scenario, target: str, metrics_url: str | None, seconds: f
     prefix = out / scenario.slug
     run_locust(target, scenario, seconds, prefix, processes)
     after = batch_buckets(metrics_url, scenario.model)
-    stats = read_locust_stats(Path(f"{prefix}_stats.csv"), METHOD[scenario.api][1])
+    stats = read_locust_stats(Path(f"{prefix}_stats.csv"), METHOD[scenario.api][2])
     result = ScenarioResult(
         scenario=scenario.name, model=scenario.model, api=scenario.api, users=scenario.users,
         images_per_request=scenario.images_per_request, batching=scenario.batching,
@@ -192,10 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"benchmark: {len(scenarios)} scenarios of {args.seconds:g}s, models {models}, "
           f"device {args.device}; report in {out}", flush=True)
     results: list[ScenarioResult] = []
-    metrics_port = free_port()
+    metrics_port, http_port = free_port(), free_port()
     serve = [sys.executable, "-m", "service", "--repo", str(args.repo), "--port", "0",
              "--metrics-port", str(metrics_port), "--probe-port", str(free_port()),
-             "--http-port", str(free_port()), "--device", args.device,
+             "--http-port", str(http_port), "--device", args.device,
              *shlex.split(args.server_args)]
     if args.workers > 1:
         serve[serve.index("--port") + 1] = str(free_port())
@@ -207,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with launched(serve + extra + ["--workers", str(args.workers)],
                       processes=args.workers) as server:
             for scenario in todo:
-                results.append(measure(scenario, f"127.0.0.1:{server.port}",
+                target = (f"http://127.0.0.1:{http_port}" if scenario.api.startswith("rest")
+                          else f"127.0.0.1:{server.port}")
+                results.append(measure(scenario, target,
                                        f"http://127.0.0.1:{metrics_port}/metrics",
                                        args.seconds, out, args.processes))
     echo = [s for s in scenarios if s.echo]

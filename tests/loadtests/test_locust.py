@@ -19,11 +19,13 @@ from loadtests.report import (
 from tests.servers import ROOT, ServerProcess, free_port
 
 LOCUSTFILE = str(ROOT / "loadtests" / "locustfile.py")
+HTTP_LOCUSTFILE = str(ROOT / "loadtests" / "http_locustfile.py")
 
 
-def locust(host: str, out: Path, *extra: str, seconds: int = 4) -> subprocess.CompletedProcess[str]:
+def locust(host: str, out: Path, *extra: str, seconds: int = 4,
+           locustfile: str = LOCUSTFILE) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "locust", "-f", LOCUSTFILE, "--headless", "--host", host,
+        [sys.executable, "-m", "locust", "-f", locustfile, "--headless", "--host", host,
          "-u", "4", "-r", "4", "-t", f"{seconds}s", "--stop-timeout", "5", "--csv", str(out),
          "--only-summary", *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -37,6 +39,16 @@ def test_both_user_classes_succeed_against_a_real_server(server: ServerProcess,
     for method in ("Predict", "ModelInfer"):
         stats = read_locust_stats(tmp_path / "run_stats.csv", method)
         assert stats.requests > 0 and stats.failures == 0, method
+
+
+def test_the_rest_users_succeed_against_a_real_server(server: ServerProcess,
+                                                       tmp_path: Path) -> None:
+    result = locust(f"http://127.0.0.1:{server.http_port}", tmp_path / "rest", "--model",
+                    "alexnet", "--images-per-request", "2", locustfile=HTTP_LOCUSTFILE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in ("REST infer binary", "REST infer json", "REST classify png"):
+        stats = read_locust_stats(tmp_path / "rest_stats.csv", row)
+        assert stats.requests > 0 and stats.failures == 0, row
 
 
 def test_an_unreachable_host_shows_up_as_failures_not_a_hang(tmp_path: Path) -> None:
