@@ -129,12 +129,14 @@ async def start_http(settings: ServiceSettings, oip: OpenInference,
                      reuse_port: bool) -> tuple[web.AppRunner, int]:
     """The REST binding on the same event loop as gRPC; returns its runner and port."""
     tokens = BearerTokens(load_tokens(settings)) if settings.auth else None
-    edge = HttpEdge(admission, metrics, tokens, settings.request_arrival_timeout_s)
+    edge = HttpEdge(admission, metrics, tokens, settings.request_arrival_timeout_s,
+                    settings.compressed_requests)
     app = web.Application(client_max_size=settings.max_message_bytes,
                           middlewares=[edge.middleware])
     app.add_routes(InferenceRoutes(oip, classifier, edge.read_body).routes())
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                            keepalive_timeout=settings.max_connection_idle_s,
+                           auto_decompress=settings.compressed_requests,
                            shutdown_timeout=settings.grace_period_s)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.http_port,

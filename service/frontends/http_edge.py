@@ -41,11 +41,14 @@ def error(status: Status, message: str) -> web.Response:
 
 class HttpEdge:
     def __init__(self, admission: Admission, metrics: Metrics, tokens: BearerTokens | None,
-                 arrival_timeout_s: float, log_interval_s: float = 10.0) -> None:
+                 arrival_timeout_s: float, compressed: bool,
+                 log_interval_s: float = 10.0) -> None:
         self.admission = admission
         self.metrics = metrics
         self.tokens = tokens
         self.arrival_timeout_s = arrival_timeout_s
+        self.compressed = compressed
+        """Compressed bodies are expanded (bounded by max_message_bytes) only when set."""
         self._faults = Throttled(log, log_interval_s)
         self._refusals = Throttled(log, log_interval_s)
 
@@ -92,6 +95,11 @@ class HttpEdge:
     async def read_body(self, request: web.Request) -> bytes:
         """The body, charged to the call (twice: its bytes and their parse) before it is
         read when its length is declared; DEADLINE_EXCEEDED if it does not arrive in time."""
+        encoding = request.headers.get("Content-Encoding", "identity").lower()
+        if encoding not in ("identity", "") and not self.compressed:
+            raise ServingError(Status.UNIMPLEMENTED,
+                               f"compressed request bodies ({encoding[:20]}) are refused: a few "
+                               "kilobytes can expand to the size limit (compressed_requests)")
         call = CURRENT_CALL.get()
         declared = request.content_length
         if call is not None and declared is not None:

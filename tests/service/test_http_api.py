@@ -129,6 +129,15 @@ def test_a_body_over_the_message_limit_is_413_before_it_is_read(
     assert call(server, "/v2/health/ready")[0] == 200
 
 
+def test_a_compressed_body_is_refused_unexpanded(server: ServerProcess) -> None:
+    import gzip
+
+    bomb = gzip.compress(b"[" + b"0," * 4_000_000 + b"0]")  # ~8 MB of JSON in ~8 KB
+    status, answer = call(server, "/v2/models/lenet/infer", bomb,
+                          {"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert status == 501 and "compressed request bodies" in json.loads(answer)["error"]
+
+
 def test_a_request_whose_client_hangs_up_never_reaches_the_model(
         served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
     # A lone request waits 3 s in the queue for company; its client leaves after 0.3 s.
