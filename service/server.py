@@ -126,8 +126,9 @@ class RunningServer:
 
 async def start_http(settings: ServiceSettings, oip: OpenInference,
                      classifier: ClassifierServicer, admission: Admission, metrics: Metrics,
-                     reuse_port: bool) -> tuple[web.AppRunner, int]:
-    """The REST binding on the same event loop as gRPC; returns its runner and port."""
+                     reuse_port: bool) -> tuple[web.AppRunner, int, asyncio.Task[None]]:
+    """The REST binding on the same event loop as gRPC; returns its runner, its port and
+    the task that watches its connections."""
     tokens = BearerTokens(load_tokens(settings)) if settings.auth else None
     edge = HttpEdge(admission, metrics, tokens, settings.request_arrival_timeout_s,
                     settings.compressed_requests)
@@ -142,7 +143,10 @@ async def start_http(settings: ServiceSettings, oip: OpenInference,
     site = web.TCPSite(runner, settings.host, settings.http_port,
                        ssl_context=ssl_context(settings), reuse_port=reuse_port or None)
     await site.start()
-    return runner, runner.addresses[0][1]
+    edge.watch.max_connections = settings.max_connections
+    assert runner.server is not None
+    watch = asyncio.create_task(edge.watch.run(runner.server), name="http-connection-watch")
+    return runner, runner.addresses[0][1], watch
 
 
 def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[str, int]]:
@@ -226,8 +230,9 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     running = RunningServer(server, port, core, health_servicer, executor, decoder, probes, shm,
                             oip)
     if settings.http_port is not None:
-        running.http, running.http_port = await start_http(settings, oip, classifier, admission,
-                                                           metrics, reuse_port)
+        running.http, running.http_port, watch = await start_http(
+            settings, oip, classifier, admission, metrics, reuse_port)
+        running.tasks.append(watch)
     control.on_change = running.set_serving
     await running.set_serving()
     running.tasks.append(asyncio.create_task(

@@ -7,14 +7,20 @@ token when auth is on, is admitted against the server's and its connection's cap
 `max_message_bytes` of it (413), and is charged for it before it is read. A request
 whose client closes the connection is cancelled where it stands, so one still queued
 never reaches the model. Errors answer the protocol's `{"error": "..."}`.
-"""
+
+Connections are watched (`ConnectionWatch`): one that has not begun a request within
+`arrival_timeout_s` of opening is closed (headers trickled in, or nothing sent), and past
+`max_connections` the connections idle longest are closed first, so held connections
+cannot keep other clients out."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from service.admission import CURRENT_CALL, Admission, Kind
 from service.frontends.http_inference import Handler, json_response
@@ -49,11 +55,19 @@ class HttpEdge:
         self.arrival_timeout_s = arrival_timeout_s
         self.compressed = compressed
         """Compressed bodies are expanded (bounded by max_message_bytes) only when set."""
+        self.watch = ConnectionWatch(arrival_timeout_s)
         self._faults = Throttled(log, log_interval_s)
         self._refusals = Throttled(log, log_interval_s)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.watch.began(request)
+        try:
+            return await self._serve(request, handler)
+        finally:
+            self.watch.ended(request)
+
+    async def _serve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         probe = request.path in PROBES
         api, kind = ("probe", Kind.PROBE) if probe else ("http", Kind.WORK)
         if not probe and self.tokens is not None and not self.tokens.accepts(
@@ -117,3 +131,65 @@ class HttpEdge:
 
     def _count(self, model: str, api: str, status: Status) -> None:
         self.metrics.requests.labels(model, api, status.name).inc()
+
+
+class ConnectionWatch:
+    """What each connection of the HTTP port is doing, and the closing of those that hold a
+    place without using it. aiohttp bounds neither connections nor the time to a first
+    request, so this does, through its public API."""
+
+    def __init__(self, first_request_s: float, max_connections: int = 1024) -> None:
+        self.first_request_s = first_request_s
+        self.max_connections = max_connections
+        self._opened: dict[RequestHandler, float] = {}
+        self._idle_since: dict[RequestHandler, float] = {}
+        """Connections that have served a request, and when their last one ended (absent
+        while one is in progress)."""
+        self._busy: set[RequestHandler] = set()
+        # Plain containers (aiohttp's handlers take no weak references), pruned each sweep.
+
+    def began(self, request: web.Request) -> None:
+        protocol = request.protocol
+        self._busy.add(protocol)
+        self._idle_since.pop(protocol, None)
+
+    def ended(self, request: web.Request) -> None:
+        protocol = request.protocol
+        self._busy.discard(protocol)
+        self._idle_since[protocol] = time.monotonic()
+
+    def sweep(self, connections: list[RequestHandler]) -> int:
+        """Close connections that never began a request in time, then, past the cap, the
+        longest idle ones; returns how many were closed."""
+        now = time.monotonic()
+        current = set(connections)
+        for gone in {*self._opened, *self._idle_since, *self._busy} - current:
+            self._opened.pop(gone, None)
+            self._idle_since.pop(gone, None)
+            self._busy.discard(gone)
+        closed = 0
+        waiting = []
+        for handler in connections:
+            opened = self._opened.setdefault(handler, now)
+            if handler in self._busy or handler in self._idle_since:
+                continue
+            if now - opened > self.first_request_s:
+                handler.force_close()
+                closed += 1
+            else:
+                waiting.append(handler)
+        excess = len(connections) - closed - self.max_connections
+        if excess > 0:
+            idle = sorted((h for h in connections if h in self._idle_since),
+                          key=self._idle_since.__getitem__)
+            for handler in [*sorted(waiting, key=self._opened.__getitem__), *idle][:excess]:
+                handler.force_close()
+                closed += 1
+        return closed
+
+    async def run(self, server: web.Server, every_s: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            closed = self.sweep(server.connections)
+            if closed:
+                log.debug("closed %d HTTP connections holding a place unused", closed)

@@ -3,6 +3,7 @@ and by plain HTTP requests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -136,6 +137,29 @@ def test_a_compressed_body_is_refused_unexpanded(server: ServerProcess) -> None:
     status, answer = call(server, "/v2/models/lenet/infer", bomb,
                           {"Content-Encoding": "gzip", "Content-Type": "application/json"})
     assert status == 501 and "compressed request bodies" in json.loads(answer)["error"]
+
+
+def test_connections_that_trickle_headers_are_closed_and_cannot_crowd_others_out(
+        served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory(served_repo, env={"CNNSERVE_REQUEST_ARRIVAL_TIMEOUT_S": "1",
+                                              "CNNSERVE_MAX_CONNECTIONS": "64"})
+    held = []
+    for _ in range(150):  # more than the cap, none of them ever finishing its headers
+        sock = socket.create_connection(("127.0.0.1", server.http_port))
+        sock.sendall(b"POST /v2/models/lenet/infer HTTP/1.1\r\nHost: x\r\n")
+        held.append(sock)
+    try:
+        started = time.monotonic()
+        assert call(server, "/v2/models/lenet")[0] == 200  # a client with a whole request
+        assert time.monotonic() - started < 2
+        deadline = time.monotonic() + 10
+        for sock in held:  # the server closes every one of them
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1024) == b""
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_a_request_whose_client_hangs_up_never_reaches_the_model(
