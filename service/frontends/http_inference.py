@@ -75,6 +75,11 @@ def _convert(value: Any, field: FieldDescriptor) -> Any:
     return int(value) if field.type in _INT64 else value
 
 
+def _count(value: object) -> bool:
+    """A non-negative 64-bit integer (JSON's true and false are not)."""
+    return type(value) is int and 0 <= value < 2**63
+
+
 def _object(value: object, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         invalid(f"{what} must be a JSON object, got {type(value).__name__}")
@@ -87,8 +92,8 @@ def _parameters_into(parameters: Any, target: Any, what: str) -> dict[str, Any]:
     for key, kind in _SHM_PARAMETERS.items():
         if key in given:
             value = given[key]
-            if kind == "int64_param" and (not isinstance(value, int) or value < 0):
-                invalid(f"{what}: {key} must be a non-negative integer")
+            if kind == "int64_param" and not _count(value):
+                invalid(f"{what}: {key} must be a non-negative 64-bit integer")
             if kind == "string_param" and not isinstance(value, str):
                 invalid(f"{what}: {key} must be a string")
             setattr(target[key], kind, value)
@@ -119,15 +124,16 @@ def parse_infer(body: bytes, header_length: str | None, model: str, version: str
         item = _object(given, f"input {i}")
         name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str) or not (
-                isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                isinstance(shape, list) and len(shape) <= 16
+                and all(_count(d) for d in shape)):
             invalid(f"input {i} needs 'name' (string), 'datatype' (string) and 'shape' "
-                    "(non-negative integers)")
+                    "(at most 16 non-negative 64-bit integers)")
         tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
         parameters = _parameters_into(item.get("parameters"), tensor.parameters,
                                       f"input {shown(name, 64)}")
         if "binary_data_size" in parameters:
             size = parameters["binary_data_size"]
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not _count(size) or offset + size > len(binary):
                 invalid(f"input {shown(name, 64)}: binary_data_size {shown(str(size), 20)} "
                         f"runs past the {len(binary)} bytes after the JSON header")
             request.raw_input_contents.append(bytes(binary[offset:offset + size]))

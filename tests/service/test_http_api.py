@@ -105,6 +105,8 @@ def test_json_tensors_may_be_nested_and_answers_are_row_major(
     ("/v2/models/lenet/infer", b'{"inputs": [{"name": "input", "datatype": "FP32", '
      b'"shape": [1, 1, 28, 28], "data": []}], "outputs": [{"name": "probs"}]}', {}, 400,
      "needs 784 values"),
+    ("/v2/models/lenet/infer", b'{"inputs": [{"name": "input", "datatype": "FP32", '
+     b'"shape": [100000000000000000000000], "data": [1]}]}', {}, 400, "64-bit integers"),
     ("/v2/nowhere", None, {}, 404, "Not Found"),
 ])
 def test_bad_requests_answer_the_protocols_error_with_the_matching_status(
@@ -220,3 +222,4 @@ def test_images_are_classified_from_their_bytes_or_multipart_files(
     status, answer = call(server, "/v2/models/lenet/classify", b"not an image",
                           {"Content-Type": "image/png"})
     assert status == 400 and "error" in json.loads(answer)
+
