@@ -255,6 +255,8 @@ class InferenceRoutes:
                       web.get(path + "/stats", self.statistics),
                       web.post(path + "/infer", self.infer),
                       web.post(path + "/classify", self.classify)]
+        table += [web.get("/v1/models/{name}", self.v1_model),
+                  web.post("/v1/models/{name}:predict", self.v1_predict)]
         for kind in ("system", "cuda"):
             base = f"/v2/{kind}sharedmemory"
             table += [web.get(base + "/status", self.shm_status),
@@ -339,6 +341,54 @@ class InferenceRoutes:
             top_k=int(top_k), images=[cpb.Image(encoded=image) for image in images]),
             "http", self._timeout(request))
         return json_response(proto_json(answer))
+
+    async def v1_model(self, request: web.Request) -> web.Response:
+        """KServe's v1 protocol: the model's readiness."""
+        name = request.match_info["name"]
+        ready = (await self.oip.ModelReady(pb.ModelReadyRequest(name=name))).ready
+        return json_response({"name": name, "ready": ready}, 200 if ready else 503)
+
+    async def v1_predict(self, request: web.Request) -> web.Response:
+        """KServe's v1 protocol: `{"instances": [...]}` in, `{"predictions": [...]}` out.
+        Instances `{"b64": <encoded image>}` are classified (label, index, probability);
+        others are rows of a single-input model's tensor, answered with its first output."""
+        name = request.match_info["name"]
+        doc = _object(_loads(await self.read_body(request)), "the request")
+        instances = doc.get("instances")
+        if not isinstance(instances, list) or not instances:
+            invalid("the request needs a non-empty 'instances' list")
+        if all(isinstance(i, dict) and set(i) == {"b64"} for i in instances):
+            try:
+                images = [b64decode(str(i["b64"]), validate=True) for i in instances]
+            except (binascii.Error, ValueError) as exc:
+                invalid(f"an instance's b64 is not base64: {exc}")
+            answer = await self.classifier.predict(cpb.PredictRequest(
+                model=name, top_k=1, images=[cpb.Image(encoded=image) for image in images]),
+                "http", self._timeout(request))
+            return json_response({"predictions": [
+                {"label": c.predictions[0].label, "index": c.predictions[0].index,
+                 "probability": c.predictions[0].probability}
+                for c in answer.classifications]})
+        meta = await self.oip.ModelMetadata(pb.ModelMetadataRequest(name=name))
+        if len(meta.inputs) != 1:
+            invalid(f"model {shown(name, 64)} takes {len(meta.inputs)} inputs; v1 instances "
+                    "fit single-input models: use the v2 protocol")
+        (spec,) = meta.inputs
+        dtype = NUMPY_DTYPES.get(spec.datatype)
+        if dtype is None:
+            invalid(f"input datatype {spec.datatype} cannot travel as v1 instances")
+        try:
+            rows = np.asarray(instances, dtype=dtype)
+        except (ValueError, TypeError, OverflowError) as exc:
+            invalid(f"the instances are not rows of {spec.datatype} values ({exc})")
+        message = pb.ModelInferRequest(model_name=name, inputs=[
+            pb.ModelInferRequest.InferInputTensor(name=spec.name, datatype=spec.datatype,
+                                                  shape=list(rows.shape))],
+            raw_input_contents=[rows.tobytes()])
+        result = await self.oip.infer(message, "http", self._timeout(request))
+        first = result.outputs[0]
+        values = np.frombuffer(result.raw_output_contents[0], NUMPY_DTYPES[first.datatype])
+        return json_response({"predictions": values.reshape(tuple(first.shape)).tolist()})
 
     async def shm_status(self, request: web.Request) -> web.Response:
         region = request.match_info.get("region", "")

@@ -223,3 +223,25 @@ def test_images_are_classified_from_their_bytes_or_multipart_files(
                           {"Content-Type": "image/png"})
     assert status == 400 and "error" in json.loads(answer)
 
+
+
+def test_kserve_v1_predicts_from_base64_images_and_from_tensor_rows(
+        server: ServerProcess, served_repo: Path) -> None:
+    import base64
+
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 12:16] = 255
+    status, answer = call(server, "/v1/models/lenet")
+    assert status == 200 and json.loads(answer) == {"name": "lenet", "ready": True}
+    body = json.dumps({"instances": [{"b64": base64.b64encode(_png(digit)).decode()}] * 2})
+    status, answer = call(server, "/v1/models/lenet:predict", body.encode())
+    assert status == 200, answer
+    predictions = json.loads(answer)["predictions"]
+    assert len(predictions) == 2 and {"label", "index", "probability"} <= set(predictions[0])
+    body = json.dumps({"instances": X[:2].tolist()})
+    status, answer = call(server, "/v1/models/lenet:predict", body.encode())
+    assert status == 200, answer
+    np.testing.assert_allclose(json.loads(answer)["predictions"],
+                               direct(served_repo, "lenet", X[:2]), rtol=1e-5, atol=1e-5)
+    status, answer = call(server, "/v1/models/lenet:predict", b'{"instances": [[1], [2, 3]]}')
+    assert status == 400 and "error" in json.loads(answer)
