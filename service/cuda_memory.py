@@ -115,6 +115,9 @@ class CudaSharedMemoryRegistry:
                     self._cudart.cudaSetDevice(region.device_id)
                     self._cudart.cudaIpcCloseMemHandle(ctypes.c_void_p(region.pointer))
 
+    def has(self, name: str) -> bool:
+        return name in self._regions
+
     def status(self, name: str = "") -> list[CudaRegion]:
         if not name:
             return sorted(self._regions.values(), key=lambda r: r.name)

@@ -23,7 +23,7 @@ import stat
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -105,6 +105,9 @@ class SharedMemoryRegistry:
         if not name:
             self._regions.clear()
 
+    def has(self, name: str) -> bool:
+        return name in self._regions
+
     def status(self, name: str = "") -> list[Region]:
         if not name:
             return sorted(self._regions.values(), key=lambda r: r.name)
@@ -165,12 +168,12 @@ class Regions:
         self.cuda = cuda
 
     def register_system(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        self._unique(name, self.cuda.status())
+        self._unique(name, self.cuda)
         self.system.register(name, key, offset, byte_size)
 
     def register_cuda(self, name: str, raw_handle: bytes, device_id: int,
                       byte_size: int) -> None:
-        self._unique(name, self.system.status())
+        self._unique(name, self.system)
         self.cuda.register(name, raw_handle, device_id, byte_size)
 
     def read(self, name: str, offset: int, byte_size: int, dtype: np.dtype,
@@ -189,11 +192,12 @@ class Regions:
         self.cuda.unregister()
 
     def _owner(self, name: str) -> SharedMemoryRegistry | CudaSharedMemoryRegistry:
-        return self.cuda if any(r.name == name for r in self.cuda.status()) else self.system
+        """A dict lookup per named tensor, not a listing: this is on the request path."""
+        return self.cuda if self.cuda.has(name) else self.system
 
     @staticmethod
-    def _unique(name: str, others: list[Any]) -> None:
-        if any(r.name == name for r in others):
+    def _unique(name: str, other: SharedMemoryRegistry | CudaSharedMemoryRegistry) -> None:
+        if other.has(name):
             raise ServingError(Status.ALREADY_EXISTS,
                                f"a shared memory region of the other kind is registered as "
                                f"{shown(name)}; unregister it first")
