@@ -197,10 +197,9 @@ def render_infer(response: pb.ModelInferResponse, binary: set[str] | None) -> we
         else:
             entry["data"] = np.frombuffer(raw, NUMPY_DTYPES[output.datatype]).tolist()
         outputs.append(entry)
-    doc: dict[str, Any] = {"model_name": response.model_name,
+    # "id" is always present, empty when the request named none: KServe's SDK requires it.
+    doc: dict[str, Any] = {"id": response.id, "model_name": response.model_name,
                            "model_version": response.model_version, "outputs": outputs}
-    if response.id:
-        doc["id"] = response.id
     header = orjson.dumps(doc)
     if not blobs:
         return web.Response(body=header, content_type=JSON)
@@ -271,17 +270,19 @@ class InferenceRoutes:
             pb.ServerMetadataRequest())))
 
     async def live(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        """The protocol's bodies with the status Triton's clients read; not ready is 503,
+        as KServe answers, so probes and load balancers take the instance out."""
+        return json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
         ready = (await self.oip.ServerReady(pb.ServerReadyRequest())).ready
-        return web.Response(status=200 if ready else 400)
+        return json_response({"ready": ready}, 200 if ready else 503)
 
     async def model_ready(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
         ready = (await self.oip.ModelReady(pb.ModelReadyRequest(
-            name=request.match_info["name"], version=request.match_info.get("version", "")))
-                 ).ready
-        return web.Response(status=200 if ready else 400)
+            name=name, version=request.match_info.get("version", "")))).ready
+        return json_response({"name": name, "ready": ready}, 200 if ready else 503)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         return json_response(proto_json(await self.oip.ModelMetadata(pb.ModelMetadataRequest(

@@ -1,5 +1,5 @@
-"""The Open Inference Protocol's REST binding on the HTTP port, driven by tritonclient.http
-and by plain HTTP requests."""
+"""The Open Inference Protocol's REST binding on the HTTP port, driven by tritonclient.http,
+KServe's SDK and plain HTTP requests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import contextlib
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +20,7 @@ import pytest
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from tests.servers import ServerProcess
+from tests.servers import ROOT, ServerProcess
 from tests.service.oip import wait_until
 from tests.service.test_inference_api import direct
 
@@ -245,3 +247,37 @@ def test_kserve_v1_predicts_from_base64_images_and_from_tensor_rows(
                                direct(served_repo, "lenet", X[:2]), rtol=1e-5, atol=1e-5)
     status, answer = call(server, "/v1/models/lenet:predict", b'{"instances": [[1], [2, 3]]}')
     assert status == 400 and "error" in json.loads(answer)
+
+
+def test_kserve_sdk_reads_health_and_metadata_and_infers_over_rest_and_grpc(
+        server: ServerProcess, served_repo: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", X)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.service.kserve_sdk", f"http://127.0.0.1:{server.http_port}",
+         f"127.0.0.1:{server.port}", "lenet", str(tmp_path / "x.npy")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout)
+    rest, grpc = got["rest"], got["grpc"]
+    assert rest["live"] and rest["ready"] and rest["model_ready"]
+    assert not rest["missing_model_ready"]
+    status, text = rest["missing_model_infer"]
+    assert status == 404 and "no-such-model" in text
+    assert rest["metadata"]["inputs"] == [{"name": "input", "datatype": "FP32",
+                                           "shape": [-1, 1, 28, 28]}]
+    wanted = direct(served_repo, "lenet", X)
+    for answer in (rest["infer_binary"], rest["infer_json"], grpc["infer"]):
+        np.testing.assert_allclose(np.array(answer["outputs"]["logits"]), wanted,
+                                   rtol=1e-5, atol=1e-5)
+    assert rest["infer_binary"]["id"] == "k-1" and grpc["infer"]["id"] == "g-1"
+    assert grpc["ready"] and grpc["model_ready"]
+
+
+def test_health_answers_carry_the_protocols_bodies_and_not_ready_is_503(
+        server: ServerProcess) -> None:
+    assert call(server, "/v2/health/live") == (200, b'{"live":true}')
+    assert call(server, "/v2/health/ready") == (200, b'{"ready":true}')
+    assert call(server, "/v2/models/lenet/ready") == (200, b'{"name":"lenet","ready":true}')
+    assert call(server, "/v2/models/lenet/versions/7/ready") == (
+        503, b'{"name":"lenet","ready":false}')
+    assert call(server, "/v2/models/nothing/ready")[0] == 503
