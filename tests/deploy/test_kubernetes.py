@@ -1,10 +1,16 @@
-"""Kubernetes manifests and the KServe predictor: schema-valid and consistent with the code."""
+"""Kubernetes manifests and the KServe runtime and predictors: valid against Kubernetes' and
+KServe's published schemas, and consistent with the code."""
 
 from __future__ import annotations
 
+import copy
+import functools
+import gzip
+import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -13,6 +19,7 @@ from service.settings import ServiceSettings
 from tests.servers import ROOT
 
 K8S = ROOT / "deploy" / "kubernetes"
+SCHEMAS = Path(__file__).parent / "schemas"
 VERSION = "1.30.0"  # the oldest Kubernetes these manifests promise (grpc probes are GA)
 SETTINGS = {f"CNNSERVE_{name.upper()}" for name in ServiceSettings.model_fields}
 
@@ -29,8 +36,6 @@ def manifests() -> list[tuple[str, dict[str, Any]]]:
 
 def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     spec = doc.get("spec", {})
-    if doc["kind"] == "InferenceService":
-        return list(spec["predictor"]["containers"])
     if doc["kind"] in ("Deployment", "Job"):
         return list(spec["template"]["spec"]["containers"])
     return []
@@ -46,35 +51,105 @@ def test_manifest_is_valid_against_the_kubernetes_schema(name: str, doc: dict[st
     kubernetes_validate.validate(doc, VERSION, strict=True)
 
 
-def test_kserve_predictor_containers_are_valid_pod_containers() -> None:
-    (service,) = documents(K8S / "kserve" / "inferenceservice.yaml")
-    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
-           "spec": {"containers": containers(service)}}
-    kubernetes_validate.validate(pod, VERSION, strict=True)
-    (container,) = containers(service)
-    assert container["ports"][0]["name"] == "h2c"  # KServe's name for a gRPC port
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["CNNSERVE_REPO"] == "/mnt/models"  # where KServe's storage initializer copies
+def kserve_documents() -> list[dict[str, Any]]:
+    return [d for path in sorted((K8S / "kserve").glob("*.yaml")) for d in documents(path)]
 
 
-def test_server_probes_use_the_probe_port_and_every_env_var_is_a_setting() -> None:
-    docs = manifests() + [("kserve", d) for d in documents(K8S / "kserve" /
-                                                           "inferenceservice.yaml")]
-    servers = [c for _, d in docs for c in containers(d) if "server" in c["image"]]
-    assert len(servers) == 2
-    for container in servers:
-        assert container["command"] == ["python", "-m", "service"]
-        names = {e["name"] for e in container["env"]}
-        assert names - {"STORAGE_URI"} <= SETTINGS, names - SETTINGS
-        ports = {p["containerPort"] for p in container["ports"]}
+def strict(schema: Any) -> Any:
+    """KServe's CRD schema as `kubectl --validate=strict` applies it: unknown fields are
+    errors (the API server would silently prune them)."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    return [strict(v) for v in schema] if isinstance(schema, list) else schema
+
+
+@functools.cache
+def kserve_validator(kind: str) -> jsonschema.Draft7Validator:
+    """KServe's published CRD schema for `kind` (tests/deploy/schemas names its source)."""
+    with gzip.open(SCHEMAS / f"kserve-{kind.lower()}.json.gz") as f:
+        published = json.load(f)
+    return jsonschema.Draft7Validator(strict(published["schema"]))
+
+
+def kserve_errors(doc: dict[str, Any]) -> list[str]:
+    found = kserve_validator(doc["kind"]).iter_errors(doc)
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in found]
+
+
+def serving_containers(doc: dict[str, Any], runtimes: dict[str, dict[str, Any]]
+                       ) -> list[dict[str, Any]]:
+    """The predictor's containers as KServe builds them: a custom predictor's own, or the
+    runtime's container with the model's container fields laid over it."""
+    predictor = doc["spec"]["predictor"]
+    if "containers" in predictor:
+        return list(predictor["containers"])
+    model = predictor["model"]
+    (container,) = runtimes[model["runtime"]]["spec"]["containers"]
+    overrides = {k: v for k, v in model.items()
+                 if k not in ("modelFormat", "runtime", "protocolVersion", "storageUri")}
+    return [{**container, **overrides}]
+
+
+@pytest.mark.parametrize("doc", kserve_documents(),
+                         ids=[f"{d['kind']}:{d['metadata']['name']}" for d in kserve_documents()])
+def test_kserve_manifests_are_valid_against_kserves_crd_schemas(doc: dict[str, Any]) -> None:
+    assert kserve_errors(doc) == []
+
+
+def test_the_kserve_schema_check_rejects_misspelt_and_mistyped_fields() -> None:
+    (runtime,) = [d for d in kserve_documents() if d["kind"] == "ServingRuntime"]
+    misspelt = copy.deepcopy(runtime)
+    misspelt["spec"]["protocolVersion"] = ["v2"]
+    mistyped = copy.deepcopy(runtime)
+    mistyped["spec"]["containers"][0]["ports"][0]["containerPort"] = "8080"
+    assert any("protocolVersion" in e for e in kserve_errors(misspelt))
+    assert any("containerPort" in e for e in kserve_errors(mistyped))
+
+
+def test_kserve_predictors_serve_v2_on_the_port_they_declare_and_expose_metrics() -> None:
+    docs = kserve_documents()
+    runtimes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServingRuntime"}
+    services = [d for d in docs if d["kind"] == "InferenceService"]
+    assert {d["metadata"]["name"] for d in services} >= {"cnnserve", "cnnserve-grpc"}
+    for runtime in runtimes.values():
+        assert {"name": "onnx", "version": "1", "autoSelect": True, "priority": 2} in \
+            runtime["spec"]["supportedModelFormats"]
+    for service in services:
+        predictor = service["spec"]["predictor"]
+        (container,) = serving_containers(service, runtimes)
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
+               "spec": {"containers": [container]}}
+        kubernetes_validate.validate(pod, VERSION, strict=True)
         env = {e["name"]: e["value"] for e in container["env"]}
-        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            if probe in container:
-                assert container[probe]["grpc"]["port"] in ports
-                if "CNNSERVE_PROBE_PORT" in env:  # its own process: probes never queue
-                    assert container[probe]["grpc"]["port"] == int(env["CNNSERVE_PROBE_PORT"])
-                assert container[probe]["grpc"].get("service", "") in ("", "liveness")
+        assert env["CNNSERVE_REPO"] == "/mnt/models"  # where KServe puts the storageUri
+        assert set(env) - {"STORAGE_URI", "PROTOCOL"} <= SETTINGS
+        if "model" in predictor:
+            runtime = runtimes[predictor["model"]["runtime"]]
+            protocol = predictor["model"]["protocolVersion"]
+            assert protocol in runtime["spec"]["protocolVersions"]
+            annotations = runtime["spec"]["annotations"]
+        else:  # a custom predictor says its protocol in PROTOCOL (KServe assumes v1)
+            protocol = "grpc-v2" if container["ports"][0]["name"] == "h2c" else env["PROTOCOL"]
+            assert env["PROTOCOL"] == "v2"
+            annotations = predictor["annotations"]
+        (port,) = container["ports"]  # Knative forwards one port
+        if protocol == "grpc-v2":
+            assert port == {"name": "h2c", "containerPort": int(env["CNNSERVE_PORT"]),
+                            "protocol": "TCP"}
+            assert container["readinessProbe"]["grpc"]["port"] == port["containerPort"]
+        else:
+            assert protocol == "v2"
+            assert port["containerPort"] == int(env["CNNSERVE_HTTP_PORT"])
+            assert container["readinessProbe"]["httpGet"] == {
+                "path": "/v2/health/ready", "port": port["containerPort"]}
+        annotated = service["metadata"]["annotations"]
+        assert annotated["serving.kserve.io/enable-prometheus-scraping"] == "true"
+        assert annotations["prometheus.kserve.io/port"] == env["CNNSERVE_METRICS_PORT"]
+        assert annotations["prometheus.kserve.io/path"] == "/metrics"
 
 
 def test_server_runs_unprivileged_with_a_gpu_and_a_read_only_repository() -> None:
