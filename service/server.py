@@ -131,10 +131,10 @@ async def start_http(settings: ServiceSettings, oip: OpenInference,
     the task that watches its connections."""
     tokens = BearerTokens(load_tokens(settings)) if settings.auth else None
     edge = HttpEdge(admission, metrics, tokens, settings.request_arrival_timeout_s,
-                    settings.compressed_requests)
+                    settings.compressed_requests, settings.max_images_per_request)
     app = web.Application(client_max_size=settings.max_message_bytes,
                           middlewares=[edge.middleware])
-    app.add_routes(InferenceRoutes(oip, classifier, edge.read_body).routes())
+    app.add_routes(InferenceRoutes(oip, classifier, edge.read_body, edge.read_files).routes())
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                            keepalive_timeout=settings.max_connection_idle_s,
                            auto_decompress=settings.compressed_requests,

@@ -19,7 +19,9 @@ import asyncio
 import logging
 import time
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import BodyPartReader
 from aiohttp.web_protocol import RequestHandler
 
 from service.admission import CURRENT_CALL, Admission, Kind
@@ -27,7 +29,7 @@ from service.frontends.http_inference import Handler, json_response
 from service.logs import Throttled
 from service.metrics import Metrics
 from service.security import REFUSAL, BearerTokens
-from service.status import ServingError, Status, bounded
+from service.status import ServingError, Status, bounded, invalid
 
 log = logging.getLogger(__name__)
 HTTP_STATUS = {
@@ -47,7 +49,7 @@ def error(status: Status, message: str) -> web.Response:
 
 class HttpEdge:
     def __init__(self, admission: Admission, metrics: Metrics, tokens: BearerTokens | None,
-                 arrival_timeout_s: float, compressed: bool,
+                 arrival_timeout_s: float, compressed: bool, max_files: int,
                  log_interval_s: float = 10.0) -> None:
         self.admission = admission
         self.metrics = metrics
@@ -55,6 +57,7 @@ class HttpEdge:
         self.arrival_timeout_s = arrival_timeout_s
         self.compressed = compressed
         """Compressed bodies are expanded (bounded by max_message_bytes) only when set."""
+        self.max_files = max_files
         self.watch = ConnectionWatch(arrival_timeout_s)
         self._faults = Throttled(log, log_interval_s)
         self._refusals = Throttled(log, log_interval_s)
@@ -128,6 +131,51 @@ class HttpEdge:
         if call is not None and declared is None:
             call.charge(2 * len(body), "the request body")
         return body
+
+    async def read_files(self, request: web.Request) -> list[bytes]:
+        """The non-empty files of a multipart body, read as they arrive under a body's
+        limits (time, total size, charge) and at most `max_files` of them: a generic MIME
+        parser over the whole body would hold the event loop for seconds on 100,000
+        one-byte parts."""
+        call = CURRENT_CALL.get()
+        declared = request.content_length
+        if call is not None and declared is not None:
+            call.charge(2 * declared, "the request body")
+        limit = request.client_max_size
+        files: list[bytes] = []
+        total = 0
+        try:
+            async with asyncio.timeout(self.arrival_timeout_s):
+                reader = await request.multipart()
+                while (part := await reader.next()) is not None:
+                    if not isinstance(part, BodyPartReader):
+                        invalid("nested multipart bodies are not read")
+                    encoding = part.headers.get(hdrs.CONTENT_ENCODING, "identity").lower()
+                    transfer = part.headers.get(hdrs.CONTENT_TRANSFER_ENCODING, "binary").lower()
+                    if encoding != "identity" or transfer not in ("binary", "8bit", "7bit"):
+                        raise ServingError(Status.UNIMPLEMENTED,
+                                           "encoded multipart files are refused: send each "
+                                           "file's bytes as they are")
+                    if len(files) == self.max_files:
+                        invalid(f"at most {self.max_files} files per request")
+                    data = bytearray()
+                    while chunk := await part.read_chunk():
+                        total += len(chunk)
+                        if total > limit:
+                            raise web.HTTPRequestEntityTooLarge(max_size=limit,
+                                                                actual_size=total)
+                        data += chunk
+                    if data:
+                        files.append(bytes(data))
+        except TimeoutError:
+            raise ServingError(Status.DEADLINE_EXCEEDED,
+                               f"the request body did not arrive within "
+                               f"{self.arrival_timeout_s:g}s") from None
+        except (ValueError, HttpProcessingError, AssertionError) as exc:
+            invalid(f"the multipart body could not be read: {bounded(str(exc), 200)}")
+        if call is not None and declared is None:
+            call.charge(2 * total, "the request body")
+        return files
 
     def _count(self, model: str, api: str, status: Status) -> None:
         self.metrics.requests.labels(model, api, status.name).inc()

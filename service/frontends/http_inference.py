@@ -13,8 +13,6 @@ import binascii
 import math
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
-from email.message import Message as MimeMessage
-from email.parser import BytesParser
 from typing import Any
 
 import numpy as np
@@ -208,34 +206,17 @@ def render_infer(response: pb.ModelInferResponse, binary: set[str] | None) -> we
                         content_type="application/octet-stream")
 
 
-def parse_images(body: bytes, content_type: str) -> list[bytes]:
-    """One image's bytes, or each file of a multipart/form-data body, in order."""
-    if not content_type.startswith("multipart/"):
-        if not body:
-            invalid("the request holds no image: post its bytes (image/png, image/jpeg, ...) "
-                    "or a multipart/form-data body of images")
-        return [body]
-    message = BytesParser().parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n"
-                                       + body)
-    if not message.is_multipart():
-        invalid("the multipart body could not be read")
-    images = [part.get_payload(decode=True) for part in message.get_payload()
-              if isinstance(part, MimeMessage)]
-    found = [image for image in images if isinstance(image, bytes) and image]
-    if not found:
-        invalid("the multipart body holds no image")
-    return found
-
-
 class InferenceRoutes:
     """The v2 REST routes; each reads its request, asks `OpenInference` (or the classifier),
     renders."""
 
     def __init__(self, oip: OpenInference, classifier: ClassifierServicer,
-                 read_body: Callable[[web.Request], Awaitable[bytes]]) -> None:
+                 read_body: Callable[[web.Request], Awaitable[bytes]],
+                 read_files: Callable[[web.Request], Awaitable[list[bytes]]]) -> None:
         self.oip = oip
         self.classifier = classifier
         self.read_body = read_body
+        self.read_files = read_files
 
     def routes(self) -> list[web.RouteDef]:
         model = "/v2/models/{name}"
@@ -331,9 +312,13 @@ class InferenceRoutes:
     async def classify(self, request: web.Request) -> web.Response:
         """Encoded images in (the body, or multipart files), labels and probabilities out;
         `top_k` from the query (default 1)."""
-        body = await self.read_body(request)
-        images = parse_images(body, request.headers.get("Content-Type", ""))
-        del body
+        if request.content_type.startswith("multipart/"):
+            images = await self.read_files(request)
+        else:
+            images = [await self.read_body(request)]
+        if not any(images):
+            invalid("the request holds no image: post its bytes (image/png, image/jpeg, ...) "
+                    "or a multipart/form-data body of images")
         top_k = request.query.get("top_k", "1")
         if not top_k.isdigit():
             invalid(f"top_k must be a positive integer, got {shown(top_k, 20)}")

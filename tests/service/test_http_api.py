@@ -226,6 +226,40 @@ def test_images_are_classified_from_their_bytes_or_multipart_files(
     assert status == 400 and "error" in json.loads(answer)
 
 
+def _multipart(parts: list[bytes], boundary: str = "b0undary",
+               headers: str = "Content-Type: image/png") -> tuple[bytes, dict[str, str]]:
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"f\"\r\n"
+                    f"{headers}\r\n\r\n".encode() + part + b"\r\n" for part in parts)
+    return body + f"--{boundary}--\r\n".encode(), {
+        "Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+@pytest.mark.parametrize(("parts", "headers", "status", "text"), [
+    ([b"x"] * 100_000, "Content-Type: image/png", 400, "at most 256 files"),
+    ([b"x" * 1000], "Content-Transfer-Encoding: base64", 501, "encoded multipart"),
+    ([b"x" * 1000], "Content-Encoding: gzip", 501, "encoded multipart"),
+    ([b"x" * 1000], "X: " + "y" * 9000, 400, "could not be read"),
+    ([b"", b""], "Content-Type: image/png", 400, "holds no image"),
+], ids=["100k-parts", "base64-part", "gzip-part", "long-part-header", "empty-files"])
+def test_hostile_multipart_bodies_are_refused_without_holding_the_server(
+        server: ServerProcess, parts: list[bytes], headers: str, status: int, text: str
+) -> None:
+    body, content_type = _multipart(parts, headers=headers)
+    started = time.monotonic()
+    got, answer = call(server, "/v2/models/lenet/classify", body, content_type)
+    assert (got, text in json.loads(answer)["error"]) == (status, True), answer
+    assert time.monotonic() - started < 5  # it stops at the 257th part, not the 100,000th
+
+
+def test_multipart_files_are_bounded_by_the_message_limit_in_all(
+        server_factory: Callable[..., ServerProcess], served_repo: Path) -> None:
+    server = server_factory(served_repo, env={"CNNSERVE_MAX_MESSAGE_BYTES": str(1 << 20)})
+    body, content_type = _multipart([b"x" * 400_000] * 3)  # each part under, all over
+    got, answer = call(server, "/v2/models/lenet/classify", body,
+                        content_type)
+    assert got == 413, answer
+
+
 
 def test_kserve_v1_predicts_from_base64_images_and_from_tensor_rows(
         server: ServerProcess, served_repo: Path) -> None:
