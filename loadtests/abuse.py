@@ -3,15 +3,19 @@
 Each attack gets a fresh server with default settings. While the attack runs (in a
 process of its own, bounded in time and count), a prober times Health/Check and
 ServerLive on the probe port (what Kubernetes and compose call) and Health/Check on the
-serving port, and a well-behaved client keeps calling ModelInfer. The report says, per
-attack: probe latency on each, what the well-behaved client got, whether answers afterwards are
-right, peak RSS over the idle baseline, what the attacker saw and what /metrics counted,
-and how long a SIGTERM sent during the attack took to exit.
+serving port, and well-behaved clients keep calling ModelInfer over gRPC and over REST
+(binary tensors, on the HTTP port). The report says, per attack: probe latency on each,
+what the well-behaved clients got, whether answers afterwards are right, peak RSS over
+the idle baseline, what the attacker saw and what /metrics counted, and how long a
+SIGTERM sent during the attack took to exit.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
+import http.client
 import io
 import itertools
 import json
@@ -145,6 +149,10 @@ def raw_h2(port: int, streams: int, connections: int, path: str, message: bytes 
 
 
 
+class HttpStatus(Exception):  # noqa: N818 - an outcome that `repeat` counts, not an error
+    """What an HTTP attack call got, counted by `repeat` as a gRPC call's status is."""
+
+
 def repeat(calls: Callable[[], object], workers: int, stop: Any, seconds: float) -> Counter[str]:
     """Run `calls` from `workers` threads until stopped; count the statuses they got."""
     seen: Counter[str] = Counter()
@@ -161,6 +169,8 @@ def repeat(calls: Callable[[], object], workers: int, stop: Any, seconds: float)
                 details = exc.details() or ""
                 if len(details) > 500 or " at 0x" in details:
                     status += " (bad error text)"
+            except HttpStatus as outcome:
+                status = str(outcome)
             with lock:
                 seen[status] += 1
 
@@ -289,6 +299,102 @@ def attack_metrics_port(port: int, scale: Scale, stop: Any) -> Counter[str]:
     return seen
 
 
+def http_exchange(port: int, request: bytes, timeout: float = 10) -> str:
+    """Send one raw HTTP/1.1 request; what came back: `HTTP 413`, or what happened."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        with contextlib.suppress(OSError):  # answered and closed before the body was sent:
+            sock.sendall(request)             # the answer is still there to read
+        try:
+            head = sock.recv(64)
+        except OSError as exc:
+            return type(exc).__name__
+    match = re.match(rb"HTTP/1\.1 (\d{3})", head)
+    return f"HTTP {int(match[1])}" if match else "no answer"
+
+
+def _post(path: str, body: bytes, *headers: str, length: int | None = None) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close",
+             f"Content-Length: {len(body) if length is None else length}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def attack_rest_bodies(port: int, scale: Scale, stop: Any) -> Counter[str]:
+    """The REST port (its number is passed as `port`): 32 MB JSON tensors (about half a
+    second of parsing each), 10 GB declared bodies, nesting bombs, 100,000-part multipart
+    bodies, binary headers that lie, gzip bodies."""
+    infer = "/v2/models/lenet/infer"
+    values = 8_000_000
+    big_json = (b'{"inputs":[{"name":"input","datatype":"FP32","shape":[%d],"data":[' % values
+                + b"0.5," * (values - 1) + b"0.5]}]}")
+    parts = b"".join(b"--b\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nx\r\n"
+                     for _ in range(100_000)) + b"--b--\r\n"
+    nested = b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1],"data":' + \
+        b"[" * 100_000 + b"]" * 100_000 + b"}]}"
+    requests = [
+        _post(infer, big_json, "Content-Type: application/json"),
+        _post(infer, b"", length=10**10),
+        _post(infer, nested),
+        _post("/v2/models/lenet/classify", parts, "Content-Type: multipart/form-data; boundary=b"),
+        _post(infer, b'{"inputs":[]}' + b"\0" * 100, "Inference-Header-Content-Length: 99999"),
+        _post(infer, gzip.compress(b"[" + b"0," * 4_000_000 + b"0]"), "Content-Encoding: gzip"),
+    ]
+    cycle = itertools.cycle(requests)
+    lock = threading.Lock()
+
+    def send() -> None:
+        with lock:
+            request = next(cycle)
+        raise HttpStatus(http_exchange(port, request))
+
+    return repeat(send, scale.workers, stop, scale.seconds)
+
+
+def attack_rest_slow(port: int, scale: Scale, stop: Any) -> Counter[str]:
+    """The REST port: connections that trickle a byte a second into their headers, into a
+    body, or into the next request after a first one was answered."""
+    starts = [b"GET /v2/models/lenet HTTP/1.1\r\nHost: x\r\n",
+              _post("/v2/models/lenet/infer", b"", length=1_000_000),
+              b"GET /v2/models/lenet HTTP/1.1\r\nHost: x\r\n\r\nGET /v2 HTTP/1.1\r\n"]
+    seen: Counter[str] = Counter()
+    held: list[tuple[socket.socket, str]] = []
+    for i in range(scale.half_open):
+        kind = ("headers", "body", "next request")[i % 3]
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+            sock.sendall(starts[i % 3])
+            sock.setblocking(False)
+            held.append((sock, kind))
+        except OSError:
+            seen["refused"] += 1
+    end = time.monotonic() + scale.seconds
+    while held and not stop.is_set() and time.monotonic() < end:
+        stop.wait(1.0)
+        for sock, kind in list(held):
+            try:
+                answer = sock.recv(1 << 16)
+                closed = not answer or b"Connection: close" in answer or answer.count(
+                    b"HTTP/1.1") > 1
+                if answer.startswith(b"HTTP/1.1"):
+                    seen[f"{kind}: answered {answer[9:12].decode()}"] += 1
+            except BlockingIOError:
+                closed = False
+            except OSError:
+                closed = True
+            if not closed:
+                try:
+                    sock.send(b"x")
+                except OSError:
+                    closed = True
+            if closed:
+                seen[f"{kind}: closed by the server"] += 1
+                sock.close()
+                held.remove((sock, kind))
+    seen.update(f"{kind}: still open" for _, kind in held)
+    for sock, _ in held:
+        sock.close()
+    return seen
+
+
 ATTACKS: dict[str, Callable[[int, Scale, Any], Counter[str]]] = {
     "headers-only": attack_headers_only,
     "health-watch": attack_health_watch,
@@ -299,6 +405,8 @@ ATTACKS: dict[str, Callable[[int, Scale, Any], Counter[str]]] = {
     "big-images": attack_big_images,
     "protocol-errors": attack_protocol_errors,
     "metrics-port": attack_metrics_port,
+    "rest-bodies": attack_rest_bodies,
+    "rest-slow": attack_rest_slow,
 }
 
 
@@ -316,6 +424,7 @@ class Watch:
     serving_port_probe_s: list[float] = field(default_factory=list)
     probe_failures: Counter[str] = field(default_factory=Counter)
     good: Counter[str] = field(default_factory=Counter)
+    good_rest: Counter[str] = field(default_factory=Counter)
     wrong_answers: int = 0
     scrape_s: list[float] = field(default_factory=list)
     peak_rss: int = 0
@@ -331,6 +440,8 @@ class Result:
     serving_port_probe_p50_ms: float
     serving_port_probe_max_ms: float
     good: dict[str, int]
+    good_rest: dict[str, int]
+    """What a well-behaved REST client (binary infer, keep-alive) got on the HTTP port."""
     afterwards_ok: bool
     peak_rss_mib: float
     attacker: dict[str, int]
@@ -342,18 +453,18 @@ class Result:
     @property
     def passed(self) -> bool:
         return (self.probe_max_ms <= PROBE_LIMIT_S * 1000 and not self.probe_failures
-                and set(self.good) <= {"OK", "RESOURCE_EXHAUSTED"} and self.afterwards_ok
+                and set(self.good) <= {"OK", "RESOURCE_EXHAUSTED"}
+                and set(self.good_rest) <= {"OK", "RESOURCE_EXHAUSTED"} and self.afterwards_ok
                 and self.sigterm_code == 0 and self.sigterm_s <= GRACE_S + 1
                 and not any("bad error text" in k for k in self.attacker))
 
 
-def _server(repo: Path, env: dict[str, str]) -> tuple[Launched, int, int]:
-    metrics_port, probe_port = free_port(), free_port()
+def _server(repo: Path, env: dict[str, str]) -> tuple[Launched, int, int, int]:
+    metrics_port, probe_port, http_port = free_port(), free_port(), free_port()
     server = launch([sys.executable, "-m", "service", "--repo", str(repo), "--port", "0",
                      "--metrics-port", str(metrics_port), "--probe-port", str(probe_port),
-                     "--http-port", "0",
-                     "--device", "cpu"], env=env)
-    return server, metrics_port, probe_port
+                     "--http-port", str(http_port), "--device", "cpu"], env=env)
+    return server, metrics_port, probe_port, http_port
 
 
 def _counted(metrics_port: int) -> Counter[str]:
@@ -366,8 +477,8 @@ def _counted(metrics_port: int) -> Counter[str]:
     return counted
 
 
-def _watch(address: str, metrics_port: int, probe_port: int, pid: int, reference: np.ndarray,
-           stop: threading.Event, scrape: bool) -> Watch:
+def _watch(address: str, metrics_port: int, probe_port: int, http_port: int, pid: int,
+           reference: np.ndarray, stop: threading.Event, scrape: bool) -> Watch:
     seen = Watch()
     proc = psutil.Process(pid)
     probe_channel = grpc.insecure_channel(f"127.0.0.1:{probe_port}")
@@ -418,6 +529,36 @@ def _watch(address: str, metrics_port: int, probe_port: int, pid: int, reference
                 seen.good[exc.code().name] += 1
                 stop.wait(0.01)
 
+    def rest_client() -> None:
+        header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
+                                         "shape": [1, 1, 28, 28],
+                                         "parameters": {"binary_data_size": 3136}}],
+                             "outputs": [{"name": "logits",
+                                          "parameters": {"binary_data": True}}]}).encode()
+        body = header + np.full((1, 1, 28, 28), 0.5, "<f4").tobytes()
+        headers = {"Inference-Header-Content-Length": str(len(header)),
+                   "Content-Type": "application/octet-stream"}
+        conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
+        while not stop.is_set():
+            try:
+                conn.request("POST", "/v2/models/lenet/infer", body, headers)
+                answer = conn.getresponse()
+                data = answer.read()
+            except (OSError, http.client.HTTPException) as exc:
+                seen.good_rest[type(exc).__name__] += 1
+                conn.close()
+                stop.wait(0.01)
+                continue
+            if answer.status != 200:
+                status = {429: "RESOURCE_EXHAUSTED"}.get(answer.status, f"HTTP {answer.status}")
+                seen.good_rest[status] += 1
+                stop.wait(0.01)
+                continue
+            seen.good_rest["OK"] += 1
+            length = int(answer.getheader("Inference-Header-Content-Length", "0"))
+            if not np.allclose(np.frombuffer(data[length:], "<f4"), reference, atol=1e-4):
+                seen.wrong_answers += 1
+
     def rss() -> None:
         while not stop.is_set():
             try:
@@ -426,7 +567,8 @@ def _watch(address: str, metrics_port: int, probe_port: int, pid: int, reference
                 return
             stop.wait(0.02)
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (probe, client, rss)]
+    threads = [threading.Thread(target=f, daemon=True)
+               for f in (probe, client, rest_client, rss)]
     for t in threads:
         t.start()
     stop.wait()
@@ -437,7 +579,7 @@ def _watch(address: str, metrics_port: int, probe_port: int, pid: int, reference
 
 def run_attack(name: str, repo: Path, scale: Scale, env: dict[str, str]) -> Result:
     ctx = mp.get_context("spawn")
-    server, metrics_port, probe_port = _server(repo, env)
+    server, metrics_port, probe_port, http_port = _server(repo, env)
     try:
         good = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.address))
         request = infer_request("lenet", (1, 1, 28, 28))
@@ -451,11 +593,12 @@ def run_attack(name: str, repo: Path, scale: Scale, env: dict[str, str]) -> Resu
         stop_watch = threading.Event()
         watched: list[Watch] = []
         watcher = threading.Thread(target=lambda: watched.append(_watch(
-            server.address, metrics_port, probe_port, server.proc.pid, reference, stop_watch,
-            scrape=name == "metrics-port")))
+            server.address, metrics_port, probe_port, http_port, server.proc.pid, reference,
+            stop_watch, scrape=name == "metrics-port")))
         watcher.start()
         stop, results = ctx.Event(), ctx.Queue()
-        target = metrics_port if name == "metrics-port" else server.port
+        target = {"metrics-port": metrics_port, "rest-bodies": http_port,
+                  "rest-slow": http_port}.get(name, server.port)
         attacker = ctx.Process(target=_attack_process, args=(name, target, scale, stop, results))
         attacker.start()
         try:
@@ -501,7 +644,7 @@ def run_attack(name: str, repo: Path, scale: Scale, env: dict[str, str]) -> Resu
         attack=name, probes=len(watch.probe_s), probe_p50_ms=probe_p50,
         probe_max_ms=probe_max, probe_failures=dict(watch.probe_failures),
         serving_port_probe_p50_ms=serving_p50, serving_port_probe_max_ms=serving_max,
-        good=dict(watch.good),
+        good=dict(watch.good), good_rest=dict(watch.good_rest),
         afterwards_ok=afterwards_ok,
         peak_rss_mib=max(watch.peak_rss - baseline_rss, 0) / MiB,
         attacker=seen_by_attacker, counted=counted, sigterm_code=code, sigterm_s=exit_s,
@@ -520,16 +663,16 @@ def table(results: list[Result], scale: str) -> str:
              f"{PROBE_LIMIT_S * 1000:.0f} ms; Health/Check on the serving port, no limit).",
              "",
              "| attack | probe port p50 / max (ms) | serving port p50 / max (ms) | well-behaved "
-             "client | afterwards | peak RSS over idle | attacker saw | /metrics counted "
-             "(api code) | SIGTERM | pass |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "client, gRPC | well-behaved client, REST | afterwards | peak RSS over idle | "
+             "attacker saw | /metrics counted (api code) | SIGTERM | pass |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         fails = f", failed {r.probe_failures}" if r.probe_failures else ""
         scrape = f"; scrapes max {r.scrape_max_ms:.0f} ms" if r.scrape_max_ms else ""
         lines.append(
             f"| {r.attack} | {r.probe_p50_ms:.1f} / {r.probe_max_ms:.1f} ({r.probes}){fails}"
             f"{scrape} | {r.serving_port_probe_p50_ms:.1f} / {r.serving_port_probe_max_ms:.1f} | "
-            f"{_fmt(r.good)} | {'correct' if r.afterwards_ok else 'WRONG'} | "
+            f"{_fmt(r.good)} | {_fmt(r.good_rest)} | {'correct' if r.afterwards_ok else 'WRONG'} | "
             f"+{r.peak_rss_mib:.0f} MiB | {_fmt(r.attacker)} | {_fmt(r.counted)} | "
             f"exit {r.sigterm_code} in {r.sigterm_s:.1f} s | {'yes' if r.passed else 'NO'} |")
     return "\n".join(lines)

@@ -117,8 +117,8 @@ class HttpEdge:
             raise ServingError(Status.UNIMPLEMENTED,
                                f"compressed request bodies ({encoding[:20]}) are refused: a few "
                                "kilobytes can expand to the size limit (compressed_requests)")
+        declared = self._declared(request)
         call = CURRENT_CALL.get()
-        declared = request.content_length
         if call is not None and declared is not None:
             call.charge(2 * declared, "the request body")
         try:
@@ -137,8 +137,8 @@ class HttpEdge:
         limits (time, total size, charge) and at most `max_files` of them: a generic MIME
         parser over the whole body would hold the event loop for seconds on 100,000
         one-byte parts."""
+        declared = self._declared(request)
         call = CURRENT_CALL.get()
-        declared = request.content_length
         if call is not None and declared is not None:
             call.charge(2 * declared, "the request body")
         limit = request.client_max_size
@@ -176,6 +176,15 @@ class HttpEdge:
         if call is not None and declared is None:
             call.charge(2 * total, "the request body")
         return files
+
+    @staticmethod
+    def _declared(request: web.Request) -> int | None:
+        """The body's declared length; 413 at once when it is over the limit."""
+        declared = request.content_length
+        if declared is not None and declared > request.client_max_size:
+            raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size,
+                                                actual_size=declared)
+        return declared
 
     def _count(self, model: str, api: str, status: Status) -> None:
         self.metrics.requests.labels(model, api, status.name).inc()

@@ -9,11 +9,12 @@ JSON `data` become raw bytes at once, so one check covers every way a tensor arr
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import math
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -25,9 +26,10 @@ from google.protobuf.message import Message
 from contract.repository import NUMPY_DTYPES
 from protos import classifier_pb2 as cpb
 from protos import grpc_service_pb2 as pb
+from service.admission import CURRENT_CALL
 from service.frontends.grpc_classifier import ClassifierServicer
 from service.frontends.oip import OpenInference
-from service.status import ServingError, Status, invalid, shown
+from service.status import invalid, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
@@ -36,6 +38,9 @@ JSON = "application/json"
 _SHM_PARAMETERS = {"shared_memory_region": "string_param",
                    "shared_memory_byte_size": "int64_param",
                    "shared_memory_offset": "int64_param"}
+INLINE_PARSE_BYTES = 1 << 16
+JSON_EXPANSION = 16
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -108,10 +113,7 @@ def parse_infer(body: bytes, header_length: str | None, model: str, version: str
             invalid(f"{HEADER_LENGTH} must be the JSON header's length, at most the body's "
                     f"{len(body)} bytes, got {shown(header_length, 20)}")
         split = int(header_length)
-    try:
-        doc = _object(orjson.loads(body[:split]), "the request")
-    except orjson.JSONDecodeError as exc:
-        invalid(f"the request is not valid JSON: {exc}")
+    doc = _object(_loads(body[:split]), "the request")
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         invalid("the request needs a non-empty 'inputs' list")
@@ -302,9 +304,10 @@ class InferenceRoutes:
 
     async def infer(self, request: web.Request) -> web.Response:
         body = await self.read_body(request)
-        message, binary = parse_infer(body, request.headers.get(HEADER_LENGTH),
-                                      request.match_info["name"],
-                                      request.match_info.get("version", ""))
+        message, binary = await off_loop(len(body), parse_infer, body,
+                                         request.headers.get(HEADER_LENGTH),
+                                         request.match_info["name"],
+                                         request.match_info.get("version", ""))
         del body
         answer = await self.oip.infer(message, "http", self._timeout(request))
         return render_infer(answer, binary)
@@ -339,7 +342,10 @@ class InferenceRoutes:
         Instances `{"b64": <encoded image>}` are classified (label, index, probability);
         others are rows of a single-input model's tensor, answered with its first output."""
         name = request.match_info["name"]
-        doc = _object(_loads(await self.read_body(request)), "the request")
+        body = await self.read_body(request)
+        size = len(body)
+        doc = _object(await off_loop(size, _loads, body), "the request")
+        del body
         instances = doc.get("instances")
         if not isinstance(instances, list) or not instances:
             invalid("the request needs a non-empty 'instances' list")
@@ -363,10 +369,7 @@ class InferenceRoutes:
         dtype = NUMPY_DTYPES.get(spec.datatype)
         if dtype is None:
             invalid(f"input datatype {spec.datatype} cannot travel as v1 instances")
-        try:
-            rows = np.asarray(instances, dtype=dtype)
-        except (ValueError, TypeError, OverflowError) as exc:
-            invalid(f"the instances are not rows of {spec.datatype} values ({exc})")
+        rows = await off_loop(size, _rows, instances, dtype, spec.datatype)
         message = pb.ModelInferRequest(model_name=name, inputs=[
             pb.ModelInferRequest.InferInputTensor(name=spec.name, datatype=spec.datatype,
                                                   shape=list(rows.shape))],
@@ -429,9 +432,29 @@ class InferenceRoutes:
         return seconds
 
 
-def _loads(body: bytes) -> object:
+def _rows(instances: list[Any], dtype: np.dtype[Any], datatype: str) -> np.ndarray:
     try:
-        return orjson.loads(body)
+        return np.asarray(instances, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        invalid(f"the instances are not rows of {datatype} values ({exc})")
+
+
+async def off_loop(size: int, parse: Callable[..., T], *args: Any) -> T:
+    """`parse(*args)` for a body of `size` bytes: inline when small, in a thread when large,
+    so that a 64 MB JSON body (about a second of parsing) does not stop every other call
+    on the event loop, gRPC's included."""
+    if size <= INLINE_PARSE_BYTES:
+        return parse(*args)
+    return await asyncio.to_thread(parse, *args)
+
+
+def _loads(text: bytes) -> object:
+    """JSON, charged to the call first for what parsing makes of it: up to about 16 times
+    its text (the two bytes of `0,` become a float object and a list slot, 32 bytes)."""
+    call = CURRENT_CALL.get()
+    if call is not None:
+        call.charge(JSON_EXPANSION * len(text), "the parsed JSON")
+    try:
+        return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise ServingError(Status.INVALID_ARGUMENT, f"the body is not valid JSON: {exc}") \
-            from None
+        invalid(f"the request is not valid JSON: {exc}")

@@ -29,6 +29,9 @@ CASES: dict[str, tuple[dict[str, str], set[str]]] = {
     "protocol-errors": ({}, {"oip INVALID_ARGUMENT", "oip NOT_FOUND",
                              "classifier INVALID_ARGUMENT"}),
     "metrics-port": ({}, set()),
+    "rest-bodies": ({}, {"http INVALID_ARGUMENT", "http RESOURCE_EXHAUSTED",
+                         "http UNIMPLEMENTED"}),
+    "rest-slow": ({"CNNSERVE_REQUEST_ARRIVAL_TIMEOUT_S": "1"}, {"http DEADLINE_EXCEEDED"}),
 }
 
 
@@ -46,6 +49,8 @@ def test_the_server_withstands(attack: str, served_repo: Path, tmp_path: Path) -
     assert result["probe_max_ms"] < 1000, result  # the 100 ms goal is the full suite's
     assert set(result["good"]) <= {"OK", "RESOURCE_EXHAUSTED"}, result
     assert result["good"].get("OK", 0) > 0, result
+    assert set(result["good_rest"]) <= {"OK", "RESOURCE_EXHAUSTED"}, result
+    assert result["good_rest"].get("OK", 0) > 0, result
     assert result["afterwards_ok"], result
     assert result["sigterm_code"] == 0 and result["sigterm_s"] <= 11, result
     assert not any("bad error text" in k for k in result["attacker"]), result
@@ -54,6 +59,11 @@ def test_the_server_withstands(attack: str, served_repo: Path, tmp_path: Path) -
         assert "RESOURCE_EXHAUSTED" not in result["good"], result
     if attack == "stream-burst":  # gRPC core sheds a backlog of calls with CANCELLED
         assert "CANCELLED" not in result["attacker"], result
+    if attack == "rest-bodies":  # the 10 GB declaration is refused before it is read
+        assert {"HTTP 400", "HTTP 413", "HTTP 501"} <= set(result["attacker"]), result
+    if attack == "rest-slow":  # trickled headers and bodies are cut off
+        assert result["attacker"].get("headers: closed by the server", 0) > 0, result
+        assert result["attacker"].get("body: answered 504", 0) > 0, result
     if attack == "metrics-port":
         assert {k for k in result["attacker"] if "404" in k} == {
             "/: 404", "/v2/health/ready: 404", "/metrics/../x: 404"}, result
