@@ -25,7 +25,13 @@ import numpy as np
 
 from contract.repository import MODEL_FILE, list_models, list_versions, serving_config, version_dir
 from loadtests.launch import ROOT, free_port, launched
-from loadtests.report import Reference, ScenarioResult, read_locust_stats, write_report
+from loadtests.report import (
+    Reference,
+    ScenarioResult,
+    read_locust_stats,
+    row_name,
+    write_report,
+)
 from service.cli import parse_settings
 from service.engine.batching import resolve_policy
 from service.engine.runtime import ModelRunner
@@ -84,10 +90,13 @@ def batch_buckets(metrics_url: str | None, model: str) -> dict[str, float]:
         return {}
     with urllib.request.urlopen(metrics_url, timeout=10) as r:
         text = r.read().decode()
-    label = f'model="{re.escape(model)}"'
-    found = re.findall(rf'^cnnserve_batch_size_bucket\{{le="([^"]+)",{label}\}} (\S+)$', text,
-                       re.M)
-    cumulative = {le: float(v) for le, v in found if le != "+Inf"}
+    cumulative_by_le: dict[str, float] = {}
+    for labels, value in re.findall(r'^cnnserve_batch_size_bucket\{([^}]*)\} (\S+)$', text,
+                                    re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if found.get("model") == model:  # summed over versions
+            cumulative_by_le[found["le"]] = cumulative_by_le.get(found["le"], 0.0) + float(value)
+    cumulative = {le: v for le, v in cumulative_by_le.items() if le != "+Inf"}
     bounds = sorted(cumulative, key=float)
     return {b: cumulative[b] - (cumulative[bounds[i - 1]] if i else 0.0)
             for i, b in enumerate(bounds)}
@@ -112,7 +121,8 @@ def measure(scenario: Scenario, target: str, metrics_url: str | None, seconds: f
     prefix = out / scenario.slug
     run_locust(target, scenario, seconds, prefix, processes)
     after = batch_buckets(metrics_url, scenario.model)
-    stats = read_locust_stats(Path(f"{prefix}_stats.csv"), METHOD[scenario.api][2])
+    stats = read_locust_stats(Path(f"{prefix}_stats.csv"), row_name(
+        METHOD[scenario.api][2], scenario.model, scenario.images_per_request))
     result = ScenarioResult(
         scenario=scenario.name, model=scenario.model, api=scenario.api, users=scenario.users,
         images_per_request=scenario.images_per_request, batching=scenario.batching,
@@ -169,11 +179,16 @@ def ratios(results: list[ScenarioResult], refs: list[Reference]) -> list[tuple[s
             target = ">= 1.5" if on.model == "alexnet" else "(no target)"
             out.append((f"{on.model}: batching on / off img/s at {on.users} users",
                         on.images_per_s / off.images_per_s, target))
-    served = find(scenario="transport", batching=True)
+    served = find(scenario="transport", batching=True, api="oip")
     echo = find(scenario="transport", batching=False)
     if served and echo and echo.stats.rps > 0:
         out.append((f"{served.model}: req/s / echo req/s (1 image)",
                     served.stats.rps / echo.stats.rps, ">= 0.8"))
+    for api, target in (("rest-binary", ">= 0.8"), ("rest-json", ">= 0.6")):
+        rest = find(scenario="transport", batching=True, api=api)
+        if served and rest and served.stats.rps > 0:
+            out.append((f"{rest.model}: {api} / gRPC req/s (1 image, {rest.users} users)",
+                        rest.stats.rps / served.stats.rps, target))
     return out
 
 

@@ -195,5 +195,6 @@ class InferenceCore:
             elapsed = time.perf_counter() - started
             model = resolved.model
             if model is not None:
-                self.metrics.latency.labels(model.name, call.api).observe(elapsed)
+                self.metrics.latency.labels(model.name, str(model.version), call.api,
+                                            status.name).observe(elapsed)
                 (model.stats.success if status is Status.OK else model.stats.fail).add(elapsed)

@@ -31,6 +31,7 @@ from service.frontends.grpc_inference import InferenceServicer
 from service.frontends.http_edge import HttpEdge
 from service.frontends.http_inference import InferenceRoutes
 from service.frontends.oip import OpenInference
+from service.gpu_metrics import register_gpu_metrics
 from service.metrics import Metrics
 from service.metrics_http import MetricsServer
 from service.probes import LIVENESS, ProbeServer, ProbeState
@@ -292,6 +293,7 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
 
 def run(settings: ServiceSettings, reuse_port: bool = False) -> int:
     registry = CollectorRegistry()
+    register_gpu_metrics(registry)
     try:
         with MetricsServer.serving(registry, settings.host, settings.metrics_port):
             return asyncio.run(serve(settings, registry, reuse_port))

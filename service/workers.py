@@ -30,6 +30,7 @@ def supervise(settings: ServiceSettings) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         from prometheus_client import CollectorRegistry, multiprocess
 
+        from service.gpu_metrics import register_gpu_metrics
         from service.metrics_http import MetricsServer
 
         child = settings.model_copy(update={"workers": 1, "metrics_port": None})
@@ -41,6 +42,7 @@ def supervise(settings: ServiceSettings) -> int:
         settings_file.chmod(0o600)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        register_gpu_metrics(registry)  # once, here: the workers' registries do not serve
         with MetricsServer.serving(registry, settings.host, settings.metrics_port):
             return _run_workers(settings, settings_file)
 

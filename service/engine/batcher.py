@@ -66,7 +66,8 @@ class _Request:
 
 class DynamicBatcher:
     def __init__(self, name: str, runners: Sequence[ModelRunner], executor: Executor,
-                 policy: BatchPolicy, metrics: Metrics, stats: ModelStats) -> None:
+                 policy: BatchPolicy, metrics: Metrics, stats: ModelStats,
+                 version: str = "1") -> None:
         self.name = name
         self.policy = policy
         self._runners = list(runners)
@@ -74,12 +75,12 @@ class DynamicBatcher:
         self._stats = stats
         # Children looked up once (a lookup per request shows in profiles); each exports
         # zeros from the start, not from the first request.
-        self._depth = metrics.queue_depth.labels(name)
-        self._queue_wait = metrics.queue_wait.labels(name)
-        self._compute = metrics.compute.labels(name)
-        self._batch_size = metrics.batch_size.labels(name)
-        self._inferences = metrics.inferences.labels(name)
-        self._executions = metrics.executions.labels(name)
+        self._depth = metrics.queue_depth.labels(name, version)
+        self._queue_wait = metrics.queue_wait.labels(name, version)
+        self._compute = metrics.compute.labels(name, version)
+        self._batch_size = metrics.batch_size.labels(name, version)
+        self._inferences = metrics.inferences.labels(name, version)
+        self._executions = metrics.executions.labels(name, version)
         self._queue: deque[_Request] = deque()
         self._lock = threading.Lock()  # guards _queue: the loop adds, compute threads take
         self._arrived = asyncio.Event()

@@ -159,7 +159,8 @@ def load_model(settings: ServiceSettings, name: str, executor: Executor,
         served.reason = str(exc)
         log.error("model %s version %s not served: %s", name, version, exc)
         return served
-    served.batcher = DynamicBatcher(name, runners, executor, policy, metrics, served.stats)
+    served.batcher = DynamicBatcher(name, runners, executor, policy, metrics, served.stats,
+                                    str(version))
     served.provider, served.file = runners[0].provider, path.name
     log.info("model %s version %s ready: %s on %s, %d instance(s), %s, delay %dus",
              name, version, path.name, served.provider, len(runners),

@@ -26,9 +26,12 @@ def logits(response: service_pb2.ModelInferResponse) -> np.ndarray:
 
 
 def metric(text: str, name: str, model: str = "lenet") -> float:
-    match = re.search(rf'^{name}\{{model="{model}"(?:,le="[^"]*")?\}} (\S+)$', text, re.M)
-    assert match, f"{name} for {model} not in metrics"
-    return float(match.group(1))
+    """The sum of `name`'s series for `model` (over versions, APIs, codes; no buckets)."""
+    found = [float(value) for labels, value in
+             re.findall(rf'^{name}\{{([^}}]*)\}} (\S+)$', text, re.M)
+             if f'model="{model}"' in labels.split(",") and 'le="' not in labels]
+    assert found, f"{name} for {model} not in metrics"
+    return sum(found)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:

@@ -45,8 +45,8 @@ def test_concurrent_single_images_are_batched_and_answered_individually(
                   - metric(before, "cnnserve_batch_size_sum"))
     assert images_run == 32
     assert batches < 32, "no request was batched with another"
-    assert (metric(after, "cnnserve_inference_count_total")
-            - metric(after, "cnnserve_execution_count_total")) > 0
+    assert (metric(after, "cnnserve_inferences_total")
+            - metric(after, "cnnserve_executions_total")) > 0
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_workers_share_one_port_and_their_metrics_are_summed(
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             assert logits(stub.ModelInfer(request(x), timeout=30)).shape == (2, 10)
     text = server.metrics()
-    assert metric(text, "cnnserve_inference_count_total") == 20
+    assert metric(text, "cnnserve_inferences_total") == 20
     assert len(re.findall(r"^cnnserve_requests_total\{", text, re.M)) >= 1
     assert server.terminate() == 0
 
