@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 PROBE_PORT ?= 8003
 HTTP_PORT ?= 8000
 
-.PHONY: demo train export serve bench test lint stubs install clean perf-analyzer
+.PHONY: demo train export serve bench test lint stubs install clean perf-analyzer prometheus
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,8 +43,18 @@ export: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m service --repo $(REPO) --port $(PORT) --metrics-port $(METRICS_PORT) --probe-port $(PROBE_PORT) --http-port $(HTTP_PORT)
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/python -m pytest
+
+# Debian's prometheus and promtool, for the tests that scrape with them; where apt cannot
+# install them without a prompt (no root, no Debian), those tests skip and say so.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
+	      >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
+	      >/dev/null 2>&1; }; } || echo "prometheus not installed: its tests will skip"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
