@@ -37,9 +37,11 @@ class _CallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
 
 
 class _ReportingInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    def __init__(self, environment: Environment, metadata: list[tuple[str, str]]) -> None:
+    def __init__(self, environment: Environment, metadata: list[tuple[str, str]],
+                 user: GrpcUser) -> None:
         self.environment = environment
         self.metadata = metadata
+        self.user = user
 
     def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any,
                               request: Any) -> Any:
@@ -54,7 +56,7 @@ class _ReportingInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[m
         except grpc.RpcError as exc:
             exception = GrpcCallError(f"{exc.code().name}: {exc.details()}")
         self.environment.events.request.fire(
-            request_type="grpc", name=details.method.rsplit("/", 1)[-1],
+            request_type="grpc", name=details.method.rsplit("/", 1)[-1] + self.user.row_label,
             response_time=(time.perf_counter() - started) * 1000, response_length=length,
             response=None, context=None, exception=exception)
         return outcome
@@ -69,6 +71,8 @@ class GrpcUser(User):
 
     abstract = True
     stub_class: Any = None
+    row_label = ""
+    """Appended to the method in each call's row name (e.g. " lenet x1")."""
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
@@ -89,7 +93,7 @@ class GrpcUser(User):
         token = option("grpc_token")
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.channel = grpc.intercept_channel(
-            self.setup_channel, _ReportingInterceptor(environment, self.metadata))
+            self.setup_channel, _ReportingInterceptor(environment, self.metadata, self))
         self.stub = self.stub_class(self.channel)
 
     def on_stop(self) -> None:

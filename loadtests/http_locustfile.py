@@ -23,9 +23,10 @@ from locust import FastHttpUser, events, task
 from contract.datasets import encode_png
 from contract.preprocessing import resize_images
 from loadtests.locustfile import IMAGES, png_digits, test_digits
+from loadtests.report import row_name
 
 ROWS = {"binary": "REST infer binary", "json": "REST infer json", "png": "REST classify png"}
-"""Locust row names, one per user class (the benchmark reads them)."""
+"""The call in each user class's row name (`row_name`: `REST infer binary lenet x1`)."""
 
 
 @events.init_command_line_parser.add_listener
@@ -88,7 +89,8 @@ class _RestUser(FastHttpUser):
         self.next += 1
         self.client.post(f"/v2/models/{self.model}/{self.route}",
                          data=body,  # type: ignore[arg-type]
-                         headers={**self.headers, **headers}, name=ROWS[self.kind])
+                         headers={**self.headers, **headers},
+                         name=row_name(ROWS[self.kind], self.model, self.per_request))
 
 
 class HttpBinaryUser(_RestUser):

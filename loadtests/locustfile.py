@@ -27,6 +27,7 @@ from contract.datasets import encode_png, load_dataset
 from contract.metadata import Preprocessing
 from contract.preprocessing import resize_images, to_input
 from loadtests.grpc_user import GrpcUser
+from loadtests.report import row_name
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 
 IMAGES = 64  # distinct test images each user cycles through
@@ -80,6 +81,10 @@ class _CnnUser(GrpcUser):
             return "lenet", 1, 10.0
         return opts.model, opts.images_per_request, opts.grpc_timeout
 
+    def on_start(self) -> None:
+        self.model, self.per_request, self.timeout = self.options()
+        self.row_label = row_name("", self.model, self.per_request)
+
     def call(self, method: Any, request: Any, timeout: float) -> Any:
         """The interceptor has reported the outcome; a failure must not end the user."""
         try:
@@ -94,7 +99,7 @@ class ClassifierUser(_CnnUser):
     stub_class = classifier_pb2_grpc.ClassifierStub
 
     def on_start(self) -> None:
-        self.model, self.per_request, self.timeout = self.options()
+        super().on_start()
         self.images = png_digits()
         self.next = 0
 
@@ -113,7 +118,7 @@ class InferenceUser(_CnnUser):
     stub_class = grpc_service_pb2_grpc.GRPCInferenceServiceStub
 
     def on_start(self) -> None:
-        self.model, self.per_request, self.timeout = self.options()
+        super().on_start()
         self.requests = self.build_requests()
         self.next = 0
 

@@ -10,6 +10,12 @@ from pydantic import BaseModel
 from contract.table import format_table
 
 
+def row_name(call: str, model: str, images_per_request: int) -> str:
+    """A Locust row's name: the call, the model and the images each request carries
+    (`ModelInfer lenet x1`), so runs against other models or sizes are told apart."""
+    return f"{call} {model} x{images_per_request}"
+
+
 class LocustStats(BaseModel):
     """One row of Locust's `<prefix>_stats.csv`."""
 
@@ -49,7 +55,7 @@ class Reference(BaseModel):
 
 
 def read_locust_stats(path: Path, name: str) -> LocustStats:
-    """The row called `name` (an RPC method, or "Aggregated") of a Locust stats CSV."""
+    """The row called `name` (`row_name(...)`, or "Aggregated") of a Locust stats CSV."""
     with open(path, newline="") as f:
         row = next((r for r in csv.DictReader(f) if r["Name"] == name), None)
     if row is None:

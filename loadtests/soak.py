@@ -24,7 +24,7 @@ from pathlib import Path
 from contract.table import format_table
 from loadtests.bench import Scenario, run_locust
 from loadtests.launch import free_port, launched
-from loadtests.report import read_locust_stats
+from loadtests.report import read_locust_stats, row_name
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -135,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop.set()
             sampler.join()
 
-    stats = read_locust_stats(Path(f"{prefix}_stats.csv"), "ModelInfer")
+    stats = read_locust_stats(Path(f"{prefix}_stats.csv"),
+                              row_name("ModelInfer", args.model, 1))
     codes = failures_by_code(Path(f"{prefix}_failures.csv"))
     latency = latency_windows(Path(f"{prefix}_stats_history.csv"))
     with open(out / "rss.csv", "w", newline="") as f:

@@ -36,7 +36,7 @@ def test_both_user_classes_succeed_against_a_real_server(server: ServerProcess,
     result = locust(server.address, tmp_path / "run", "--model", "alexnet",
                     "--images-per-request", "2")
     assert result.returncode == 0, result.stderr[-2000:]
-    for method in ("Predict", "ModelInfer"):
+    for method in ("Predict alexnet x2", "ModelInfer alexnet x2"):
         stats = read_locust_stats(tmp_path / "run_stats.csv", method)
         assert stats.requests > 0 and stats.failures == 0, method
 
@@ -46,7 +46,8 @@ def test_the_rest_users_succeed_against_a_real_server(server: ServerProcess,
     result = locust(f"http://127.0.0.1:{server.http_port}", tmp_path / "rest", "--model",
                     "alexnet", "--images-per-request", "2", locustfile=HTTP_LOCUSTFILE)
     assert result.returncode == 0, result.stderr[-2000:]
-    for row in ("REST infer binary", "REST infer json", "REST classify png"):
+    for row in ("REST infer binary alexnet x2", "REST infer json alexnet x2",
+                "REST classify png alexnet x2"):
         stats = read_locust_stats(tmp_path / "rest_stats.csv", row)
         assert stats.requests > 0 and stats.failures == 0, row
 
@@ -54,7 +55,7 @@ def test_the_rest_users_succeed_against_a_real_server(server: ServerProcess,
 def test_an_unreachable_host_shows_up_as_failures_not_a_hang(tmp_path: Path) -> None:
     result = locust(f"127.0.0.1:{free_port()}", tmp_path / "down", "InferenceUser",
                     "--grpc-timeout", "1", seconds=3)
-    stats = read_locust_stats(tmp_path / "down_stats.csv", "ModelInfer")
+    stats = read_locust_stats(tmp_path / "down_stats.csv", "ModelInfer lenet x1")
     assert stats.failures == stats.requests > 0
     assert "UNAVAILABLE" in (tmp_path / "down_failures.csv").read_text()
     assert result.returncode == 1  # Locust's exit code when any request failed
@@ -63,7 +64,7 @@ def test_an_unreachable_host_shows_up_as_failures_not_a_hang(tmp_path: Path) -> 
 def test_unknown_model_failures_carry_the_status_code(server: ServerProcess,
                                                       tmp_path: Path) -> None:
     locust(server.address, tmp_path / "bad", "ClassifierUser", "--model", "resnet", seconds=2)
-    stats = read_locust_stats(tmp_path / "bad_stats.csv", "Predict")
+    stats = read_locust_stats(tmp_path / "bad_stats.csv", "Predict resnet x1")
     assert stats.failures == stats.requests > 0
     assert "NOT_FOUND: unknown model 'resnet'" in (tmp_path / "bad_failures.csv").read_text()
 
@@ -137,10 +138,10 @@ def test_locust_sends_the_bearer_token_a_secured_server_requires(
     server = server_factory(served_repo, env={"CNNSERVE_AUTH_TOKEN": "load-test-token"})
     locust(server.address, tmp_path / "with", "InferenceUser", "--grpc-token",
            "load-test-token", seconds=2)
-    stats = read_locust_stats(tmp_path / "with_stats.csv", "ModelInfer")
+    stats = read_locust_stats(tmp_path / "with_stats.csv", "ModelInfer lenet x1")
     assert stats.requests > 0 and stats.failures == 0
     locust(server.address, tmp_path / "without", "InferenceUser", seconds=2)
-    stats = read_locust_stats(tmp_path / "without_stats.csv", "ModelInfer")
+    stats = read_locust_stats(tmp_path / "without_stats.csv", "ModelInfer lenet x1")
     assert stats.failures == stats.requests > 0
     assert "UNAUTHENTICATED" in (tmp_path / "without_failures.csv").read_text()
 
