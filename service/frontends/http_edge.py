@@ -171,7 +171,7 @@ class HttpEdge:
             raise ServingError(Status.DEADLINE_EXCEEDED,
                                f"the request body did not arrive within "
                                f"{self.arrival_timeout_s:g}s") from None
-        except (ValueError, HttpProcessingError, AssertionError) as exc:
+        except (ValueError, HttpProcessingError) as exc:
             invalid(f"the multipart body could not be read: {bounded(str(exc), 200)}")
         if call is not None and declared is None:
             call.charge(2 * total, "the request body")
