@@ -29,6 +29,9 @@ _FLAGS: dict[str, dict[str, object]] = {
     "instances": {"type": int, "help": "onnxruntime sessions per model"},
     "intra_op_threads": {"type": int},
     "max_batch_size": {"type": int, "help": "override every model's max batch size"},
+    "batching": {"choices": ("work-conserving", "delay"),
+                 "help": "work-conserving (default): an idle model runs what is queued at "
+                         "once; delay: Triton's, the oldest waits max_queue_delay_us"},
     "max_queue_delay_us": {"type": int, "help": "override every model's batching delay"},
     "max_queue_size": {"type": int},
     "max_images_per_request": {"type": int},

@@ -28,6 +28,7 @@ class ModelOverrides(BaseModel):
 
     max_batch_size: int | None = Field(default=None, ge=1)
     max_queue_delay_us: int | None = Field(default=None, ge=0)
+    batching: Literal["work-conserving", "delay"] | None = None
     preferred_batch_sizes: tuple[int, ...] | None = None
     max_queue_size: int | None = Field(default=None, ge=1)
     instances: int | None = Field(default=None, ge=1)
@@ -79,6 +80,12 @@ class ServiceSettings(BaseSettings):
 
     max_batch_size: int | None = Field(default=None, ge=1)
     max_queue_delay_us: int | None = Field(default=None, ge=0)
+    batching: Literal["work-conserving", "delay"] = "work-conserving"
+    """work-conserving: an idle model instance runs what is queued at once, and requests
+    batch while it is busy, so a lone request never waits for company. delay: Triton's
+    dynamic batcher, where the oldest request waits up to max_queue_delay_us for a full
+    or preferred batch (more images per batch when a fast model would otherwise run
+    small batches back to back)."""
     max_queue_size: int = Field(default=512, ge=1)
     """Requests waiting per model; beyond it a request is refused with RESOURCE_EXHAUSTED."""
     models: dict[str, ModelOverrides] = Field(default_factory=dict)

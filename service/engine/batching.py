@@ -29,6 +29,9 @@ class BatchPolicy:
     """Requests waiting; beyond it new ones are refused at once."""
     instances: int
     """onnxruntime sessions, each running its own batches."""
+    work_conserving: bool = False
+    """An idle instance runs what is queued at once; requests batch while instances are
+    busy. False: Triton's rule, the head waits up to max_queue_delay_s for company."""
 
 
 T = TypeVar("T")
@@ -49,7 +52,8 @@ def resolve_policy(name: str, config: ModelConfig, settings: ServiceSettings) ->
         max_queue_delay_s=_first_set(over.max_queue_delay_us, config.max_queue_delay_us) / 1e6,
         preferred_batch_sizes=frozenset(b for b in preferred if b <= max_batch),
         max_queue_size=_first_set(over.max_queue_size, settings.max_queue_size),
-        instances=_first_set(over.instances, settings.instances))
+        instances=_first_set(over.instances, settings.instances),
+        work_conserving=_first_set(over.batching, settings.batching) == "work-conserving")
 
 
 class Queued(Protocol):
@@ -87,13 +91,15 @@ class Selection(Generic[Q]):
 
 def select_batch(queue: Iterable[Q], now: float, policy: BatchPolicy, drain: bool = False
                  ) -> Selection[Q]:
-    """Decide what leaves the queue at `now`.
+    """Decide what leaves the queue at `now`, for a model instance that is idle (the
+    batcher asks only then).
 
     A batch is the longest run of requests from the head whose rows fit `max_batch_size`
     (1 for a model without a batch dimension) and whose shapes equal the head's. It leaves
-    when it is full (or the next request cannot join it), when it is a preferred size and
-    nothing else waits, when its head has waited `max_queue_delay_s`, or at once when
-    draining. Cancelled requests are dropped wherever they sit; expired ones removed.
+    at once under a work-conserving policy or when draining; otherwise when it is full (or
+    the next request cannot join it), when it is a preferred size and nothing else waits,
+    or when its head has waited `max_queue_delay_s`. Cancelled requests are dropped
+    wherever they sit; expired ones removed.
     """
     alive: list[Q] = []
     expired: list[Q] = []
@@ -114,7 +120,8 @@ def select_batch(queue: Iterable[Q], now: float, policy: BatchPolicy, drain: boo
     head = alive[0].enqueued
     full = rows == limit or taken < len(alive)
     preferred = rows in policy.preferred_batch_sizes and taken == len(alive)
-    if full or preferred or drain or now - head >= policy.max_queue_delay_s:
+    if (policy.work_conserving or full or preferred or drain
+            or now - head >= policy.max_queue_delay_s):
         return Selection(alive[:taken], expired, alive[taken:], None)
     # Less than one batch is queued, so this scan is short.
     wake = min([head + policy.max_queue_delay_s,

@@ -285,7 +285,8 @@ class OpenInference:
         image = mc.ModelInput.FORMAT_NCHW if model.metadata else mc.ModelInput.FORMAT_NONE
         batching = mc.ModelDynamicBatching(
             preferred_batch_size=sorted(policy.preferred_batch_sizes),
-            max_queue_delay_microseconds=round(policy.max_queue_delay_s * 1e6))
+            max_queue_delay_microseconds=0 if policy.work_conserving
+            else round(policy.max_queue_delay_s * 1e6))
         return pb.ModelConfigResponse(config=mc.ModelConfig(
             name=model.name, platform=PLATFORM, backend="onnxruntime",
             version_policy=mc.ModelVersionPolicy(

@@ -27,7 +27,7 @@ from tests.service.oip import logits, metric, request, stub_for, wait_until
 
 def test_concurrent_single_images_are_batched_and_answered_individually(
         served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
-    server = server_factory(served_repo, "--max-queue-delay-us", "20000")
+    server = server_factory(served_repo, "--batching", "delay", "--max-queue-delay-us", "20000")
     stub = stub_for(server)
     images = np.random.default_rng(0).standard_normal((32, 1, 1, 28, 28)).astype(np.float32)
     alone = [logits(stub.ModelInfer(request(x), timeout=30)) for x in images[:4]]
@@ -49,11 +49,31 @@ def test_concurrent_single_images_are_batched_and_answered_individually(
             - metric(after, "cnnserve_executions_total")) > 0
 
 
+def test_work_conserving_runs_a_lone_request_at_once_and_batches_while_the_model_is_busy(
+        served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory(served_repo, "--max-queue-delay-us", "3000000")  # default policy
+    stub = stub_for(server)
+    images = np.random.default_rng(1).standard_normal((64, 1, 1, 64, 64)).astype(np.float32)
+    before = server.metrics()
+    for x in np.random.default_rng(2).standard_normal((3, 1, 1, 28, 28)).astype(np.float32):
+        stub.ModelInfer(request(x), timeout=30)
+    waited = (metric(server.metrics(), "cnnserve_queue_wait_seconds_sum")
+              - metric(before, "cnnserve_queue_wait_seconds_sum"))
+    assert waited < 1.0, "a lone request waited for company on an idle model"  # delay: 9 s
+    before = server.metrics()
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda x: stub.ModelInfer(request(x, model="alexnet"), timeout=30), images))
+    after = server.metrics()
+    batches = (metric(after, "cnnserve_batch_size_count", "alexnet")
+               - metric(before, "cnnserve_batch_size_count", "alexnet"))
+    assert batches < 64, "no request was batched with another while the model was busy"
+
+
 @pytest.fixture(scope="module")
 def slow_server(served_repo: Path) -> Iterator[ServerProcess]:
     """Batches wait 1.5 s for company and at most 2 requests may queue."""
-    server = start_server(served_repo, "--max-queue-delay-us", "1500000", "--max-queue-size",
-                          "2")
+    server = start_server(served_repo, "--batching", "delay",
+                          "--max-queue-delay-us", "1500000", "--max-queue-size", "2")
     yield server
     server.terminate()
 
@@ -102,7 +122,7 @@ def test_expired_and_cancelled_requests_never_reach_the_model(
 
 def test_sigterm_answers_queued_requests_refuses_new_ones_and_exits_0(
         served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
-    server = server_factory(served_repo, "--max-queue-delay-us", "1500000")
+    server = server_factory(served_repo, "--batching", "delay", "--max-queue-delay-us", "1500000")
     stub = stub_for(server)
     x = np.random.default_rng(3).standard_normal((1, 1, 28, 28)).astype(np.float32)
     with ThreadPoolExecutor(4) as pool:

@@ -169,7 +169,7 @@ def test_connections_that_trickle_headers_are_closed_and_cannot_crowd_others_out
 def test_a_request_whose_client_hangs_up_never_reaches_the_model(
         served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
     # A lone request waits 3 s in the queue for company; its client leaves after 0.3 s.
-    server = server_factory(served_repo, "--max-queue-delay-us", "3000000")
+    server = server_factory(served_repo, "--batching", "delay", "--max-queue-delay-us", "3000000")
     header = BINARY_HEADER
     body = header + X[:1].tobytes()
     with socket.create_connection(("127.0.0.1", server.http_port)) as sock:

@@ -74,8 +74,8 @@ def test_model_config_through_tritonclient_is_the_served_configuration(
         assert tensor_in.data_type == tensor_out.data_type == 11  # TYPE_FP32
         assert list(config.dynamic_batching.preferred_batch_size) == sorted(
             declared["preferred_batch_sizes"])
-        assert config.dynamic_batching.max_queue_delay_microseconds == declared[
-            "max_queue_delay_us"]
+        # Work-conserving (the default): no request waits for company, as Triton's 0 says.
+        assert config.dynamic_batching.max_queue_delay_microseconds == 0
         (group,) = config.instance_group
         assert (group.count, group.kind) == (1, 2)  # one instance, KIND_CPU
         assert config.version_policy.latest.num_versions == 1

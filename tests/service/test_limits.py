@@ -44,8 +44,8 @@ def test_the_server_caps_every_deadline_at_its_request_timeout(
         served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
     # Batches wait 3 s for company; the server gives every call at most 0.3 s, and says so
     # itself (the client would give up only after 2 s).
-    server = server_factory(served_repo, "--request-timeout-s", "0.3", "--max-queue-delay-us",
-                            "3000000")
+    server = server_factory(served_repo, "--request-timeout-s", "0.3", "--batching", "delay",
+                            "--max-queue-delay-us", "3000000")
     with pytest.raises(grpc.RpcError) as err:
         stub_for(server).ModelInfer(request(np.zeros((1, 1, 28, 28), np.float32)), timeout=2)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

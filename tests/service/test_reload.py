@@ -45,8 +45,8 @@ def health(server: ServerProcess, name: str) -> int:
 
 def test_a_new_version_is_swapped_in_and_queued_requests_are_still_answered(
         repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
-    server = server_factory(repo, "--reload-interval-s", "0.1", "--max-queue-delay-us",
-                            "1500000")
+    server = server_factory(repo, "--reload-interval-s", "0.1", "--batching", "delay",
+                            "--max-queue-delay-us", "1500000")
     stub = stub_for(server)
     with ThreadPoolExecutor(3) as pool:
         queued = [pool.submit(stub.ModelInfer, request(X), timeout=30) for _ in range(3)]

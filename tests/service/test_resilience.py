@@ -32,8 +32,8 @@ def test_overload_is_refused_fast_while_accepted_requests_are_answered(
         served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
     # Capacity: 6 queued requests (no preferred batch size), run together once the oldest
     # has waited 0.5 s.
-    server = server_factory(served_repo, "--max-queue-size", "6", "--max-queue-delay-us",
-                            "500000")
+    server = server_factory(served_repo, "--max-queue-size", "6", "--batching", "delay",
+                            "--max-queue-delay-us", "500000")
     stub = stub_for(server)
     stub.ModelInfer(request(X), timeout=30)
     rss_before = peak_rss_mib(server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -61,6 +62,22 @@ CASES = [
 ]
 
 
+WORK_CONSERVING = dataclasses.replace(POLICY, work_conserving=True)
+
+
+@pytest.mark.parametrize(("queue", "now", "batch", "waiting"), [
+    ([Q("a")], 0.0, ["a"], []),
+    ([Q("a"), Q("b"), Q("c")], 0.0, ["a", "b", "c"], []),
+    ([Q(c, rows=3) for c in "abc"], 0.0, ["a", "b"], ["c"]),
+    ([Q("a"), Q("b", shapes=(1, 28, 27))], 0.0, ["a"], ["b"]),
+], ids=["a lone request runs at once", "what is queued runs at once, not a preferred size",
+        "still at most max_batch_size", "still only equal shapes"])
+def test_a_work_conserving_policy_runs_what_is_queued_when_an_instance_is_idle(
+        queue: list[Q], now: float, batch: list[str], waiting: list[str]) -> None:
+    selection = select_batch(queue, now, WORK_CONSERVING)
+    assert (names(selection.batch), names(selection.waiting)) == (batch, waiting)
+
+
 @pytest.mark.parametrize(("queue", "now", "drain", "batch", "expired", "waiting", "wake_at"),
                          [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_select_batch(queue: list[Q], now: float, drain: bool, batch: list[str],
@@ -82,7 +99,7 @@ def test_the_policy_comes_from_config_json_and_server_defaults() -> None:
     policy = resolve_policy("lenet", CONFIG, ServiceSettings(max_queue_size=7))
     assert policy == BatchPolicy(max_batch_size=32, max_queue_delay_s=0.002,
                                  preferred_batch_sizes=frozenset({8, 16, 32}),
-                                 max_queue_size=7, instances=1)
+                                 max_queue_size=7, instances=1, work_conserving=True)
 
 
 def test_flags_override_config_json_and_the_model_entry_overrides_flags() -> None:
@@ -92,6 +109,13 @@ def test_flags_override_config_json_and_the_model_entry_overrides_flags() -> Non
     assert (policy.max_batch_size, policy.max_queue_delay_s, policy.instances) == (4, 0.0005, 3)
     other = resolve_policy("alexnet", CONFIG, settings)
     assert (other.max_batch_size, other.instances) == (16, 2)
+
+
+def test_triton_s_delay_rule_is_a_setting_for_the_server_or_one_model() -> None:
+    settings = ServiceSettings(batching="delay",
+                               models={"lenet": ModelOverrides(batching="work-conserving")})
+    assert resolve_policy("lenet", CONFIG, settings).work_conserving
+    assert not resolve_policy("alexnet", CONFIG, settings).work_conserving
 
 
 def test_a_zero_or_empty_override_is_an_override() -> None:
