@@ -21,7 +21,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from tests.servers import ROOT, ServerProcess
-from tests.service.oip import wait_until
+from tests.service.oip import metric, wait_until
 from tests.service.test_inference_api import direct
 
 X = np.random.default_rng(11).standard_normal((3, 1, 28, 28)).astype(np.float32)
@@ -315,3 +315,24 @@ def test_health_answers_carry_the_protocols_bodies_and_not_ready_is_503(
     assert call(server, "/v2/models/lenet/versions/7/ready") == (
         503, b'{"name":"lenet","ready":false}')
     assert call(server, "/v2/models/nothing/ready")[0] == 503
+
+
+def test_sigterm_turns_rest_health_unready_answers_queued_requests_and_refuses_new_ones(
+        served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory(served_repo, "--batching", "delay",
+                            "--max-queue-delay-us", "1500000")
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{server.http_port}", concurrency=3)
+    tensor = triton_http.InferInput("input", list(X[:1].shape), "FP32")
+    tensor.set_data_from_numpy(X[:1])
+    queued = [client.async_infer("lenet", [tensor]) for _ in range(3)]
+    wait_until(lambda: metric(server.metrics(), "cnnserve_queue_depth") == 3)
+    server.proc.send_signal(15)
+    wait_until(lambda: any("shutting down" in line for line in server.lines))
+    status, body = call(server, "/v2/health/ready")
+    assert (status, json.loads(body)) == (503, {"ready": False})
+    status, body = call(server, "/v2/models/lenet/infer", BINARY_HEADER + X[:1].tobytes(),
+                        {"Inference-Header-Content-Length": str(len(BINARY_HEADER))})
+    assert status == 503 and "error" in json.loads(body)
+    answers = [q.get_result(timeout=30).as_numpy("logits") for q in queued]
+    assert all(np.array_equal(a, answers[0]) for a in answers)
+    assert server.proc.wait(30) == 0

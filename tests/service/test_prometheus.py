@@ -76,7 +76,10 @@ def loaded(served_repo: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[ServerProcess, str | None]]:
     """A server that has run the load, and the address of a Prometheus that scraped it
     throughout (None where Prometheus is absent)."""
-    server = start_server(served_repo)
+    # Triton's delay rule: under a steady load, batches of a steady size, so a batch's
+    # median and mean compute time agree and their comparison measures the histogram's
+    # resolution (work-conserving batches of 1 to 8 images make a two-humped spread).
+    server = start_server(served_repo, "--batching", "delay")
     prometheus, address = None, None
     try:
         if shutil.which("prometheus"):
