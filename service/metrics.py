@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
+import onnxruntime
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 LATENCY_BUCKETS = tuple(round(us * 1e-6, 9) for us in (
@@ -27,7 +28,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 def _version(package: str) -> str:
     try:
         return version(package)
-    except PackageNotFoundError:
+    except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown"
 
 
@@ -41,9 +42,8 @@ class Metrics:
                                 "The running build: always 1, its labels say what it is.",
                                 ["version", "onnxruntime", "python"],
                                 multiprocess_mode="max", registry=registry)
-        self.build_info.labels(_version("cnnserve"), _version("onnxruntime-gpu")
-                               if _version("onnxruntime-gpu") != "unknown"
-                               else _version("onnxruntime"), platform.python_version()).set(1)
+        self.build_info.labels(_version("cnnserve"), onnxruntime.__version__,
+                               platform.python_version()).set(1)
         self.requests = Counter("cnnserve_requests",
                                 "Calls answered, by model, API and the status the client saw "
                                 "(refusals before any handler included).",

@@ -293,7 +293,8 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
 
 def run(settings: ServiceSettings, reuse_port: bool = False) -> int:
     registry = CollectorRegistry()
-    register_gpu_metrics(registry)
+    if settings.metrics_port is not None:  # workers' registries are not served
+        register_gpu_metrics(registry)
     try:
         with MetricsServer.serving(registry, settings.host, settings.metrics_port):
             return asyncio.run(serve(settings, registry, reuse_port))

@@ -42,7 +42,7 @@ def supervise(settings: ServiceSettings) -> int:
         settings_file.chmod(0o600)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        register_gpu_metrics(registry)  # once, here: the workers' registries do not serve
+        register_gpu_metrics(registry)  # once, in the process that serves the scrape
         with MetricsServer.serving(registry, settings.host, settings.metrics_port):
             return _run_workers(settings, settings_file)
 

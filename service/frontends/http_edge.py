@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -41,6 +43,7 @@ HTTP_STATUS = {
 _FROM_HTTP = {400: Status.INVALID_ARGUMENT, 404: Status.NOT_FOUND,
               405: Status.UNIMPLEMENTED, 413: Status.RESOURCE_EXHAUSTED}
 PROBES = frozenset({"/v2/health/live", "/v2/health/ready"})
+T = TypeVar("T")
 
 
 def error(status: Status, message: str) -> web.Response:
@@ -117,19 +120,10 @@ class HttpEdge:
             raise ServingError(Status.UNIMPLEMENTED,
                                f"compressed request bodies ({encoding[:20]}) are refused: a few "
                                "kilobytes can expand to the size limit (compressed_requests)")
-        declared = self._declared(request)
-        call = CURRENT_CALL.get()
-        if call is not None and declared is not None:
-            call.charge(2 * declared, "the request body")
-        try:
-            async with asyncio.timeout(self.arrival_timeout_s):
-                body = await request.read()
-        except TimeoutError:
-            raise ServingError(Status.DEADLINE_EXCEEDED,
-                               f"the request body did not arrive within "
-                               f"{self.arrival_timeout_s:g}s") from None
-        if call is not None and declared is None:
-            call.charge(2 * len(body), "the request body")
+        declared = self._charge_declared(request)
+        body = await self._arriving(request.read())
+        if declared is None:
+            self._charge(len(body))
         return body
 
     async def read_files(self, request: web.Request) -> list[bytes]:
@@ -137,54 +131,66 @@ class HttpEdge:
         limits (time, total size, charge) and at most `max_files` of them: a generic MIME
         parser over the whole body would hold the event loop for seconds on 100,000
         one-byte parts."""
-        declared = self._declared(request)
-        call = CURRENT_CALL.get()
-        if call is not None and declared is not None:
-            call.charge(2 * declared, "the request body")
+        declared = self._charge_declared(request)
+        try:
+            files, total = await self._arriving(self._files(request))
+        except (ValueError, HttpProcessingError) as exc:
+            invalid(f"the multipart body could not be read: {bounded(str(exc), 200)}")
+        if declared is None:
+            self._charge(total)
+        return files
+
+    async def _files(self, request: web.Request) -> tuple[list[bytes], int]:
         limit = request.client_max_size
         files: list[bytes] = []
         total = 0
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                invalid("nested multipart bodies are not read")
+            encoding = part.headers.get(hdrs.CONTENT_ENCODING, "identity").lower()
+            transfer = part.headers.get(hdrs.CONTENT_TRANSFER_ENCODING, "binary").lower()
+            if encoding != "identity" or transfer not in ("binary", "8bit", "7bit"):
+                raise ServingError(Status.UNIMPLEMENTED, "encoded multipart files are refused: "
+                                   "send each file's bytes as they are")
+            if len(files) == self.max_files:
+                invalid(f"at most {self.max_files} files per request")
+            data = bytearray()
+            while chunk := await part.read_chunk():
+                total += len(chunk)
+                if total > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total)
+                data += chunk
+            if data:
+                files.append(bytes(data))
+        return files, total
+
+    async def _arriving(self, read: Awaitable[T]) -> T:
+        """`read`, DEADLINE_EXCEEDED if the body has not arrived within arrival_timeout_s."""
         try:
             async with asyncio.timeout(self.arrival_timeout_s):
-                reader = await request.multipart()
-                while (part := await reader.next()) is not None:
-                    if not isinstance(part, BodyPartReader):
-                        invalid("nested multipart bodies are not read")
-                    encoding = part.headers.get(hdrs.CONTENT_ENCODING, "identity").lower()
-                    transfer = part.headers.get(hdrs.CONTENT_TRANSFER_ENCODING, "binary").lower()
-                    if encoding != "identity" or transfer not in ("binary", "8bit", "7bit"):
-                        raise ServingError(Status.UNIMPLEMENTED,
-                                           "encoded multipart files are refused: send each "
-                                           "file's bytes as they are")
-                    if len(files) == self.max_files:
-                        invalid(f"at most {self.max_files} files per request")
-                    data = bytearray()
-                    while chunk := await part.read_chunk():
-                        total += len(chunk)
-                        if total > limit:
-                            raise web.HTTPRequestEntityTooLarge(max_size=limit,
-                                                                actual_size=total)
-                        data += chunk
-                    if data:
-                        files.append(bytes(data))
+                return await read
         except TimeoutError:
             raise ServingError(Status.DEADLINE_EXCEEDED,
                                f"the request body did not arrive within "
                                f"{self.arrival_timeout_s:g}s") from None
-        except (ValueError, HttpProcessingError) as exc:
-            invalid(f"the multipart body could not be read: {bounded(str(exc), 200)}")
-        if call is not None and declared is None:
-            call.charge(2 * total, "the request body")
-        return files
 
-    @staticmethod
-    def _declared(request: web.Request) -> int | None:
-        """The body's declared length; 413 at once when it is over the limit."""
+    def _charge_declared(self, request: web.Request) -> int | None:
+        """A declared body is charged (twice: its bytes and their parse) before it is read;
+        413 at once when it is over the limit. Returns the declared length."""
         declared = request.content_length
         if declared is not None and declared > request.client_max_size:
             raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size,
                                                 actual_size=declared)
+        if declared is not None:
+            self._charge(declared)
         return declared
+
+    @staticmethod
+    def _charge(nbytes: int) -> None:
+        call = CURRENT_CALL.get()
+        if call is not None:
+            call.charge(2 * nbytes, "the request body")
 
     def _count(self, model: str, api: str, status: Status) -> None:
         self.metrics.requests.labels(model, api, status.name).inc()
