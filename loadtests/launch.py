@@ -91,10 +91,10 @@ def launch(cmd: Sequence[str], processes: int = 1, timeout: float = START_TIMEOU
 
 
 @contextmanager
-def launched(cmd: Sequence[str], processes: int = 1, timeout: float = START_TIMEOUT_S
-             ) -> Iterator[Launched]:
+def launched(cmd: Sequence[str], processes: int = 1, timeout: float = START_TIMEOUT_S,
+             env: dict[str, str] | None = None) -> Iterator[Launched]:
     """`launch`, stopped when the block ends."""
-    program = launch(cmd, processes, timeout)
+    program = launch(cmd, processes, timeout, env)
     try:
         yield program
     finally:

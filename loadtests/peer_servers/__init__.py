@@ -1,0 +1,2 @@
+"""Peer servers for `python -m loadtests.peers`: each runs in its own virtual environment
+and imports nothing of this project's but `service.ready` (its ready line)."""

@@ -1,0 +1,198 @@
+"""Closed-loop load against one server, its server-side CPU accounted: the benchmark's and
+the peers' shared measuring tool.
+
+Two clients, each sending the same preprocessed test digits (real inputs: some servers
+turn NaN outputs of noise into nulls): perf_analyzer, Triton's C++ load generator, for
+servers that answer Triton's ModelConfig (this service, the echo server, Triton); and a
+lean asyncio gRPC client, pre-serialised requests and unparsed answers, for every server
+that speaks the Open Inference Protocol (MLServer answers no ModelConfig). Server CPU per
+request is the CPU time of the server's process tree over the run, over its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from contract.datasets import load_dataset
+from contract.preprocessing import resize_images, to_input
+from contract.repository import MODEL_FILE, list_versions, read_onnx_metadata, version_dir
+from loadtests.launch import ROOT
+
+PERF_ANALYZER = ROOT / "loadtests" / "perf_analyzer.sh"
+IMAGES = 256
+"""Distinct test digits cycled through by each client."""
+_INFER = "/inference.GRPCInferenceService/ModelInfer"
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def perf_analyzer_installed() -> bool:
+    return (ROOT / ".venv-perf-analyzer" / "bin" / "perf_analyzer").exists()
+
+
+@dataclass(frozen=True)
+class Load:
+    model: str
+    concurrency: int
+    images_per_request: int
+    seconds: float
+    version: str = "1"
+    """Named to perf_analyzer, which otherwise guesses it from the statistics."""
+
+
+@dataclass(frozen=True)
+class Measured:
+    client: str
+    requests: int
+    errors: int
+    requests_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    server_cpu_us: float
+    """Server CPU time (its whole process tree) per answered request; nan if not known."""
+    images_per_request: int = 1
+
+    @property
+    def images_per_s(self) -> float:
+        return self.requests_per_s * self.images_per_request
+
+
+@dataclass(frozen=True)
+class Inputs:
+    name: str
+    images: np.ndarray
+    """Preprocessed test digits, float32 (IMAGES, C, H, W)."""
+
+
+def real_inputs(repo: Path, model: str) -> Inputs:
+    """Held-out mnist5k digits preprocessed as `model`'s metadata says (name, size,
+    channels, normalisation), read from its newest version's ONNX file."""
+    meta = read_onnx_metadata(version_dir(repo, model, max(list_versions(repo, model)))
+                              / MODEL_FILE)
+    prep = meta.model.preprocessing
+    images = load_dataset("mnist5k").test.images[:IMAGES]
+    if prep.channels == 3:
+        images = np.repeat(images, 3, axis=3)
+    x = to_input(resize_images(images, prep.color, prep.height, prep.width), prep)
+    return Inputs(meta.export.input_name, x)
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its live descendants (Triton's stubs,
+    MLServer's workers, the service's worker processes)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(times.get(p, 0.0) for p in tree)
+
+
+def perf_analyzer(address: str, inputs: Inputs, load: Load, workdir: Path) -> Measured:
+    """perf_analyzer over gRPC at a fixed concurrency: three windows of seconds/3 each,
+    reported as their mean (stability 100%: the first three windows are kept)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = workdir / f"{load.model}-inputs.json"
+    if not data.exists():
+        steps = [{inputs.name: {"content": image.ravel().tolist(), "shape": list(image.shape)}}
+                 for image in inputs.images[:64]]
+        data.write_text(json.dumps({"data": steps}))
+    report = workdir / f"{load.model}-c{load.concurrency}-b{load.images_per_request}.csv"
+    window_ms = max(int(load.seconds * 1000 / 3), 500)
+    cmd = [str(PERF_ANALYZER), "-m", load.model, "-x", load.version, "-u", address, "-i", "grpc",
+           "-b", str(load.images_per_request), "--concurrency-range", str(load.concurrency),
+           "--input-data", str(data), "--measurement-interval", str(window_ms),
+           "--stability-percentage", "100", "--max-trials", "3", "--percentile", "50",
+           "-f", str(report)]
+    started = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=load.seconds * 4 + 120)
+    elapsed = time.perf_counter() - started
+    if run.returncode != 0:
+        raise RuntimeError(f"perf_analyzer exited {run.returncode}:\n{run.stdout[-2000:]}"
+                           f"{run.stderr[-2000:]}")
+    with open(report, newline="") as f:
+        row = next(csv.DictReader(f))
+    per_s = float(row["Inferences/Second"]) / load.images_per_request
+    # Requests over the whole run (for CPU per request): its windows' rate, start to end.
+    return Measured("perf_analyzer", round(per_s * elapsed), 0, per_s,
+                    float(row["p50 latency"]) / 1e3, float(row["p95 latency"]) / 1e3,
+                    float(row["p99 latency"]) / 1e3, float("nan"), load.images_per_request)
+
+
+def closed_loop(address: str, inputs: Inputs, load: Load) -> Measured:
+    """`load.concurrency` callers on one channel, each sending its next request as its
+    answer arrives, for `load.seconds`; answers are checked for status, not parsed."""
+    from protos import grpc_service_pb2 as pb  # not at import: tests load tritonclient's
+
+    n = load.images_per_request
+    requests = []
+    for start in range(0, IMAGES, n):
+        rows = np.resize(inputs.images[start:start + n], (n, *inputs.images.shape[1:]))
+        requests.append(pb.ModelInferRequest(
+            model_name=load.model, inputs=[pb.ModelInferRequest.InferInputTensor(
+                name=inputs.name, datatype="FP32", shape=list(rows.shape))],
+            raw_input_contents=[rows.astype("<f4").tobytes()]).SerializeToString())
+    return asyncio.run(_closed_loop(address, requests, load))
+
+
+async def _closed_loop(address: str, requests: list[bytes], load: Load) -> Measured:
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        call = channel.unary_unary(_INFER)  # bytes in, bytes out
+        await call(requests[0], timeout=30)  # connected and warm before the clock starts
+        started = time.perf_counter()
+        stop = started + load.seconds
+
+        async def caller(k: int) -> None:
+            nonlocal errors
+            while (sent := time.perf_counter()) < stop:
+                try:
+                    await call(requests[k % len(requests)], timeout=30)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - sent)
+                k += load.concurrency
+
+        await asyncio.gather(*(caller(k) for k in range(load.concurrency)))
+        elapsed = time.perf_counter() - started
+    ms = np.percentile(np.asarray(latencies or [np.nan]) * 1e3, [50, 95, 99])
+    return Measured("asyncio gRPC", len(latencies), errors, len(latencies) / elapsed,
+                    float(ms[0]), float(ms[1]), float(ms[2]), float("nan"),
+                    load.images_per_request)
+
+
+def measured_with_cpu(server_pid: int, measure: Callable[..., Measured], *args: object
+                      ) -> Measured:
+    """`measure(*args)`, with the server's CPU time over it per answered request."""
+    before = tree_cpu_s(server_pid)
+    result: Measured = measure(*args)
+    used = tree_cpu_s(server_pid) - before
+    answered = result.requests
+    return replace(result, server_cpu_us=used / answered * 1e6 if answered else float("nan"))
