@@ -10,7 +10,7 @@ METRICS_PORT ?= 8002
 PROBE_PORT ?= 8003
 HTTP_PORT ?= 8000
 
-.PHONY: demo train export serve bench test lint stubs install clean perf-analyzer prometheus
+.PHONY: demo train export serve bench test lint stubs install clean perf-analyzer prometheus peers
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: train export
 # The full benchmark (about 10 minutes): every scenario, report under reports/<timestamp>/.
 bench: $(STAMP)
 	$(BIN)/python -m loadtests.bench --repo $(REPO) --out reports
+
+# Triton (nvidia-pytriton) and MLServer in venvs of their own, against the service.
+peers: $(STAMP)
+	$(BIN)/python -m loadtests.peers --repo $(REPO) --out reports
 
 train: $(STAMP)
 	$(BIN)/python -m training --preset quick --model lenet alexnet vgg11_bn --out $(RUN)

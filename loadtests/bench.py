@@ -1,9 +1,15 @@
 """`python -m loadtests.bench`: every scenario in one run, so ratios are fair on a noisy host.
 
-Starts the service (batching on, then off) and a trivial echo server on loopback, runs
-Locust headless for each scenario, scrapes the server's batch-size metrics, measures
-onnxruntime in-process as the ceiling, and writes `reports/<timestamp>/` with the
-Markdown summary, Locust's CSV/HTML files and PNG plots. Every run is bounded in time.
+Starts the service (batching on, then off) and a trivial echo server on loopback, drives
+each scenario, scrapes the server's batch-size metrics, measures onnxruntime in-process
+as the ceiling, and writes `reports/<timestamp>/` with the Markdown summary, the
+clients' files and PNG plots. Every run is bounded in time.
+
+The throughput and latency sweeps (Open Inference Protocol over gRPC) are driven by
+perf_analyzer when `make perf-analyzer` installed it: Triton's C++ load generator costs
+the shared host far less CPU than a Python client, and each of its rows also gives the
+server's CPU time per request. Locust drives the user-facing scenarios (PNG
+classification, REST) and everything when perf_analyzer is absent or with --quick.
 """
 
 from __future__ import annotations
@@ -25,7 +31,15 @@ import numpy as np
 
 from contract.repository import MODEL_FILE, list_models, list_versions, serving_config, version_dir
 from loadtests.launch import ROOT, free_port, launched
+from loadtests.perf import (
+    Load,
+    measured_with_cpu,
+    perf_analyzer,
+    perf_analyzer_installed,
+    real_inputs,
+)
 from loadtests.report import (
+    LocustStats,
     Reference,
     ScenarioResult,
     read_locust_stats,
@@ -81,7 +95,9 @@ def plan(models: Sequence[str], quick: bool) -> list[Scenario]:
                   Scenario("transport", smallest, "oip", 32, 1, True),
                   Scenario("transport", smallest, "rest-binary", 32, 1, True),
                   Scenario("transport", smallest, "rest-json", 32, 1, True),
-                  Scenario("transport", "echo", "oip", 32, 1, False, echo=True)]
+                  Scenario("transport", smallest, "oip", 1, 1, True),
+                  Scenario("transport", "echo", "oip", 32, 1, False, echo=True),
+                  Scenario("transport", "echo", "oip", 1, 1, False, echo=True)]
     return scenarios
 
 
@@ -115,20 +131,50 @@ def run_locust(target: str, scenario: Scenario, seconds: float, prefix: Path,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+@dataclass(frozen=True)
+class Target:
+    """A running server as a scenario sees it."""
+
+    address: str
+    """host:port of the gRPC port (REST scenarios get the HTTP port's URL)."""
+    pid: int
+    repo: Path
+    version: str
+    """The model version perf_analyzer is told to measure."""
+
+
 def measure(scenario: Scenario, target: str, metrics_url: str | None, seconds: float,
-            out: Path, processes: int = 1) -> ScenarioResult:
+            out: Path, processes: int = 1, server: Target | None = None) -> ScenarioResult:
+    """One scenario: perf_analyzer when `server` is given and the scenario is plain
+    gRPC inference, Locust otherwise."""
     before = batch_buckets(metrics_url, scenario.model)
-    prefix = out / scenario.slug
-    run_locust(target, scenario, seconds, prefix, processes)
+    cpu_us: float | None = None
+    if server is not None and scenario.api == "oip":
+        model = "lenet" if scenario.echo else scenario.model
+        measured = measured_with_cpu(
+            server.pid, perf_analyzer, server.address, real_inputs(server.repo, model),
+            Load(scenario.model, scenario.users, scenario.images_per_request, seconds,
+                 server.version), out / "perf_analyzer")
+        stats = LocustStats(name=scenario.slug, requests=measured.requests, failures=0,
+                            rps=measured.requests_per_s, p50_ms=measured.p50_ms,
+                            p95_ms=measured.p95_ms, p99_ms=measured.p99_ms)
+        client, cpu_us = "perf_analyzer", measured.server_cpu_us
+    else:
+        prefix = out / scenario.slug
+        run_locust(target, scenario, seconds, prefix, processes)
+        stats = read_locust_stats(Path(f"{prefix}_stats.csv"), row_name(
+            METHOD[scenario.api][2], scenario.model, scenario.images_per_request))
+        client = "locust"
     after = batch_buckets(metrics_url, scenario.model)
-    stats = read_locust_stats(Path(f"{prefix}_stats.csv"), row_name(
-        METHOD[scenario.api][2], scenario.model, scenario.images_per_request))
     result = ScenarioResult(
         scenario=scenario.name, model=scenario.model, api=scenario.api, users=scenario.users,
         images_per_request=scenario.images_per_request, batching=scenario.batching,
-        stats=stats, batch_sizes={b: after[b] - before.get(b, 0.0) for b in after})
-    print(f"  {scenario.slug}: {stats.rps:.0f} req/s, p50 {stats.p50_ms:.0f} ms, "
-          f"p99 {stats.p99_ms:.0f} ms, {stats.failures} errors", flush=True)
+        stats=stats, batch_sizes={b: after[b] - before.get(b, 0.0) for b in after},
+        client=client, server_cpu_us=cpu_us)
+    print(f"  {scenario.slug}: {stats.rps:.0f} req/s, p50 {stats.p50_ms:.2f} ms, "
+          f"p99 {stats.p99_ms:.2f} ms, {stats.failures} errors ({client}"
+          + (f", {cpu_us:.0f} us server CPU/request)" if cpu_us is not None else ")"),
+          flush=True)
     return result
 
 
@@ -161,29 +207,44 @@ def in_process(repo: Path, model: str, batch_size: int, settings: ServiceSetting
 
 
 def ratios(results: list[ScenarioResult], refs: list[Reference]) -> list[tuple[str, float, str]]:
+    """Served against its ceilings (onnxruntime in-process, the echo server), with the
+    targets of the issue that set them."""
     out = []
 
     def find(**kw: object) -> ScenarioResult | None:
         return next((r for r in results if all(getattr(r, k) == v for k, v in kw.items())),
                     None)
 
-    for ref in (r for r in refs if r.batch_size == 32):
-        best = max((r.images_per_s for r in results if r.model == ref.model and r.batching
-                    and r.api == "oip"), default=0.0)
-        target = ">= 0.9" if ref.model != "lenet" else "(no target)"
-        out.append((f"{ref.model}: served / in-process img/s at batch 32", best /
-                    ref.images_per_s, target))
+    ceiling = {(r.model, r.batch_size): r.images_per_s for r in refs}
+    for model in dict.fromkeys(r.model for r in refs):
+        batch32 = ceiling.get((model, 32))
+        whole = find(scenario="saturation", model=model)
+        if whole and batch32:
+            out.append((f"{model}: {whole.images_per_request}-image requests, served / "
+                        "in-process img/s at batch 32", whole.images_per_s / batch32,
+                        "(no target)" if model == "lenet" else ">= 0.95"))
+        single = find(scenario="batching", model=model, batching=True)
+        if single and batch32:
+            out.append((f"{model}: single images from {single.users} clients, served / "
+                        "in-process img/s at batch 32", single.images_per_s / batch32,
+                        ">= 0.6" if model == "alexnet" else "(no target)"))
     for on in (r for r in results if r.scenario == "batching" and r.batching):
         off = find(scenario="batching", model=on.model, batching=False)
         if off is not None and off.images_per_s > 0:
             target = ">= 1.5" if on.model == "alexnet" else "(no target)"
             out.append((f"{on.model}: batching on / off img/s at {on.users} users",
                         on.images_per_s / off.images_per_s, target))
-    served = find(scenario="transport", batching=True, api="oip")
-    echo = find(scenario="transport", batching=False)
+    served = find(scenario="transport", batching=True, api="oip", users=32)
+    echo = find(scenario="transport", batching=False, users=32)
     if served and echo and echo.stats.rps > 0:
-        out.append((f"{served.model}: req/s / echo req/s (1 image)",
-                    served.stats.rps / echo.stats.rps, ">= 0.8"))
+        out.append((f"{served.model}: req/s / echo req/s (1 image, 32 clients)",
+                    served.stats.rps / echo.stats.rps, ">= 0.9"))
+    lone = find(scenario="transport", batching=True, api="oip", users=1)
+    lone_echo = find(scenario="transport", batching=False, users=1)
+    if lone and lone_echo and (lone.model, 1) in ceiling:
+        bound = lone_echo.stats.p50_ms + 1e3 / ceiling[(lone.model, 1)] + 0.3
+        out.append((f"{lone.model}: p50 at 1 client / (echo p50 + in-process batch 1 + 0.3 ms"
+                    f" = {bound:.2f} ms)", lone.stats.p50_ms / bound, "<= 1.0"))
     for api, target in (("rest-binary", ">= 0.8"), ("rest-json", ">= 0.6")):
         rest = find(scenario="transport", batching=True, api=api)
         if served and rest and served.stats.rps > 0:
@@ -205,7 +266,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="server processes (--workers)")
     p.add_argument("--server-args", default="",
                    help="extra server flags, e.g. \"--instances 2 --intra-op-threads 1\"")
+    p.add_argument("--client", choices=("perf_analyzer", "locust"),
+                   help="for gRPC inference scenarios; default: perf_analyzer when installed "
+                   "(make perf-analyzer), Locust with --quick or without it")
     args = p.parse_args(argv)
+    if args.client is None:
+        args.client = ("perf_analyzer" if perf_analyzer_installed() and not args.quick
+                       else "locust")
+    elif args.client == "perf_analyzer" and not perf_analyzer_installed():
+        p.error("perf_analyzer is not installed: make perf-analyzer")
 
     models = args.models or list_models(args.repo)
     out = args.out / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -233,20 +302,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             for scenario in todo:
                 target = (f"http://127.0.0.1:{http_port}" if scenario.api.startswith("rest")
                           else f"127.0.0.1:{server.port}")
+                pa = (Target(f"127.0.0.1:{server.port}", server.proc.pid, args.repo,
+                             str(max(list_versions(args.repo, scenario.model))))
+                      if args.client == "perf_analyzer" else None)
                 results.append(measure(scenario, target,
                                        f"http://127.0.0.1:{metrics_port}/metrics",
-                                       args.seconds, out, args.processes))
+                                       args.seconds, out, args.processes, pa))
     echo = [s for s in scenarios if s.echo]
     if echo:
         with launched([sys.executable, "-m", "loadtests.echo"]) as echo_server:
-            results += [measure(s, f"127.0.0.1:{echo_server.port}", None, args.seconds, out,
-                                args.processes)
+            pa = (Target(echo_server.address, echo_server.proc.pid, args.repo, "1")
+                  if args.client == "perf_analyzer" else None)
+            results += [measure(s, echo_server.address, None, args.seconds, out,
+                                args.processes, pa)
                         for s in echo]
     refs = [in_process(args.repo, m, bs, settings) for m in models for bs in (1, 32)]
     notes = [f"Run {out.name}: {len(scenarios)} scenarios x {args.seconds:g}s, device "
-             f"{args.device}, {args.workers} server process(es), {args.processes} Locust "
-             "process(es) on the same host as the server; requests are single test digits "
-             "unless img/req says otherwise."]
+             f"{args.device}, {args.workers} server process(es), gRPC inference driven by "
+             f"{args.client}, the rest by Locust ({args.processes} process(es)), on the same "
+             "host as the server; requests are single test digits unless img/req says "
+             "otherwise."]
     summary = write_report(out, results, refs, ratios(results, refs), notes)
     print(summary.read_text().split("## onnxruntime")[0])
     print(f"report: {summary}")

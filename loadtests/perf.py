@@ -12,6 +12,7 @@ request is the CPU time of the server's process tree over the run, over its requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -48,6 +49,9 @@ class Load:
     seconds: float
     version: str = "1"
     """Named to perf_analyzer, which otherwise guesses it from the statistics."""
+    connection_each: bool = False
+    """perf_analyzer gives each caller a connection of its own (it shares one among a few
+    by default), so the kernel spreads them over a server's `--workers` processes."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,10 @@ def perf_analyzer(address: str, inputs: Inputs, load: Load, workdir: Path) -> Me
            "--stability-percentage", "100", "--max-trials", "3", "--percentile", "50",
            "-f", str(report)]
     started = time.perf_counter()
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=load.seconds * 4 + 120)
+    env = {**os.environ, **({"TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT": "1"}
+                            if load.connection_each else {})}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                         timeout=load.seconds * 4 + 120)
     elapsed = time.perf_counter() - started
     if run.returncode != 0:
         raise RuntimeError(f"perf_analyzer exited {run.returncode}:\n{run.stdout[-2000:]}"
@@ -165,7 +172,8 @@ async def _closed_loop(address: str, requests: list[bytes], load: Load) -> Measu
     async with grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", 64 << 20)]) as channel:
         call = channel.unary_unary(_INFER)  # bytes in, bytes out
-        await call(requests[0], timeout=30)  # connected and warm before the clock starts
+        with contextlib.suppress(grpc.aio.AioRpcError):  # connected before the clock starts
+            await call(requests[0], timeout=30)
         started = time.perf_counter()
         stop = started + load.seconds
 

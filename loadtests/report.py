@@ -38,6 +38,9 @@ class ScenarioResult(BaseModel):
     stats: LocustStats
     batch_sizes: dict[str, float] = {}
     """Executed batches by batch-size bucket (`le` bound -> count), scraped from the server."""
+    client: str = "locust"
+    server_cpu_us: float | None = None
+    """Server CPU time (its process tree) per request, where the client measured it."""
 
     @property
     def images_per_s(self) -> float:
@@ -72,10 +75,17 @@ def read_locust_stats(path: Path, name: str) -> LocustStats:
 def results_table(results: list[ScenarioResult]) -> str:
     rows = [[r.scenario, r.model, r.api, str(r.users), str(r.images_per_request),
              "on" if r.batching else "off", f"{r.stats.rps:.0f}", f"{r.images_per_s:.0f}",
-             f"{r.stats.p50_ms:.0f}", f"{r.stats.p95_ms:.0f}", f"{r.stats.p99_ms:.0f}",
-             str(r.stats.failures)] for r in results]
+             _ms(r.stats.p50_ms), _ms(r.stats.p95_ms), _ms(r.stats.p99_ms),
+             str(r.stats.failures), r.client,
+             "" if r.server_cpu_us is None else f"{r.server_cpu_us:.0f}"] for r in results]
     return format_table(("scenario", "model", "api", "users", "img/req", "batching", "req/s",
-                         "img/s", "p50 ms", "p95 ms", "p99 ms", "errors"), rows)
+                         "img/s", "p50 ms", "p95 ms", "p99 ms", "errors", "client",
+                         "server CPU us/req"), rows)
+
+
+def _ms(value: float) -> str:
+    """Milliseconds: to 0.01 below 10 ms (perf_analyzer's sub-millisecond p50s)."""
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
 
 
 def _plot_latency_vs_throughput(results: list[ScenarioResult], path: Path) -> bool:

@@ -33,6 +33,8 @@ _FLAGS: dict[str, dict[str, object]] = {
                  "help": "work-conserving (default): an idle model runs what is queued at "
                          "once; delay: Triton's, the oldest waits max_queue_delay_us"},
     "max_queue_delay_us": {"type": int, "help": "override every model's batching delay"},
+    "inline_compute_us": {"type": int, "help": "batch sizes that recently ran faster than "
+                                               "this run on the event loop (0: never)"},
     "max_queue_size": {"type": int},
     "max_images_per_request": {"type": int},
     "request_timeout_s": {"type": float, "help": "deadline for calls that set none"},

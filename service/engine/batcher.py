@@ -7,6 +7,11 @@ batch gathers while the current one runs; each model instance has its own worker
 When a batch ends and the next one is already ready, the compute thread takes and runs it
 at once: a busy model never idles while the event loop gets round to it. The queue is
 shared with those threads under a lock; futures are only ever resolved on the loop.
+
+A batch of a size that recently ran in under `policy.inline_compute_s` runs on the event
+loop itself: for a tiny model, handing it to a thread and the answer back costs more CPU
+and latency than the run. Each size's recent compute time is tracked, so a model that
+slows down (a busier host) goes back to the threads.
 """
 
 from __future__ import annotations
@@ -87,6 +92,8 @@ class DynamicBatcher:
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._recent_compute_s: dict[int, float] = {}
+        """Per batch size: a moving average of its compute time (measured on the loop)."""
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -174,28 +181,39 @@ class DynamicBatcher:
 
     async def _work(self, runner: ModelRunner) -> None:
         loop = asyncio.get_running_loop()
+        inline_below = self.policy.inline_compute_s
         while (batch := await self._next_batch()) is not None:
+            rows = sum(r.rows for r in batch)
+            if self._recent_compute_s.get(rows, inline_below) < inline_below:
+                self._finish(batch, *self._run(runner, batch))
+                await asyncio.sleep(0)  # calls arrive between back-to-back batches
+                continue
             await loop.run_in_executor(self._executor, self._compute_while_ready, runner, batch)
+
+    def _run(self, runner: ModelRunner, batch: list[_Request]
+             ) -> tuple[float, float, float, list[np.ndarray] | InferenceError]:
+        """Run one batch: when it started, its input was assembled and onnxruntime
+        returned, and the outputs or the error to answer with."""
+        started = time.monotonic()
+        inputs = batch[0].inputs if len(batch) == 1 else {
+            name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
+        assembled = time.monotonic()
+        result: list[np.ndarray] | InferenceError
+        try:
+            result = runner.run(inputs)
+        except Exception as exc:  # onnxruntime errors: fail this batch, keep serving
+            rows = sum(r.rows for r in batch)
+            log.exception("model %s: batch of %d failed", self.name, rows)
+            result = InferenceError(
+                f"model {self.name!r} failed on a batch of {rows}: {bounded(str(exc), 300)}")
+        return started, assembled, time.monotonic(), result
 
     def _compute_while_ready(self, runner: ModelRunner, batch: list[_Request]) -> None:
         """In a compute thread: run `batch`, then each batch that is ready when one ends."""
         loop = self._loop
         assert loop is not None, "start() first"
         while batch:
-            started = time.monotonic()
-            inputs = batch[0].inputs if len(batch) == 1 else {
-                name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
-            assembled = time.monotonic()
-            result: list[np.ndarray] | InferenceError
-            try:
-                result = runner.run(inputs)
-            except Exception as exc:  # onnxruntime errors: fail this batch, keep serving
-                rows = sum(r.rows for r in batch)
-                log.exception("model %s: batch of %d failed", self.name, rows)
-                result = InferenceError(
-                    f"model {self.name!r} failed on a batch of {rows}: {bounded(str(exc), 300)}")
-            loop.call_soon_threadsafe(self._finish, batch, started, assembled, time.monotonic(),
-                                      result)
+            loop.call_soon_threadsafe(self._finish, batch, *self._run(runner, batch))
             selection = self._take()
             batch = selection.batch
             if selection.expired:
@@ -214,6 +232,8 @@ class DynamicBatcher:
                     request.future.set_exception(result)
             return
         compute, size = ended - started, sum(r.rows for r in batch)
+        recent = self._recent_compute_s.get(size)
+        self._recent_compute_s[size] = compute if recent is None else 0.8 * recent + 0.2 * compute
         self._compute.observe(compute)
         self._batch_size.observe(size)
         self._inferences.inc(size)

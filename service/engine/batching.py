@@ -32,6 +32,8 @@ class BatchPolicy:
     work_conserving: bool = False
     """An idle instance runs what is queued at once; requests batch while instances are
     busy. False: Triton's rule, the head waits up to max_queue_delay_s for company."""
+    inline_compute_s: float = 0.0
+    """Batches of a size that recently ran faster than this run on the event loop."""
 
 
 T = TypeVar("T")
@@ -53,7 +55,8 @@ def resolve_policy(name: str, config: ModelConfig, settings: ServiceSettings) ->
         preferred_batch_sizes=frozenset(b for b in preferred if b <= max_batch),
         max_queue_size=_first_set(over.max_queue_size, settings.max_queue_size),
         instances=_first_set(over.instances, settings.instances),
-        work_conserving=_first_set(over.batching, settings.batching) == "work-conserving")
+        work_conserving=_first_set(over.batching, settings.batching) == "work-conserving",
+        inline_compute_s=settings.inline_compute_us / 1e6)
 
 
 class Queued(Protocol):

@@ -205,3 +205,48 @@ def test_a_ready_batch_runs_without_waiting_for_the_event_loop(served_repo: Path
     assert [a[0].shape for a in answers] == [(4, 10), (4, 10)]
     np.testing.assert_allclose(answers[1][0], ModelRunner.run(runner, {"input": images[1]})[0],
                                atol=1e-6)
+
+
+class _ThreadRecordingRunner(ModelRunner):
+    """A real runner that notes which thread ran each batch."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.threads: list[int] = []
+
+    def run(self, inputs: Tensors) -> list[np.ndarray]:
+        self.threads.append(threading.get_ident())
+        return super().run(inputs)
+
+
+@pytest.mark.parametrize("inline_below_s", [1.0, 0.0])
+def test_a_batch_size_that_ran_fast_runs_on_the_event_loop(served_repo: Path,
+                                                           inline_below_s: float) -> None:
+    """Each size runs in a compute thread first; once it has run faster than the policy's
+    bound, it runs on the loop (no thread hand-offs), and never with a bound of 0."""
+    path = version_dir(served_repo, "lenet", max(list_versions(served_repo, "lenet"))) / MODEL_FILE
+    config = serving_config(served_repo, "lenet", path)
+    runner = _ThreadRecordingRunner(path, ServiceSettings(repo=served_repo), config)
+    images = np.random.default_rng(1).standard_normal((5, 2, 1, 28, 28)).astype(np.float32)
+    sizes = [1, 1, 1, 2, 2]
+
+    async def scenario() -> tuple[int, list[list[np.ndarray]]]:
+        with ThreadPoolExecutor(1) as executor:
+            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=0.0,
+                                 preferred_batch_sizes=frozenset(), max_queue_size=8,
+                                 instances=1, work_conserving=True,
+                                 inline_compute_s=inline_below_s)
+            batcher = DynamicBatcher("lenet", [runner], executor, policy,
+                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
+            batcher.start()
+            answers = [await batcher.infer({"input": x[:n]}) for x, n in zip(images, sizes,
+                                                                              strict=True)]
+            await batcher.close()
+            return threading.get_ident(), answers
+
+    loop_thread, answers = asyncio.run(scenario())
+    on_loop = [t == loop_thread for t in runner.threads]
+    assert on_loop == ([False, True, True, False, True] if inline_below_s else [False] * 5)
+    for x, n, answer in zip(images, sizes, answers, strict=True):
+        np.testing.assert_allclose(answer[0], ModelRunner.run(runner, {"input": x[:n]})[0],
+                                   atol=1e-6)
