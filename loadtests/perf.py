@@ -204,3 +204,36 @@ def measured_with_cpu(server_pid: int, measure: Callable[..., Measured], *args: 
     used = tree_cpu_s(server_pid) - before
     answered = result.requests
     return replace(result, server_cpu_us=used / answered * 1e6 if answered else float("nan"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One load point against a running server, printed as JSON."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m loadtests.perf", description=__doc__)
+    p.add_argument("address", help="host:port of the server's gRPC port")
+    p.add_argument("--repo", type=Path, required=True, help="for the model's inputs")
+    p.add_argument("--model", default="lenet")
+    p.add_argument("--version", default="1", help="the version perf_analyzer measures")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--client", choices=("closed-loop", "perf_analyzer"), default="closed-loop")
+    p.add_argument("--server-pid", type=int, help="account this process tree's CPU")
+    p.add_argument("--workdir", type=Path, default=Path("reports/perf"),
+                   help="perf_analyzer's input and report files")
+    args = p.parse_args(argv)
+    inputs = real_inputs(args.repo, args.model)
+    load = Load(args.model, args.concurrency, args.images_per_request, args.seconds,
+                args.version)
+    run: tuple[Callable[..., Measured], tuple[object, ...]] = (
+        (closed_loop, (args.address, inputs, load)) if args.client == "closed-loop"
+        else (perf_analyzer, (args.address, inputs, load, args.workdir)))
+    result = (measured_with_cpu(args.server_pid, run[0], *run[1]) if args.server_pid
+              else run[0](*run[1]))
+    print(json.dumps({**result.__dict__, "images_per_s": result.images_per_s}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

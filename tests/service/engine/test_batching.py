@@ -96,10 +96,12 @@ CONFIG = ModelConfig(name="lenet", max_batch_size=32, preferred_batch_sizes=(8, 
 
 
 def test_the_policy_comes_from_config_json_and_server_defaults() -> None:
-    policy = resolve_policy("lenet", CONFIG, ServiceSettings(max_queue_size=7))
+    policy = resolve_policy("lenet", CONFIG, ServiceSettings(max_queue_size=7,
+                                                             inline_compute_us=100))
     assert policy == BatchPolicy(max_batch_size=32, max_queue_delay_s=0.002,
                                  preferred_batch_sizes=frozenset({8, 16, 32}),
-                                 max_queue_size=7, instances=1, work_conserving=True)
+                                 max_queue_size=7, instances=1, work_conserving=True,
+                                 inline_compute_s=1e-4)
 
 
 def test_flags_override_config_json_and_the_model_entry_overrides_flags() -> None:
