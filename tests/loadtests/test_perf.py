@@ -12,9 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtests.bench import Scenario, ratios
+from loadtests.bench import Scenario, plan, ratios
 from loadtests.launch import launched
-from loadtests.perf import Load, perf_analyzer, perf_analyzer_installed, real_inputs, tree_cpu_s
+from loadtests.peers import Row, table
+from loadtests.perf import (
+    Load,
+    Measured,
+    perf_analyzer,
+    perf_analyzer_installed,
+    real_inputs,
+    tree_cpu_s,
+)
 from loadtests.report import LocustStats, Reference, ScenarioResult
 from tests.servers import ROOT, ServerProcess
 
@@ -119,8 +127,6 @@ def test_ratios_hold_the_issue_targets() -> None:
 
 
 def test_the_full_plan_measures_what_the_ratios_need() -> None:
-    from loadtests.bench import plan
-
     scenarios = plan(["lenet", "alexnet", "vgg11_bn"], quick=False)
     assert Scenario("transport", "lenet", "oip", 1, 1, True) in scenarios
     assert Scenario("transport", "echo", "oip", 1, 1, False, echo=True) in scenarios
@@ -142,3 +148,19 @@ def test_scaleout_measures_each_worker_count(served_repo: Path, tmp_path: Path) 
             if line.startswith("fp32 ")]
     assert [(r[1], r[3]) for r in rows] == [("1", "1"), ("1", "32"), ("2", "1"), ("2", "32")]
     assert all(float(r[6].replace(",", "")) > 0 for r in rows)
+
+
+def test_the_peers_table_sets_the_service_against_each_peer() -> None:
+    def row(server: str, c: int, rps: float) -> Row:
+        return Row(server, "lenet", c, 1, Measured("asyncio gRPC", 100, 0, rps, 1.5, 2.0, 3.0,
+                                                   500.0), None)
+
+    text = table([row("cnnserve", 1, 900.0), row("MLServer", 1, 300.0),
+                  row("cnnserve", 32, 2000.0), row("MLServer", 32, 1000.0)],
+                 ["cnnserve", "MLServer"], ["lenet"], [1, 32])
+    lines = text.splitlines()
+    assert lines[0].split() == ["model,", "clients", "cnnserve", "MLServer", "cnnserve", "/",
+                                "MLServer"]
+    assert lines[2].split() == ["lenet,", "1", "900", "(1.50", "ms)", "300", "(1.50", "ms)",
+                                "3.00"]
+    assert lines[3].split() == ["lenet,", "32", "2,000", "1,000", "2.00"]
