@@ -156,6 +156,11 @@ def version_dir(repo: Path, name: str, version: int) -> Path:
     return repo / check_model_name(name) / str(version)
 
 
+def latest_model_file(repo: Path, name: str) -> Path:
+    """The ONNX file of `name`'s newest published version."""
+    return version_dir(repo, name, max(list_versions(repo, name))) / MODEL_FILE
+
+
 def read_config(repo: Path, name: str) -> ModelConfig:
     """`config.json` as written, whole (what export writes)."""
     path = repo / check_model_name(name) / CONFIG_FILE

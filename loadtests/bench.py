@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.repository import MODEL_FILE, list_models, list_versions, serving_config, version_dir
+from contract.repository import latest_model_file, list_models, list_versions, serving_config
 from loadtests.launch import ROOT, free_port, launched
 from loadtests.perf import (
     Load,
@@ -182,7 +182,7 @@ def in_process(repo: Path, model: str, batch_size: int, settings: ServiceSetting
                seconds: float = 3.0) -> Reference:
     """onnxruntime's own throughput with the server's session options, no gRPC: as many
     sessions as the server's instances, each run back to back in its own thread."""
-    path = version_dir(repo, model, max(list_versions(repo, model))) / MODEL_FILE
+    path = latest_model_file(repo, model)
     config = serving_config(repo, model, path)
     instances = resolve_policy(model, config, settings).instances
     runners = [ModelRunner(path, settings, config) for _ in range(instances)]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from contract.repository import MODEL_FILE, list_versions, version_dir
+from contract.repository import latest_model_file, list_versions
 from contract.table import format_table
 from loadtests.bench import in_process
 from loadtests.launch import ROOT, Launched, free_port, launched
@@ -50,7 +50,10 @@ PEERS = ("pytriton", "mlserver")
 @dataclass
 class Server:
     name: str
-    cmd: list[str]
+    args: list[str]
+    """The command after its interpreter."""
+    peer: str | None = None
+    """The venv (`ensure_venv`) whose interpreter runs it; None: this one."""
     env: dict[str, str] = field(default_factory=dict)
     perf_analyzer: bool = True
     """Answers Triton's ModelConfig and statistics, so perf_analyzer can drive it."""
@@ -73,31 +76,27 @@ def ensure_venv(peer: str) -> Path:
     return python
 
 
-def onnx_path(repo: Path, model: str) -> Path:
-    return version_dir(repo, model, max(list_versions(repo, model))) / MODEL_FILE
-
-
 def servers(repo: Path, models: Sequence[str], work: Path) -> list[Server]:
-    specs = [f"{m}={onnx_path(repo, m)}" for m in models]
+    specs = [f"{m}={latest_model_file(repo, m)}" for m in models]
     ports = [str(free_port()) for _ in range(9)]
     # The Python backend's stub must load the interpreter's own libpython, not the system's.
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return [
-        Server("cnnserve", [sys.executable, "-m", "service", "--repo", str(repo), "--port", "0",
+        Server("cnnserve", ["-m", "service", "--repo", str(repo), "--port", "0",
                             "--metrics-port", ports[0], "--probe-port", ports[1],
                             "--http-port", ports[2]]),
         Server("Triton + Python", [
-            str(ensure_venv("pytriton")), "-m", "loadtests.peer_servers.pytriton_onnx", *specs,
+            "-m", "loadtests.peer_servers.pytriton_onnx", *specs,
             "--grpc-port", ports[3], "--http-port", ports[4], "--metrics-port", ports[5]],
-            env={"PYTHONPATH": path, "LD_LIBRARY_PATH": os.pathsep.join(
+            peer="pytriton", env={"PYTHONPATH": path, "LD_LIBRARY_PATH": os.pathsep.join(
                 p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p)}),
         Server("MLServer", [
-            str(ensure_venv("mlserver")), "-m", "loadtests.peer_servers.mlserver_onnx", *specs,
+            "-m", "loadtests.peer_servers.mlserver_onnx", *specs,
             "--folder", str(work / "mlserver"), "--grpc-port", ports[6],
             "--http-port", ports[7], "--metrics-port", ports[8]],
-            env={"PYTHONPATH": path}, perf_analyzer=False),
-        Server("echo", [sys.executable, "-m", "loadtests.echo"], models=("lenet",)),
+            peer="mlserver", env={"PYTHONPATH": path}, perf_analyzer=False),
+        Server("echo", ["-m", "loadtests.echo"], models=("lenet",)),
     ]
 
 
@@ -187,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     for server in chosen:
         print(f"{server.name}:", flush=True)
-        with launched(server.cmd, env=server.env) as running:
+        python = str(ensure_venv(server.peer)) if server.peer else sys.executable
+        with launched([python, *server.args], env=server.env) as running:
             rows += drive(server, running, args.repo, args.models, concurrency, args.seconds,
                           out)
     settings, _ = parse_settings([])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ import numpy as np
 
 from contract.datasets import load_dataset
 from contract.preprocessing import resize_images, to_input
-from contract.repository import MODEL_FILE, list_versions, read_onnx_metadata, version_dir
+from contract.repository import latest_model_file, read_onnx_metadata
 from loadtests.launch import ROOT
 
 PERF_ANALYZER = ROOT / "loadtests" / "perf_analyzer.sh"
@@ -79,11 +80,12 @@ class Inputs:
     """Preprocessed test digits, float32 (IMAGES, C, H, W)."""
 
 
+@functools.cache
 def real_inputs(repo: Path, model: str) -> Inputs:
     """Held-out mnist5k digits preprocessed as `model`'s metadata says (name, size,
-    channels, normalisation), read from its newest version's ONNX file."""
-    meta = read_onnx_metadata(version_dir(repo, model, max(list_versions(repo, model)))
-                              / MODEL_FILE)
+    channels, normalisation), read from its newest version's ONNX file. Made once per
+    model: a benchmark asks for them before each scenario."""
+    meta = read_onnx_metadata(latest_model_file(repo, model))
     prep = meta.model.preprocessing
     images = load_dataset("mnist5k").test.images[:IMAGES]
     if prep.channels == 3:

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from contract.repository import MODEL_FILE, list_versions, serving_config, version_dir
+from contract.repository import latest_model_file, serving_config
 from service.engine.batcher import DynamicBatcher
 from service.engine.batching import BatchPolicy
 from service.engine.runtime import ModelRunner, Tensors
@@ -175,7 +175,7 @@ class _GatedRunner(ModelRunner):
 def test_a_ready_batch_runs_without_waiting_for_the_event_loop(served_repo: Path) -> None:
     """A busy model goes straight to its next full batch, even while the loop is stalled
     (by a burst of gRPC work, say): the compute thread takes the batch itself."""
-    path = version_dir(served_repo, "lenet", max(list_versions(served_repo, "lenet"))) / MODEL_FILE
+    path = latest_model_file(served_repo, "lenet")
     config = serving_config(served_repo, "lenet", path)
     loop_blocked = threading.Event()
     runner = _GatedRunner(path, ServiceSettings(repo=served_repo), config,
@@ -224,7 +224,7 @@ def test_a_batch_size_that_ran_fast_runs_on_the_event_loop(served_repo: Path,
                                                            inline_below_s: float) -> None:
     """Each size runs in a compute thread first; once it has run faster than the policy's
     bound, it runs on the loop (no thread hand-offs), and never with a bound of 0."""
-    path = version_dir(served_repo, "lenet", max(list_versions(served_repo, "lenet"))) / MODEL_FILE
+    path = latest_model_file(served_repo, "lenet")
     config = serving_config(served_repo, "lenet", path)
     runner = _ThreadRecordingRunner(path, ServiceSettings(repo=served_repo), config)
     images = np.random.default_rng(1).standard_normal((5, 2, 1, 28, 28)).astype(np.float32)
