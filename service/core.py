@@ -105,7 +105,7 @@ class InferenceCore:
                 inputs = await self._prepare(request, model, call, deadline)
                 call.charge(sum(a.nbytes for a in inputs.values()), "the request's tensors")
                 try:
-                    outputs = await self._run(model, inputs, deadline)
+                    outputs = await self._run(model, inputs, deadline, self._alone(call))
                     call.charge(sum(a.nbytes for a in outputs), "the response")
                     return InferResult(model, outputs)
                 except BatcherClosedError as exc:
@@ -146,6 +146,12 @@ class InferenceCore:
             stop.set()
             raise
 
+    def _alone(self, call: Call) -> bool:
+        """No other call is in progress: none in the core, and none the edge has admitted
+        that is still on its way here (its message arriving or being parsed)."""
+        admission = call.admission
+        return self.in_flight == 1 and (admission is None or admission.calls <= 1)
+
     def _resolve(self, name: str, version: str) -> ServedModel:
         try:
             model = self.models.get(name, version)
@@ -166,10 +172,11 @@ class InferenceCore:
                     f"{self.limits.max_images_per_request}), got {rows}")
 
     @staticmethod
-    async def _run(model: ServedModel, inputs: Tensors, deadline: float) -> list[np.ndarray]:
+    async def _run(model: ServedModel, inputs: Tensors, deadline: float, alone: bool
+                   ) -> list[np.ndarray]:
         assert model.batcher is not None  # a ready model has one
         try:
-            return await model.batcher.infer(inputs, deadline)
+            return await model.batcher.infer(inputs, deadline, alone)
         except QueueFullError as exc:
             raise ServingError(Status.RESOURCE_EXHAUSTED, str(exc)) from None
         except DeadlineExceededError as exc:

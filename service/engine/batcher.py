@@ -11,13 +11,17 @@ shared with those threads under a lock; futures are only ever resolved on the lo
 A batch of a size that recently ran in under `policy.inline_compute_s` runs on the event
 loop itself: for a tiny model, handing it to a thread and the answer back costs more CPU
 and latency than the run. Each size's recent compute time is tracked, so a model that
-slows down (a busier host) goes back to the threads.
+slows down (a busier host) goes back to the threads. A lone caller's request of such a
+size, on a model with every instance idle, runs in the caller's own task: no queue, no
+worker to wake, no future to hand back (with `work_conserving` only: Triton's policy
+makes every request wait for company).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -92,6 +96,8 @@ class DynamicBatcher:
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle = 0
+        """Workers waiting for a request to arrive (none queued, none computing)."""
         self._recent_compute_s: dict[int, float] = {}
         """Per batch size: a moving average of its compute time (measured on the loop)."""
 
@@ -104,12 +110,19 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    async def infer(self, inputs: Tensors, deadline: float | None = None) -> list[np.ndarray]:
+    @property
+    def idle_instances(self) -> int:
+        """Instances waiting for a request: nothing queued, nothing of theirs running."""
+        return self._idle
+
+    async def infer(self, inputs: Tensors, deadline: float | None = None,
+                    alone: bool = False) -> list[np.ndarray]:
         """Queue `inputs` (each with n rows first, if the model batches) and wait for the
         model's outputs for them, in its configured order.
 
         `deadline` is a `time.monotonic()` instant; a request still queued then is dropped.
         Cancelling the awaiting task removes the request before it reaches the model.
+        `alone`: no other call is in progress, so none would join this request's batch.
         The caller has checked n against the policy; a larger n is a programming error.
         """
         if self._closing:
@@ -123,6 +136,9 @@ class DynamicBatcher:
         shapes = tuple(a.shape[1:] if batched else a.shape for a in inputs.values())
         request = _Request(inputs, rows, shapes, asyncio.get_running_loop().create_future(),
                            time.monotonic(), deadline)
+        if alone and self._runs_at_once(rows):
+            self._finish([request], *self._run(self._runners[0], [request]))
+            return request.future.result()
         with self._lock:
             if len(self._queue) >= self.policy.max_queue_size:
                 raise QueueFullError(f"model {self.name!r} has {len(self._queue)} requests "
@@ -131,6 +147,13 @@ class DynamicBatcher:
             self._depth.inc()
         self._arrived.set()
         return await request.future
+
+    def _runs_at_once(self, rows: int) -> bool:
+        """Whether a lone request of `rows` runs in its caller's task: every instance is
+        idle, and the size ran fast enough recently to run on the loop."""
+        return (self.policy.work_conserving and self.idle_instances == len(self._runners)
+                and not self._queue and not self._closing
+                and self._recent_compute_s.get(rows, math.inf) < self.policy.inline_compute_s)
 
     async def close(self) -> None:
         """Run everything already queued, then stop the workers."""
@@ -168,7 +191,11 @@ class DynamicBatcher:
             if wake is None:
                 if self._closing:
                     return None
-                await self._arrived.wait()
+                self._idle += 1
+                try:
+                    await self._arrived.wait()
+                finally:
+                    self._idle -= 1
                 continue
             # Sleep until the head's delay is over, a request arrives, or the first
             # deadline passes (so an expired request is failed then, not when its batch

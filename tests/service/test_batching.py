@@ -239,8 +239,11 @@ def test_a_batch_size_that_ran_fast_runs_on_the_event_loop(served_repo: Path,
             batcher = DynamicBatcher("lenet", [runner], executor, policy,
                                      metrics=Metrics(CollectorRegistry()), stats=ModelStats())
             batcher.start()
-            answers = [await batcher.infer({"input": x[:n]}) for x, n in zip(images, sizes,
-                                                                              strict=True)]
+            answers = []
+            for x, n in zip(images, sizes, strict=True):
+                # Each after the last has left its thread, which would otherwise take it.
+                await _until_idle(batcher)
+                answers.append(await batcher.infer({"input": x[:n]}))
             await batcher.close()
             return threading.get_ident(), answers
 
@@ -250,3 +253,61 @@ def test_a_batch_size_that_ran_fast_runs_on_the_event_loop(served_repo: Path,
     for x, n, answer in zip(images, sizes, answers, strict=True):
         np.testing.assert_allclose(answer[0], ModelRunner.run(runner, {"input": x[:n]})[0],
                                    atol=1e-6)
+
+
+@pytest.mark.parametrize("work_conserving", [True, False])
+def test_a_lone_request_on_an_idle_model_runs_in_its_callers_task(
+        served_repo: Path, work_conserving: bool) -> None:
+    """With no other call in progress and the model idle, a request of a size that runs on
+    the loop is answered in the caller's own step (no queue, no worker to wake); others,
+    and every request under Triton's delay policy, wait in the queue as before."""
+    path = latest_model_file(served_repo, "lenet")
+    config = serving_config(served_repo, "lenet", path)
+    runner = _ThreadRecordingRunner(path, ServiceSettings(repo=served_repo), config)
+    x = np.random.default_rng(2).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    stats = ModelStats()
+
+    async def answered_in_one_step(batcher: DynamicBatcher, alone: bool) -> bool:
+        call = batcher.infer({"input": x}, alone=alone)
+        try:
+            awaited = call.send(None)
+        except StopIteration as done:
+            np.testing.assert_allclose(done.value[0], ModelRunner.run(runner, {"input": x})[0],
+                                       atol=1e-6)
+            return True
+        awaited._asyncio_future_blocking = False  # handed to us, not to a task
+        await awaited  # the batcher's future: let the worker answer it
+        with pytest.raises(StopIteration):
+            call.send(None)
+        return False
+
+    async def scenario() -> list[bool]:
+        with ThreadPoolExecutor(1) as executor:
+            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=0.001,
+                                 preferred_batch_sizes=frozenset(), max_queue_size=8,
+                                 instances=1, work_conserving=work_conserving,
+                                 inline_compute_s=1.0)
+            batcher = DynamicBatcher("lenet", [runner], executor, policy,
+                                     metrics=Metrics(CollectorRegistry()), stats=stats)
+            batcher.start()
+            steps = []
+            # The first of a size is timed by the worker; then lone, not lone, lone.
+            for alone in (True, True, False, True):
+                await _until_idle(batcher)
+                steps.append(await answered_in_one_step(batcher, alone))
+            await batcher.close()
+            return steps
+
+    steps = asyncio.run(scenario())
+    assert steps == ([False, True, False, True] if work_conserving else [False] * 4)
+    assert stats.execution_count == 4
+    assert stats.inference_count == 4
+
+
+async def _until_idle(batcher: DynamicBatcher, timeout_s: float = 10.0) -> None:
+    """Until every instance waits for work (its thread, if one ran, has let go)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout_s
+    while batcher.idle_instances < batcher.policy.instances:
+        assert loop.time() < give_up, "the batcher's workers never went idle"
+        await asyncio.sleep(0.001)
