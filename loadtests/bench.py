@@ -15,6 +15,7 @@ classification, REST) and everything when perf_analyzer is absent or with --quic
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
@@ -148,7 +149,7 @@ def measure(scenario: Scenario, target: str, metrics_url: str | None, seconds: f
     """One scenario: perf_analyzer when `server` is given and the scenario is plain
     gRPC inference, Locust otherwise."""
     before = batch_buckets(metrics_url, scenario.model)
-    cpu_us: float | None = None
+    cpu_us = client_cpu_us = None
     if server is not None and scenario.api == "oip":
         model = "lenet" if scenario.echo else scenario.model
         measured = measured_with_cpu(
@@ -159,6 +160,7 @@ def measure(scenario: Scenario, target: str, metrics_url: str | None, seconds: f
                             rps=measured.requests_per_s, p50_ms=measured.p50_ms,
                             p95_ms=measured.p95_ms, p99_ms=measured.p99_ms)
         client, cpu_us = "perf_analyzer", measured.server_cpu_us
+        client_cpu_us = measured.client_cpu_us
     else:
         prefix = out / scenario.slug
         run_locust(target, scenario, seconds, prefix, processes)
@@ -170,10 +172,12 @@ def measure(scenario: Scenario, target: str, metrics_url: str | None, seconds: f
         scenario=scenario.name, model=scenario.model, api=scenario.api, users=scenario.users,
         images_per_request=scenario.images_per_request, batching=scenario.batching,
         stats=stats, batch_sizes={b: after[b] - before.get(b, 0.0) for b in after},
-        client=client, server_cpu_us=cpu_us)
+        client=client, server_cpu_us=cpu_us, client_cpu_us=client_cpu_us,
+        host_cores=os.cpu_count())
     print(f"  {scenario.slug}: {stats.rps:.0f} req/s, p50 {stats.p50_ms:.2f} ms, "
           f"p99 {stats.p99_ms:.2f} ms, {stats.failures} errors ({client}"
-          + (f", {cpu_us:.0f} us server CPU/request)" if cpu_us is not None else ")"),
+          + (f", {cpu_us:.0f} us server and {client_cpu_us:.0f} us client CPU/request)"
+             if cpu_us is not None else ")"),
           flush=True)
     return result
 

@@ -162,9 +162,11 @@ def cpu_table(rows: list[Row], names: Sequence[str]) -> str:
         out.append([r.server, r.model, str(r.concurrency), f"{r.client.requests_per_s:,.0f}",
                     f"{r.client.p50_ms:.2f}", f"{r.client.p99_ms:.2f}",
                     "" if math.isnan(r.client.server_cpu_us) else f"{r.client.server_cpu_us:.0f}",
+                    "" if math.isnan(r.client.client_cpu_us) else f"{r.client.client_cpu_us:.0f}",
                     "" if pa is None else f"{pa.requests_per_s:,.0f} ({pa.p50_ms:.2f} ms)"])
     return format_table(("server", "model", "clients", "req/s", "p50 ms", "p99 ms",
-                         "server CPU us/req", "perf_analyzer req/s (p50)"), out)
+                         "server CPU us/req", "client CPU us/req", "perf_analyzer req/s (p50)"),
+                        out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

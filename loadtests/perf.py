@@ -6,7 +6,9 @@ turn NaN outputs of noise into nulls): perf_analyzer, Triton's C++ load generato
 servers that answer Triton's ModelConfig (this service, the echo server, Triton); and a
 lean asyncio gRPC client, pre-serialised requests and unparsed answers, for every server
 that speaks the Open Inference Protocol (MLServer answers no ModelConfig). Server CPU per
-request is the CPU time of the server's process tree over the run, over its requests.
+request is the CPU time of the server's process tree over the run, over its requests;
+client CPU per request the load generator's own. On a host that runs both, their sum
+bounds what any server could answer: cores / (server + client CPU per request).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import csv
 import functools
 import json
 import os
+import resource
 import subprocess
 import time
 from collections.abc import Callable
@@ -67,6 +70,8 @@ class Measured:
     server_cpu_us: float
     """Server CPU time (its whole process tree) per answered request; nan if not known."""
     images_per_request: int = 1
+    client_cpu_us: float = float("nan")
+    """The load generator's CPU time per answered request."""
 
     @property
     def images_per_s(self) -> float:
@@ -134,12 +139,12 @@ def perf_analyzer(address: str, inputs: Inputs, load: Load, workdir: Path) -> Me
            "--input-data", str(data), "--measurement-interval", str(window_ms),
            "--stability-percentage", "100", "--max-trials", "3", "--percentile", "50",
            "-f", str(report)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu_s()
     env = {**os.environ, **({"TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT": "1"}
                             if load.connection_each else {})}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env,
                          timeout=load.seconds * 4 + 120)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, _children_cpu_s() - cpu
     if run.returncode != 0:
         raise RuntimeError(f"perf_analyzer exited {run.returncode}:\n{run.stdout[-2000:]}"
                            f"{run.stderr[-2000:]}")
@@ -147,9 +152,17 @@ def perf_analyzer(address: str, inputs: Inputs, load: Load, workdir: Path) -> Me
         row = next(csv.DictReader(f))
     per_s = float(row["Inferences/Second"]) / load.images_per_request
     # Requests over the whole run (for CPU per request): its windows' rate, start to end.
-    return Measured("perf_analyzer", round(per_s * elapsed), 0, per_s,
+    requests = round(per_s * elapsed)
+    return Measured("perf_analyzer", requests, 0, per_s,
                     float(row["p50 latency"]) / 1e3, float(row["p95 latency"]) / 1e3,
-                    float(row["p99 latency"]) / 1e3, float("nan"), load.images_per_request)
+                    float(row["p99 latency"]) / 1e3, float("nan"), load.images_per_request,
+                    cpu / max(requests, 1) * 1e6)
+
+
+def _children_cpu_s() -> float:
+    """CPU time of this process's finished children (perf_analyzer, once it is waited)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def closed_loop(address: str, inputs: Inputs, load: Load) -> Measured:
@@ -176,7 +189,7 @@ async def _closed_loop(address: str, requests: list[bytes], load: Load) -> Measu
         call = channel.unary_unary(_INFER)  # bytes in, bytes out
         with contextlib.suppress(grpc.aio.AioRpcError):  # connected before the clock starts
             await call(requests[0], timeout=30)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         stop = started + load.seconds
 
         async def caller(k: int) -> None:
@@ -191,11 +204,11 @@ async def _closed_loop(address: str, requests: list[bytes], load: Load) -> Measu
                 k += load.concurrency
 
         await asyncio.gather(*(caller(k) for k in range(load.concurrency)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     ms = np.percentile(np.asarray(latencies or [np.nan]) * 1e3, [50, 95, 99])
     return Measured("asyncio gRPC", len(latencies), errors, len(latencies) / elapsed,
                     float(ms[0]), float(ms[1]), float(ms[2]), float("nan"),
-                    load.images_per_request)
+                    load.images_per_request, cpu / max(len(latencies), 1) * 1e6)
 
 
 def measured_with_cpu(server_pid: int, measure: Callable[..., Measured], *args: object

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -41,6 +42,18 @@ class ScenarioResult(BaseModel):
     client: str = "locust"
     server_cpu_us: float | None = None
     """Server CPU time (its process tree) per request, where the client measured it."""
+    client_cpu_us: float | None = None
+    """The load generator's CPU time per request, where it was measured."""
+    host_cores: int | None = None
+    """Cores of the host that ran both, for the CPU-bound ceiling."""
+
+    @property
+    def cpu_bound_rps(self) -> float | None:
+        """Requests a second that server and client together could reach with every core
+        of the host busy: no server can beat it with the same client on the same host."""
+        if self.server_cpu_us is None or self.client_cpu_us is None or not self.host_cores:
+            return None
+        return self.host_cores * 1e6 / (self.server_cpu_us + self.client_cpu_us)
 
     @property
     def images_per_s(self) -> float:
@@ -76,11 +89,17 @@ def results_table(results: list[ScenarioResult]) -> str:
     rows = [[r.scenario, r.model, r.api, str(r.users), str(r.images_per_request),
              "on" if r.batching else "off", f"{r.stats.rps:.0f}", f"{r.images_per_s:.0f}",
              _ms(r.stats.p50_ms), _ms(r.stats.p95_ms), _ms(r.stats.p99_ms),
-             str(r.stats.failures), r.client,
-             "" if r.server_cpu_us is None else f"{r.server_cpu_us:.0f}"] for r in results]
+             str(r.stats.failures), r.client, _us(r.server_cpu_us), _us(r.client_cpu_us),
+             "" if (bound := r.cpu_bound_rps) is None else f"{r.stats.rps / bound:.2f}"]
+            for r in results]
     return format_table(("scenario", "model", "api", "users", "img/req", "batching", "req/s",
                          "img/s", "p50 ms", "p95 ms", "p99 ms", "errors", "client",
-                         "server CPU us/req"), rows)
+                         "server CPU us/req", "client CPU us/req", "of CPU-bound req/s"),
+                        rows)
+
+
+def _us(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.0f}"
 
 
 def _ms(value: float) -> str:

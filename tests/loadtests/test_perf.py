@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from loadtests.perf import (
     real_inputs,
     tree_cpu_s,
 )
-from loadtests.report import LocustStats, Reference, ScenarioResult
+from loadtests.report import LocustStats, Reference, ScenarioResult, results_table
 from tests.servers import ROOT, ServerProcess
 
 
@@ -54,6 +55,7 @@ def test_closed_loop_client_measures_the_service(server: ServerProcess,
     assert result["images_per_s"] == pytest.approx(3 * result["requests_per_s"])
     assert 0 < result["p50_ms"] <= result["p99_ms"]
     assert 0 < result["server_cpu_us"] < 1e6
+    assert 0 < result["client_cpu_us"] < 1e6
 
 
 def test_closed_loop_client_counts_refusals_as_errors(server: ServerProcess,
@@ -89,6 +91,15 @@ def test_perf_analyzer_drives_the_echo_server_and_the_service(
             result = perf_analyzer(address, inputs, Load("lenet", 2, 4, 1.5, version), tmp_path)
             assert result.requests_per_s > 0 and result.p50_ms > 0, address
             assert result.images_per_s == pytest.approx(4 * result.requests_per_s)
+            assert 0 < result.client_cpu_us < 1e6, "perf_analyzer's CPU was not counted"
+
+
+def test_the_cpu_bound_ceiling_is_the_hosts_cores_over_both_sides_cpu_per_request() -> None:
+    measured = _result("transport", "lenet", 32, rps=2000).model_copy(update={
+        "server_cpu_us": 600.0, "client_cpu_us": 200.0, "host_cores": 2})
+    assert measured.cpu_bound_rps == pytest.approx(2500)
+    assert re.search(r"\b600\s+200\s+0\.80\b", results_table([measured]))
+    assert _result("transport", "lenet", 32, rps=2000).cpu_bound_rps is None  # Locust: unknown
 
 
 def _result(scenario: str, model: str, users: int, rps: float, p50: float = 1.0,
