@@ -86,16 +86,21 @@ def read_locust_stats(path: Path, name: str) -> LocustStats:
 
 
 def results_table(results: list[ScenarioResult]) -> str:
+    """One row per scenario; the CPU columns only when some scenario measured CPU (Locust
+    alone, as in the demo's quick run, measures none)."""
+    header = ["scenario", "model", "api", "users", "img/req", "batching", "req/s", "img/s",
+              "p50 ms", "p95 ms", "p99 ms", "errors", "client"]
     rows = [[r.scenario, r.model, r.api, str(r.users), str(r.images_per_request),
              "on" if r.batching else "off", f"{r.stats.rps:.0f}", f"{r.images_per_s:.0f}",
              _ms(r.stats.p50_ms), _ms(r.stats.p95_ms), _ms(r.stats.p99_ms),
-             str(r.stats.failures), r.client, _us(r.server_cpu_us), _us(r.client_cpu_us),
-             "" if (bound := r.cpu_bound_rps) is None else f"{r.stats.rps / bound:.2f}"]
-            for r in results]
-    return format_table(("scenario", "model", "api", "users", "img/req", "batching", "req/s",
-                         "img/s", "p50 ms", "p95 ms", "p99 ms", "errors", "client",
-                         "server CPU us/req", "client CPU us/req", "of CPU-bound req/s"),
-                        rows)
+             str(r.stats.failures), r.client] for r in results]
+    if any(r.server_cpu_us is not None for r in results):
+        header += ["server CPU us/req", "client CPU us/req", "of CPU-bound req/s"]
+        for row, r in zip(rows, results, strict=True):
+            bound = r.cpu_bound_rps
+            row += [_us(r.server_cpu_us), _us(r.client_cpu_us),
+                    "" if bound is None else f"{r.stats.rps / bound:.2f}"]
+    return format_table(header, rows)
 
 
 def _us(value: float | None) -> str:

@@ -111,6 +111,7 @@ def test_report_turns_recorded_stats_into_table_and_plots(tmp_path: Path) -> Non
                            [("alexnet: batching on / off", 3.0, ">= 1.5")], ["note"])
     text = summary.read_text()
     assert "| " not in results_table(results)
+    assert "CPU" not in results_table(results)  # Locust measured none: no empty columns
     assert re.search(r"batching\s+alexnet\s+oip\s+32\s+1\s+on\s+300\s+300\s+12\s+25\s+55\s+0",
                      text)
     assert re.search(r"alexnet: batching on / off\s+3\.00\s+>= 1\.5", text)
