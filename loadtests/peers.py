@@ -17,7 +17,6 @@ answers Triton's ModelConfig. Writes `reports/peers-<timestamp>/peers.md`.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from loadtests.perf import (
     perf_analyzer_installed,
     real_inputs,
 )
+from loadtests.report import us_cell
 from service.cli import parse_settings
 
 VENVS = ROOT / ".venv-peers"
@@ -161,8 +161,7 @@ def cpu_table(rows: list[Row], names: Sequence[str]) -> str:
         pa = r.perf_analyzer
         out.append([r.server, r.model, str(r.concurrency), f"{r.client.requests_per_s:,.0f}",
                     f"{r.client.p50_ms:.2f}", f"{r.client.p99_ms:.2f}",
-                    "" if math.isnan(r.client.server_cpu_us) else f"{r.client.server_cpu_us:.0f}",
-                    "" if math.isnan(r.client.client_cpu_us) else f"{r.client.client_cpu_us:.0f}",
+                    us_cell(r.client.server_cpu_us), us_cell(r.client.client_cpu_us),
                     "" if pa is None else f"{pa.requests_per_s:,.0f} ({pa.p50_ms:.2f} ms)"])
     return format_table(("server", "model", "clients", "req/s", "p50 ms", "p99 ms",
                          "server CPU us/req", "client CPU us/req", "perf_analyzer req/s (p50)"),

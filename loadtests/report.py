@@ -98,12 +98,13 @@ def results_table(results: list[ScenarioResult]) -> str:
         header += ["server CPU us/req", "client CPU us/req", "of CPU-bound req/s"]
         for row, r in zip(rows, results, strict=True):
             bound = r.cpu_bound_rps
-            row += [_us(r.server_cpu_us), _us(r.client_cpu_us),
+            row += [us_cell(r.server_cpu_us), us_cell(r.client_cpu_us),
                     "" if bound is None else f"{r.stats.rps / bound:.2f}"]
     return format_table(header, rows)
 
 
-def _us(value: float | None) -> str:
+def us_cell(value: float | None) -> str:
+    """Microseconds for a table cell; empty where not measured."""
     return "" if value is None or math.isnan(value) else f"{value:.0f}"
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -137,7 +136,7 @@ class DynamicBatcher:
         request = _Request(inputs, rows, shapes, asyncio.get_running_loop().create_future(),
                            time.monotonic(), deadline)
         if alone and self._runs_at_once(rows):
-            self._finish([request], *self._run(self._runners[0], [request]))
+            self._finish([request], rows, *self._run(self._runners[0], [request], rows))
             return request.future.result()
         with self._lock:
             if len(self._queue) >= self.policy.max_queue_size:
@@ -152,8 +151,12 @@ class DynamicBatcher:
         """Whether a lone request of `rows` runs in its caller's task: every instance is
         idle, and the size ran fast enough recently to run on the loop."""
         return (self.policy.work_conserving and self.idle_instances == len(self._runners)
-                and not self._queue and not self._closing
-                and self._recent_compute_s.get(rows, math.inf) < self.policy.inline_compute_s)
+                and not self._queue and not self._closing and self._runs_inline(rows))
+
+    def _runs_inline(self, rows: int) -> bool:
+        """A batch of `rows` recently ran under `inline_compute_s` (a new size has not)."""
+        recent = self._recent_compute_s.get(rows)
+        return recent is not None and recent < self.policy.inline_compute_s
 
     async def close(self) -> None:
         """Run everything already queued, then stop the workers."""
@@ -180,12 +183,12 @@ class DynamicBatcher:
                     f"deadline passed after {now - request.enqueued:.3f}s in the queue of "
                     f"model {self.name!r}, before compute"))
 
-    async def _next_batch(self) -> list[_Request] | None:
+    async def _next_batch(self) -> Selection[_Request] | None:
         while True:
             selection = self._take()
             self._fail_expired(selection.expired)
             if selection.batch:
-                return selection.batch
+                return selection
             self._arrived.clear()
             wake = selection.wake_at
             if wake is None:
@@ -208,16 +211,16 @@ class DynamicBatcher:
 
     async def _work(self, runner: ModelRunner) -> None:
         loop = asyncio.get_running_loop()
-        inline_below = self.policy.inline_compute_s
-        while (batch := await self._next_batch()) is not None:
-            rows = sum(r.rows for r in batch)
-            if self._recent_compute_s.get(rows, inline_below) < inline_below:
-                self._finish(batch, *self._run(runner, batch))
+        while (selection := await self._next_batch()) is not None:
+            batch, rows = selection.batch, selection.rows
+            if self._runs_inline(rows):
+                self._finish(batch, rows, *self._run(runner, batch, rows))
                 await asyncio.sleep(0)  # calls arrive between back-to-back batches
                 continue
-            await loop.run_in_executor(self._executor, self._compute_while_ready, runner, batch)
+            await loop.run_in_executor(self._executor, self._compute_while_ready, runner,
+                                       batch, rows)
 
-    def _run(self, runner: ModelRunner, batch: list[_Request]
+    def _run(self, runner: ModelRunner, batch: list[_Request], rows: int
              ) -> tuple[float, float, float, list[np.ndarray] | InferenceError]:
         """Run one batch: when it started, its input was assembled and onnxruntime
         returned, and the outputs or the error to answer with."""
@@ -229,27 +232,29 @@ class DynamicBatcher:
         try:
             result = runner.run(inputs)
         except Exception as exc:  # onnxruntime errors: fail this batch, keep serving
-            rows = sum(r.rows for r in batch)
             log.exception("model %s: batch of %d failed", self.name, rows)
             result = InferenceError(
                 f"model {self.name!r} failed on a batch of {rows}: {bounded(str(exc), 300)}")
         return started, assembled, time.monotonic(), result
 
-    def _compute_while_ready(self, runner: ModelRunner, batch: list[_Request]) -> None:
-        """In a compute thread: run `batch`, then each batch that is ready when one ends."""
+    def _compute_while_ready(self, runner: ModelRunner, batch: list[_Request],
+                             rows: int) -> None:
+        """In a compute thread: run `batch` (of `rows`), then each batch that is ready when
+        one ends."""
         loop = self._loop
         assert loop is not None, "start() first"
         while batch:
-            loop.call_soon_threadsafe(self._finish, batch, *self._run(runner, batch))
+            loop.call_soon_threadsafe(self._finish, batch, rows, *self._run(runner, batch, rows))
             selection = self._take()
-            batch = selection.batch
+            batch, rows = selection.batch, selection.rows
             if selection.expired:
                 loop.call_soon_threadsafe(self._fail_expired, selection.expired)
 
-    def _finish(self, batch: list[_Request], started: float, assembled: float, ended: float,
-                result: list[np.ndarray] | InferenceError) -> None:
-        """On the loop: answer the batch's requests and record it (its run started, its
-        input was assembled, and onnxruntime returned at the times given)."""
+    def _finish(self, batch: list[_Request], size: int, started: float, assembled: float,
+                ended: float, result: list[np.ndarray] | InferenceError) -> None:
+        """On the loop: answer the batch's requests (`size` rows in all) and record it (its
+        run started, its input was assembled, and onnxruntime returned at the times
+        given)."""
         waited = [started - request.enqueued for request in batch]
         for seconds in waited:
             self._queue_wait.observe(seconds)
@@ -258,7 +263,7 @@ class DynamicBatcher:
                 if not request.future.done():
                     request.future.set_exception(result)
             return
-        compute, size = ended - started, sum(r.rows for r in batch)
+        compute = ended - started
         recent = self._recent_compute_s.get(size)
         self._recent_compute_s[size] = compute if recent is None else 0.8 * recent + 0.2 * compute
         self._compute.observe(compute)

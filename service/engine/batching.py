@@ -90,6 +90,8 @@ class Selection(Generic[Q]):
     wake_at: float | None
     """When no batch is ready: when to decide again if nothing arrives (the head's delay
     or the first deadline, whichever is sooner); None when there is nothing to wait for."""
+    rows: int = 0
+    """Rows (images) in `batch`."""
 
 
 def select_batch(queue: Iterable[Q], now: float, policy: BatchPolicy, drain: bool = False
@@ -125,7 +127,7 @@ def select_batch(queue: Iterable[Q], now: float, policy: BatchPolicy, drain: boo
     preferred = rows in policy.preferred_batch_sizes and taken == len(alive)
     if (policy.work_conserving or full or preferred or drain
             or now - head >= policy.max_queue_delay_s):
-        return Selection(alive[:taken], expired, alive[taken:], None)
+        return Selection(alive[:taken], expired, alive[taken:], None, rows)
     # Less than one batch is queued, so this scan is short.
     wake = min([head + policy.max_queue_delay_s,
                 *(r.deadline for r in alive if r.deadline is not None)])
