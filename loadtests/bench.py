@@ -8,8 +8,11 @@ clients' files and PNG plots. Every run is bounded in time.
 The throughput and latency sweeps (Open Inference Protocol over gRPC) are driven by
 perf_analyzer when `make perf-analyzer` installed it: Triton's C++ load generator costs
 the shared host far less CPU than a Python client, and each of its rows also gives the
-server's CPU time per request. Locust drives the user-facing scenarios (PNG
-classification, REST) and everything when perf_analyzer is absent or with --quick.
+server's CPU time per request. perf_analyzer also sends single images over
+ModelStreamInfer streams (api `oip-stream`), for the service and the echo server: what a
+client that streams gains when gRPC sets up one call per stream, not one per request.
+Locust drives the user-facing scenarios (PNG classification, REST) and everything when
+perf_analyzer is absent or with --quick.
 """
 
 from __future__ import annotations
@@ -79,8 +82,9 @@ class Scenario:
                 f"-{mode}")
 
 
-def plan(models: Sequence[str], quick: bool) -> list[Scenario]:
-    """The scenario list: quick for the demo, full for the report."""
+def plan(models: Sequence[str], quick: bool, streams: bool = False) -> list[Scenario]:
+    """The scenario list: quick for the demo, full for the report. `streams` adds the
+    ModelStreamInfer scenarios (api "oip-stream"), which only perf_analyzer drives."""
     if quick:
         return [Scenario("batching", m, "oip", 16, 1, True) for m in models]
     focus = "alexnet" if "alexnet" in models else models[0]
@@ -99,6 +103,10 @@ def plan(models: Sequence[str], quick: bool) -> list[Scenario]:
                   Scenario("transport", smallest, "oip", 1, 1, True),
                   Scenario("transport", "echo", "oip", 32, 1, False, echo=True),
                   Scenario("transport", "echo", "oip", 1, 1, False, echo=True)]
+    if streams:  # the same single images, each caller's over one stream
+        scenarios += [Scenario("batching", focus, "oip-stream", 32, 1, True),
+                      Scenario("transport", smallest, "oip-stream", 32, 1, True),
+                      Scenario("transport", "echo", "oip-stream", 32, 1, False, echo=True)]
     return scenarios
 
 
@@ -150,12 +158,13 @@ def measure(scenario: Scenario, target: str, metrics_url: str | None, seconds: f
     gRPC inference, Locust otherwise."""
     before = batch_buckets(metrics_url, scenario.model)
     cpu_us = client_cpu_us = None
-    if server is not None and scenario.api == "oip":
+    if server is not None and scenario.api in ("oip", "oip-stream"):
         model = "lenet" if scenario.echo else scenario.model
         measured = measured_with_cpu(
             server.pid, perf_analyzer, server.address, real_inputs(server.repo, model),
             Load(scenario.model, scenario.users, scenario.images_per_request, seconds,
-                 server.version), out / "perf_analyzer")
+                 server.version, streaming=scenario.api == "oip-stream"),
+            out / "perf_analyzer")
         stats = LocustStats(name=scenario.slug, requests=measured.requests, failures=0,
                             rps=measured.requests_per_s, p50_ms=measured.p50_ms,
                             p95_ms=measured.p95_ms, p99_ms=measured.p99_ms)
@@ -227,24 +236,38 @@ def ratios(results: list[ScenarioResult], refs: list[Reference]) -> list[tuple[s
             out.append((f"{model}: {whole.images_per_request}-image requests, served / "
                         "in-process img/s at batch 32", whole.images_per_s / batch32,
                         "(no target)" if model == "lenet" else ">= 0.95"))
-        single = find(scenario="batching", model=model, batching=True)
+        single = find(scenario="batching", model=model, batching=True, api="oip")
         if single and batch32:
             out.append((f"{model}: single images from {single.users} clients, served / "
                         "in-process img/s at batch 32", single.images_per_s / batch32,
                         ">= 0.6" if model == "alexnet" else "(no target)"))
-    for on in (r for r in results if r.scenario == "batching" and r.batching):
+        streamed = find(scenario="batching", model=model, api="oip-stream")
+        if streamed and batch32:
+            out.append((f"{model}: single images from {streamed.users} streams, served / "
+                        "in-process img/s at batch 32", streamed.images_per_s / batch32,
+                        "(no target; 0.6 for calls)" if model == "alexnet" else "(no target)"))
+    for on in (r for r in results
+               if r.scenario == "batching" and r.batching and r.api == "oip"):
         off = find(scenario="batching", model=on.model, batching=False)
         if off is not None and off.images_per_s > 0:
             target = ">= 1.5" if on.model == "alexnet" else "(no target)"
             out.append((f"{on.model}: batching on / off img/s at {on.users} users",
                         on.images_per_s / off.images_per_s, target))
     served = find(scenario="transport", batching=True, api="oip", users=32)
-    echo = find(scenario="transport", batching=False, users=32)
+    echo = find(scenario="transport", batching=False, api="oip", users=32)
     if served and echo and echo.stats.rps > 0:
         out.append((f"{served.model}: req/s / echo req/s (1 image, 32 clients)",
                     served.stats.rps / echo.stats.rps, ">= 0.9"))
+    streamed = find(scenario="transport", batching=True, api="oip-stream", users=32)
+    echo_streamed = find(scenario="transport", batching=False, api="oip-stream", users=32)
+    if streamed and echo_streamed and echo_streamed.stats.rps > 0:
+        out.append((f"{streamed.model}: req/s / echo req/s (1 image, 32 streams)",
+                    streamed.stats.rps / echo_streamed.stats.rps, "(no target)"))
+    if streamed and served and served.stats.rps > 0:
+        out.append((f"{streamed.model}: 32 streams / 32 clients' calls, req/s",
+                    streamed.stats.rps / served.stats.rps, "(no target)"))
     lone = find(scenario="transport", batching=True, api="oip", users=1)
-    lone_echo = find(scenario="transport", batching=False, users=1)
+    lone_echo = find(scenario="transport", batching=False, api="oip", users=1)
     if lone and lone_echo and (lone.model, 1) in ceiling:
         bound = lone_echo.stats.p50_ms + 1e3 / ceiling[(lone.model, 1)] + 0.3
         out.append((f"{lone.model}: p50 at 1 client / (echo p50 + in-process batch 1 + 0.3 ms"
@@ -283,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = args.models or list_models(args.repo)
     out = args.out / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
-    scenarios = plan(models, args.quick)
+    scenarios = plan(models, args.quick, streams=args.client == "perf_analyzer")
     # The in-process reference uses the served sessions' options, flags included.
     settings, _ = parse_settings(["--device", args.device, *shlex.split(args.server_args)])
     print(f"benchmark: {len(scenarios)} scenarios of {args.seconds:g}s, models {models}, "

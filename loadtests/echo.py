@@ -1,11 +1,11 @@
 """A trivial Open Inference Protocol server: the transport's own limit on this machine.
 
-`ModelInfer` answers zeros of the right shape without running a model, through the
-same grpc.aio server options and the same client path as the real service, so the
-benchmark can say how much of a request's cost is gRPC itself. It describes every model
-name as an image classifier (`--input-shape`, 10 classes, batches of up to 32) in
-`ModelMetadata` and `ModelConfig`, and answers empty statistics, so that perf_analyzer
-drives it as it drives the service.
+`ModelInfer` (and each request of `ModelStreamInfer`) answers zeros of the right shape
+without running a model, through the same grpc.aio server options and the same client
+path as the real service, so the benchmark can say how much of a request's cost is gRPC
+itself. It describes every model name as an image classifier (`--input-shape`, 10
+classes, batches of up to 32) in `ModelMetadata` and `ModelConfig`, and answers empty
+statistics, so that perf_analyzer drives it as it drives the service.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -74,6 +75,17 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInferResponse:
+        return self._answer(request)
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request answered in turn on the stream: the transport's own cost when
+        gRPC's per-call work is paid once per stream, not once per request."""
+        async for request in requests:
+            yield pb.ModelStreamInferResponse(infer_response=self._answer(request))
+
+    def _answer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         rows = request.inputs[0].shape[0] if request.inputs else 1
         self.answered += 1
         return pb.ModelInferResponse(

@@ -56,6 +56,9 @@ class Load:
     connection_each: bool = False
     """perf_analyzer gives each caller a connection of its own (it shares one among a few
     by default), so the kernel spreads them over a server's `--workers` processes."""
+    streaming: bool = False
+    """perf_analyzer sends each caller's requests over a ModelStreamInfer stream: gRPC's
+    per-call work (a call set up and torn down for each request) is paid once."""
 
 
 @dataclass(frozen=True)
@@ -132,13 +135,14 @@ def perf_analyzer(address: str, inputs: Inputs, load: Load, workdir: Path) -> Me
         steps = [{inputs.name: {"content": image.ravel().tolist(), "shape": list(image.shape)}}
                  for image in inputs.images[:64]]
         data.write_text(json.dumps({"data": steps}))
-    report = workdir / f"{load.model}-c{load.concurrency}-b{load.images_per_request}.csv"
+    report = workdir / (f"{load.model}-c{load.concurrency}-b{load.images_per_request}"
+                        f"{'-stream' if load.streaming else ''}.csv")
     window_ms = max(int(load.seconds * 1000 / 3), 500)
     cmd = [str(PERF_ANALYZER), "-m", load.model, "-x", load.version, "-u", address, "-i", "grpc",
            "-b", str(load.images_per_request), "--concurrency-range", str(load.concurrency),
            "--input-data", str(data), "--measurement-interval", str(window_ms),
            "--stability-percentage", "100", "--max-trials", "3", "--percentile", "50",
-           "-f", str(report)]
+           "-f", str(report), *(["--streaming"] if load.streaming else [])]
     started, cpu = time.perf_counter(), _children_cpu_s()
     env = {**os.environ, **({"TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT": "1"}
                             if load.connection_each else {})}
@@ -234,13 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--client", choices=("closed-loop", "perf_analyzer"), default="closed-loop")
+    p.add_argument("--streaming", action="store_true",
+                   help="perf_analyzer only: each caller's requests over one ModelStreamInfer")
     p.add_argument("--server-pid", type=int, help="account this process tree's CPU")
     p.add_argument("--workdir", type=Path, default=Path("reports/perf"),
                    help="perf_analyzer's input and report files")
     args = p.parse_args(argv)
+    if args.streaming and args.client != "perf_analyzer":
+        p.error("--streaming needs --client perf_analyzer")
     inputs = real_inputs(args.repo, args.model)
     load = Load(args.model, args.concurrency, args.images_per_request, args.seconds,
-                args.version)
+                args.version, streaming=args.streaming)
     run: tuple[Callable[..., Measured], tuple[object, ...]] = (
         (closed_loop, (args.address, inputs, load)) if args.client == "closed-loop"
         else (perf_analyzer, (args.address, inputs, load, args.workdir)))

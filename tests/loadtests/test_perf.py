@@ -88,10 +88,15 @@ def test_perf_analyzer_drives_the_echo_server_and_the_service(
     inputs = real_inputs(served_repo, "lenet")
     with launched([sys.executable, "-m", "loadtests.echo"]) as echo:
         for address, version in ((echo.address, "1"), (server.address, "1")):
-            result = perf_analyzer(address, inputs, Load("lenet", 2, 4, 1.5, version), tmp_path)
-            assert result.requests_per_s > 0 and result.p50_ms > 0, address
-            assert result.images_per_s == pytest.approx(4 * result.requests_per_s)
-            assert 0 < result.client_cpu_us < 1e6, "perf_analyzer's CPU was not counted"
+            for streaming in (False, True):
+                result = perf_analyzer(address, inputs, Load("lenet", 2, 4, 1.5, version,
+                                                             streaming=streaming), tmp_path)
+                assert result.requests_per_s > 0 and result.p50_ms > 0, (address, streaming)
+                assert result.images_per_s == pytest.approx(4 * result.requests_per_s)
+                assert 0 < result.client_cpu_us < 1e6, "perf_analyzer's CPU was not counted"
+    streamed = re.search(r'^cnnserve_requests_total\{api="oip_stream",code="OK",model="lenet"\} '
+                         r'(\S+)$', server.metrics(), re.M)
+    assert streamed and float(streamed[1]) > 10, "perf_analyzer did not stream"
 
 
 def test_the_cpu_bound_ceiling_is_the_hosts_cores_over_both_sides_cpu_per_request() -> None:
@@ -103,8 +108,8 @@ def test_the_cpu_bound_ceiling_is_the_hosts_cores_over_both_sides_cpu_per_reques
 
 
 def _result(scenario: str, model: str, users: int, rps: float, p50: float = 1.0,
-            images: int = 1, batching: bool = True) -> ScenarioResult:
-    return ScenarioResult(scenario=scenario, model=model, api="oip", users=users,
+            images: int = 1, batching: bool = True, api: str = "oip") -> ScenarioResult:
+    return ScenarioResult(scenario=scenario, model=model, api=api, users=users,
                           images_per_request=images, batching=batching,
                           stats=LocustStats(name="x", requests=100, failures=0, rps=rps,
                                             p50_ms=p50, p95_ms=p50, p99_ms=p50))
@@ -137,11 +142,38 @@ def test_ratios_hold_the_issue_targets() -> None:
     assert math.isclose(value, 1.2 / 0.95) and target == "<= 1.0"
 
 
+def test_streamed_scenarios_get_ratios_of_their_own() -> None:
+    # Listed first, so a ratio that did not tell streams from calls would pick them.
+    results = [
+        _result("batching", "alexnet", 32, 3_000.0, api="oip-stream"),
+        _result("transport", "lenet", 32, 6_000.0, api="oip-stream"),
+        _result("transport", "echo", 32, 12_000.0, batching=False, api="oip-stream"),
+        _result("batching", "alexnet", 32, 2_000.0),
+        _result("batching", "alexnet", 32, 500.0, batching=False),
+        _result("transport", "lenet", 32, 3_000.0),
+        _result("transport", "echo", 32, 4_000.0, batching=False),
+    ]
+    refs = [Reference(model="alexnet", batch_size=32, images_per_s=4_000.0)]
+    found = {name: (value, target) for name, value, target in ratios(results, refs)}
+    assert found["alexnet: single images from 32 clients, served / in-process img/s at "
+                 "batch 32"] == (pytest.approx(0.5), ">= 0.6")
+    assert found["alexnet: single images from 32 streams, served / in-process img/s at "
+                 "batch 32"] == (pytest.approx(0.75), "(no target; 0.6 for calls)")
+    assert found["alexnet: batching on / off img/s at 32 users"][0] == pytest.approx(4.0)
+    assert found["lenet: req/s / echo req/s (1 image, 32 clients)"][0] == pytest.approx(0.75)
+    assert found["lenet: req/s / echo req/s (1 image, 32 streams)"][0] == pytest.approx(0.5)
+    assert found["lenet: 32 streams / 32 clients' calls, req/s"][0] == pytest.approx(2.0)
+
+
 def test_the_full_plan_measures_what_the_ratios_need() -> None:
     scenarios = plan(["lenet", "alexnet", "vgg11_bn"], quick=False)
     assert Scenario("transport", "lenet", "oip", 1, 1, True) in scenarios
     assert Scenario("transport", "echo", "oip", 1, 1, False, echo=True) in scenarios
     assert Scenario("saturation", "vgg11_bn", "oip", 4, 32, True) in scenarios
+    assert not any(s.api == "oip-stream" for s in scenarios)  # Locust cannot stream
+    streams = plan(["lenet", "alexnet", "vgg11_bn"], quick=False, streams=True)
+    assert Scenario("transport", "echo", "oip-stream", 32, 1, False, echo=True) in streams
+    assert Scenario("batching", "alexnet", "oip-stream", 32, 1, True) in streams
     assert (ROOT / "loadtests" / "perf_analyzer.sh").is_file()
 
 
