@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtests.bench import Scenario, plan, ratios
+from loadtests.bench import Scenario, in_process, plan, ratios
 from loadtests.launch import launched
 from loadtests.peers import Row, table
 from loadtests.perf import (
@@ -25,6 +25,7 @@ from loadtests.perf import (
     tree_cpu_s,
 )
 from loadtests.report import LocustStats, Reference, ScenarioResult, results_table
+from service.cli import parse_settings
 from tests.servers import ROOT, ServerProcess
 
 
@@ -44,6 +45,13 @@ def measure(*args: str) -> dict[str, float]:
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     result: dict[str, float] = json.loads(run.stdout)
     return result
+
+
+def test_the_in_process_reference_runs_the_served_model(served_repo: Path) -> None:
+    settings, _ = parse_settings(["--device", "cpu"])
+    reference = in_process(served_repo, "lenet", 4, settings, seconds=0.2, rounds=2)
+    assert (reference.model, reference.batch_size) == ("lenet", 4)
+    assert reference.images_per_s > 100
 
 
 def test_closed_loop_client_measures_the_service(server: ServerProcess,
