@@ -154,8 +154,8 @@ class Target:
 
 def measure(scenario: Scenario, target: str, metrics_url: str | None, seconds: float,
             out: Path, processes: int = 1, server: Target | None = None) -> ScenarioResult:
-    """One scenario: perf_analyzer when `server` is given and the scenario is plain
-    gRPC inference, Locust otherwise."""
+    """One scenario: perf_analyzer when `server` is given and the scenario is gRPC
+    inference (calls, or requests over streams), Locust otherwise."""
     before = batch_buckets(metrics_url, scenario.model)
     cpu_us = client_cpu_us = None
     if server is not None and scenario.api in ("oip", "oip-stream"):
