@@ -50,10 +50,10 @@ from loadtests.report import (
     row_name,
     write_report,
 )
-from service.cli import parse_settings
+from service.app.cli import parse_settings
+from service.app.settings import ServiceSettings
 from service.engine.batching import resolve_policy
 from service.engine.runtime import ModelRunner
-from service.settings import ServiceSettings
 
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 HTTP_LOCUSTFILE = ROOT / "loadtests" / "http_locustfile.py"

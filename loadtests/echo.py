@@ -21,9 +21,9 @@ import grpc
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
-from service.ready import ready_line
-from service.server import server_options
-from service.settings import ServiceSettings
+from service.app.ready import ready_line
+from service.app.server import server_options
+from service.app.settings import ServiceSettings
 
 CLASSES = 10
 MAX_BATCH = 32

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.ready import READY
+from service.app.ready import READY
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180.0

@@ -41,7 +41,7 @@ from loadtests.perf import (
     real_inputs,
 )
 from loadtests.report import us_cell
-from service.cli import parse_settings
+from service.app.cli import parse_settings
 
 VENVS = ROOT / ".venv-peers"
 PEERS = ("pytriton", "mlserver")

@@ -21,7 +21,7 @@ from contract.table import format_table
 from loadtests.bench import in_process
 from loadtests.launch import free_port, launched
 from loadtests.perf import Load, measured_with_cpu, perf_analyzer, real_inputs
-from service.cli import parse_settings
+from service.app.cli import parse_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,7 +57,7 @@ def main() -> None:
     import time
     import urllib.request
 
-    from service.ready import ready_line
+    from service.app.ready import ready_line
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("models", nargs="+", help="name=path/to/model.onnx")

@@ -15,7 +15,7 @@ from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
 from loadtests.peer_servers.onnx_session import session
-from service.ready import ready_line
+from service.app.ready import ready_line
 
 
 def bind(triton: Triton, name: str, path: Path, args: argparse.Namespace) -> None:

@@ -1,0 +1,1 @@
+"""The engine: models and versions, batching policy and the batcher, onnxruntime, model control."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from service.engine.batching import BatchPolicy, Selection, select_batch
 from service.engine.runtime import ModelRunner, Tensors
-from service.metrics import Metrics, ModelStats
+from service.observability.metrics import Metrics, ModelStats
 from service.status import bounded
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from contract.repository import ModelConfig
-from service.settings import ServiceSettings
+from service.app.settings import ServiceSettings
 
 
 @dataclass(frozen=True)

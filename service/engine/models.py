@@ -25,11 +25,11 @@ from contract.repository import (
     serving_config,
     version_dir,
 )
+from service.app.settings import ServiceSettings
 from service.engine.batcher import DynamicBatcher
 from service.engine.batching import BatchPolicy, resolve_policy
 from service.engine.runtime import ModelRunner, wants_cuda
-from service.metrics import Metrics, ModelStats
-from service.settings import ServiceSettings
+from service.observability.metrics import Metrics, ModelStats
 from service.status import shown
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.repository import RepositoryError, check_model_name, list_models, list_versions
+from service.app.settings import ServiceSettings
 from service.engine.models import ModelSet, ServedModel, load_model
-from service.metrics import Metrics
-from service.settings import ServiceSettings
+from service.observability.metrics import Metrics
 from service.status import ServingError, Status, shown
 
 log = logging.getLogger(__name__)

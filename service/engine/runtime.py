@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from contract.repository import NUMPY_DTYPES, ModelConfig
-from service.settings import ServiceSettings
+from service.app.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"

@@ -1,0 +1,1 @@
+"""Protocol bindings: each translates one wire format to the core's requests and back."""

@@ -11,11 +11,11 @@ import numpy as np
 from contract.preprocessing import to_input
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
-from service.admission import Call
-from service.core import InferenceCore, InferRequest, ServingError, Status, invalid
+from service.core.admission import Call
+from service.core.images import Header, ImageError, decode, open_header
+from service.core.inference import InferenceCore, InferRequest, ServingError, Status, invalid
 from service.engine.models import ServedModel
 from service.engine.runtime import Tensors
-from service.frontends.images import Header, ImageError, decode, open_header
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from grpc.aio import ServicerContext as Context
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from service.frontends.grpc_edge import request_in_stream
+from service.edge.grpc_edge import request_in_stream
 from service.frontends.oip import OpenInference
 from service.status import ServingError
 

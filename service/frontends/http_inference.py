@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from contract.repository import NUMPY_DTYPES
 from protos import classifier_pb2 as cpb
 from protos import grpc_service_pb2 as pb
-from service.admission import CURRENT_CALL
+from service.core.admission import CURRENT_CALL
 from service.frontends.grpc_classifier import ClassifierServicer
 from service.frontends.oip import OpenInference
 from service.status import invalid, shown

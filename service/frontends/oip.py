@@ -17,13 +17,13 @@ import numpy as np
 from contract.repository import NUMPY_DTYPES, TensorSpec
 from protos import grpc_service_pb2 as pb
 from protos import model_config_pb2 as mc
-from service.admission import Call
-from service.core import InferenceCore, InferRequest, invalid
+from service.core.admission import Call
+from service.core.inference import InferenceCore, InferRequest, invalid
 from service.engine.models import ServedModel
 from service.engine.reload import ModelControl
 from service.engine.runtime import Tensors, cuda_available
-from service.metrics import Duration
-from service.shared_memory import Regions
+from service.memory.system import Regions
+from service.observability.metrics import Duration
 from service.status import bounded, shown
 
 SERVER_NAME = "cnnserve"

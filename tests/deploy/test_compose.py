@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from service.settings import ServiceSettings
+from service.app.settings import ServiceSettings
 from tests.servers import ROOT, free_port
 from tests.service.oip import wait_until
 

@@ -14,7 +14,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import Dashboard
 from prometheus_client import CollectorRegistry
 
-from service.metrics import Metrics
+from service.observability.metrics import Metrics
 from tests.servers import ROOT
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "cnnserve.json"

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.settings import ServiceSettings
+from service.app.settings import ServiceSettings
 from tests.servers import ROOT
 
 K8S = ROOT / "deploy" / "kubernetes"

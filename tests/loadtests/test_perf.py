@@ -25,7 +25,7 @@ from loadtests.perf import (
     tree_cpu_s,
 )
 from loadtests.report import LocustStats, Reference, ScenarioResult, results_table
-from service.cli import parse_settings
+from service.app.cli import parse_settings
 from tests.servers import ROOT, ServerProcess
 
 

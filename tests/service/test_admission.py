@@ -7,8 +7,8 @@ import functools
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.admission import Admission, AdmissionLimits, Kind
-from service.metrics import Metrics
+from service.core.admission import Admission, AdmissionLimits, Kind
+from service.observability.metrics import Metrics
 from service.status import ServingError, Status, bounded
 
 LIMITS = AdmissionLimits(max_calls=2, max_streams=1, memory_budget_bytes=1000,

@@ -16,11 +16,11 @@ from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from contract.repository import latest_model_file, serving_config
+from service.app.settings import ServiceSettings
 from service.engine.batcher import DynamicBatcher
 from service.engine.batching import BatchPolicy
 from service.engine.runtime import ModelRunner, Tensors
-from service.metrics import Metrics, ModelStats
-from service.settings import ServiceSettings
+from service.observability.metrics import Metrics, ModelStats
 from tests.servers import ServerProcess, start_server
 from tests.service.oip import logits, metric, request, stub_for, wait_until
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.admission import Call
-from service.core import InferenceCore, InferRequest, RequestLimits, ServingError, Status
+from service.app.settings import ServiceSettings
+from service.core.admission import Call
+from service.core.inference import InferenceCore, InferRequest, RequestLimits, ServingError, Status
 from service.engine.models import ModelSet, ServedModel, load_model
 from service.engine.runtime import Tensors
-from service.metrics import Metrics
-from service.settings import ServiceSettings
+from service.observability.metrics import Metrics
 
 LIMITS = RequestLimits(max_images_per_request=256, request_timeout_s=30)
 

@@ -59,7 +59,7 @@ def test_tensors_travel_through_cuda_shared_memory(
 
     import tritonclient.grpc as triton
 
-    from service.cuda_memory import _IpcHandle, _load_cudart
+    from service.memory.cuda import _IpcHandle, _load_cudart
 
     cudart = _load_cudart()
     assert cudart is not None

@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from service.gpu_metrics import register_gpu_metrics
+from service.observability.gpu_metrics import register_gpu_metrics
 
 
 class FakeNvml:

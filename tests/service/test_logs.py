@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from service.logs import ClientsGone
+from service.observability.logs import ClientsGone
 
 
 def test_answers_to_clients_that_left_become_one_info_line_without_traceback(
@@ -23,6 +23,6 @@ def test_answers_to_clients_that_left_become_one_info_line_without_traceback(
     grpc_log.error("a real fault")
 
     assert [(r.name, r.levelno, bool(r.exc_info)) for r in caplog.records] == [
-        ("service.frontends.grpc_edge", logging.INFO, False),
+        ("service.edge.grpc_edge", logging.INFO, False),
         ("tests.grpc_cygrpc", logging.ERROR, False)]
     assert "/inference.GRPCInferenceService/ModelInfer" in caplog.records[0].getMessage()

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from service.metrics_http import MAX_CONNECTIONS, MetricsServer
+from service.observability.metrics_http import MAX_CONNECTIONS, MetricsServer
 
 
 @pytest.fixture

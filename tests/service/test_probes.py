@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from service.probes import LIVENESS, ProbeView, Readiness, Shared
+from service.observability.probes import LIVENESS, ProbeView, Readiness, Shared
 from tests.servers import ServerProcess
 from tests.service.oip import wait_until
 

@@ -25,7 +25,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from service.metrics import LATENCY_BUCKETS
+from service.observability.metrics import LATENCY_BUCKETS
 from tests.deploy.test_dashboard import GPU_METRICS, dashboard, expressions
 from tests.servers import ServerProcess, free_port, start_server
 from tests.service.oip import wait_until

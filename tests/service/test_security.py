@@ -27,9 +27,9 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2_grpc
 
+from service.app.settings import ServiceSettings
 from service.client import open_channel
-from service.security import warn_if_exposed
-from service.settings import ServiceSettings
+from service.edge.security import warn_if_exposed
 from tests.servers import ROOT, ServerProcess
 from tests.service.oip import logits, request
 
@@ -244,7 +244,7 @@ def test_plaintext_on_a_non_loopback_address_is_logged_loudly(
         pki: Pki, caplog: pytest.LogCaptureFixture, host: str, tls: bool, warned: bool) -> None:
     files = {"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key} if tls else {}
     settings = ServiceSettings(host=host, **files)  # type: ignore[arg-type]
-    with caplog.at_level(logging.WARNING, logger="service.security"):
+    with caplog.at_level(logging.WARNING, logger="service.edge.security"):
         warn_if_exposed(settings)
     assert ("PLAINTEXT" in caplog.text) == warned
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pytest
 
 from contract.repository import ModelConfig, TensorSpec
+from service.app.settings import ModelOverrides, ServiceSettings
 from service.engine.batching import BatchPolicy, resolve_policy, select_batch
-from service.settings import ModelOverrides, ServiceSettings
 
 POLICY = BatchPolicy(max_batch_size=8, max_queue_delay_s=0.010,
                      preferred_batch_sizes=frozenset({4}), max_queue_size=100, instances=1)

@@ -26,11 +26,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BodyPartReader
 from aiohttp.web_protocol import RequestHandler
 
-from service.admission import CURRENT_CALL, Admission, Kind
+from service.core.admission import CURRENT_CALL, Admission, Kind
+from service.edge.security import REFUSAL, BearerTokens
 from service.frontends.http_inference import Handler, json_response
-from service.logs import Throttled
-from service.metrics import Metrics
-from service.security import REFUSAL, BearerTokens
+from service.observability.logs import Throttled
+from service.observability.metrics import Metrics
 from service.status import ServingError, Status, bounded, invalid
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import h11
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from service.logs import Throttled
+from service.observability.logs import Throttled
 
 log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 512

@@ -1,7 +1,7 @@
 """Where gRPC meets the server: every call is admitted, read, counted and answered here.
 
 `EdgeInterceptor` wraps each method's handler, so that before any servicer runs:
-- the call is admitted (service.admission): probes always, long-lived streams from a pool
+- the call is admitted (service.core.admission): probes always, long-lived streams from a pool
   of their own, every other call against the server's and its connection's caps;
 - its request message must arrive within `arrival_timeout_s` of its headers, so a stream
   that sends headers and never a body holds nothing for long;
@@ -29,9 +29,9 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.admission import CURRENT_CALL, Admission, Call, Kind
-from service.logs import Throttled
-from service.metrics import Metrics
+from service.core.admission import CURRENT_CALL, Admission, Call, Kind
+from service.observability.logs import Throttled
+from service.observability.metrics import Metrics
 from service.status import ServingError, Status, bounded, outcome
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.logs import ClientsGone
-from service.settings import ServiceSettings
+from service.app.settings import ServiceSettings
+from service.observability.logs import ClientsGone
 
 # CLI flag -> setting; flags left out fall back to CNNSERVE_* variables, the file, defaults.
 _FLAGS: dict[str, dict[str, object]] = {
@@ -90,9 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings)
     if settings.workers > 1 and not args.settings_json:
-        from service.workers import supervise
+        from service.app.workers import supervise
 
         return supervise(settings)
-    from service.server import run
+    from service.app.server import run
 
     return run(settings, reuse_port=args.settings_json is not None)

@@ -30,7 +30,7 @@ import numpy as np
 from service.status import ServingError, Status, invalid, shown
 
 if TYPE_CHECKING:
-    from service.cuda_memory import CudaSharedMemoryRegistry
+    from service.memory.cuda import CudaSharedMemoryRegistry
 
 SHM_DIR = Path("/dev/shm")
 MAX_REGIONS = 256

@@ -19,24 +19,13 @@ from prometheus_client import CollectorRegistry
 
 from contract.repository import RepositoryError
 from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from service.admission import Admission, AdmissionLimits
-from service.connections import count_connections
-from service.core import InferenceCore, RequestLimits
-from service.cuda_memory import CudaSharedMemoryRegistry
-from service.engine.models import ModelSet, load_models
-from service.engine.reload import ModelControl
-from service.frontends.grpc_classifier import ClassifierServicer, DecodeLimits
-from service.frontends.grpc_edge import EdgeInterceptor
-from service.frontends.grpc_inference import InferenceServicer
-from service.frontends.http_edge import HttpEdge
-from service.frontends.http_inference import InferenceRoutes
-from service.frontends.oip import OpenInference
-from service.gpu_metrics import register_gpu_metrics
-from service.metrics import Metrics
-from service.metrics_http import MetricsServer
-from service.probes import LIVENESS, ProbeServer, ProbeState
-from service.ready import ready_line
-from service.security import (
+from service.app.ready import ready_line
+from service.app.settings import ServiceSettings
+from service.core.admission import Admission, AdmissionLimits
+from service.core.inference import InferenceCore, RequestLimits
+from service.edge.grpc_edge import EdgeInterceptor
+from service.edge.http_edge import HttpEdge
+from service.edge.security import (
     BearerTokens,
     TokenAuthInterceptor,
     load_tokens,
@@ -44,8 +33,19 @@ from service.security import (
     ssl_context,
     warn_if_exposed,
 )
-from service.settings import ServiceSettings
-from service.shared_memory import Regions, SharedMemoryRegistry
+from service.engine.models import ModelSet, load_models
+from service.engine.reload import ModelControl
+from service.frontends.grpc_classifier import ClassifierServicer, DecodeLimits
+from service.frontends.grpc_inference import InferenceServicer
+from service.frontends.http_inference import InferenceRoutes
+from service.frontends.oip import OpenInference
+from service.memory.cuda import CudaSharedMemoryRegistry
+from service.memory.system import Regions, SharedMemoryRegistry
+from service.observability.connections import count_connections
+from service.observability.gpu_metrics import register_gpu_metrics
+from service.observability.metrics import Metrics
+from service.observability.metrics_http import MetricsServer
+from service.observability.probes import LIVENESS, ProbeServer, ProbeState
 from service.status import bounded
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
-from service.logs import Throttled
-from service.settings import ServiceSettings
+from service.app.settings import ServiceSettings
+from service.observability.logs import Throttled
 
 log = logging.getLogger(__name__)
 AUTH_HEADER = "authorization"

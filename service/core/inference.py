@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.admission import CURRENT_CALL, Call, Kind
+from service.core.admission import CURRENT_CALL, Call, Kind
 from service.engine.batcher import (
     BatcherClosedError,
     DeadlineExceededError,
@@ -28,7 +28,7 @@ from service.engine.batcher import (
 )
 from service.engine.models import ModelNotFoundError, ModelSet, ServedModel
 from service.engine.runtime import Tensors
-from service.metrics import Metrics
+from service.observability.metrics import Metrics
 from service.status import ServingError, Status, invalid, outcome
 
 __all__ = ["InferRequest", "InferResult", "InferenceCore", "RequestLimits", "ServingError",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.shared_memory import check_new_region
+from service.memory.system import check_new_region
 from service.status import ServingError, Status, invalid, shown
 
 _IPC_HANDLE_BYTES = 64

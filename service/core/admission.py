@@ -24,7 +24,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from service.metrics import Metrics
+from service.observability.metrics import Metrics
 from service.status import ServingError, Status
 
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from types import FrameType
 
-from service.settings import ServiceSettings
+from service.app.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ def supervise(settings: ServiceSettings) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         from prometheus_client import CollectorRegistry, multiprocess
 
-        from service.gpu_metrics import register_gpu_metrics
-        from service.metrics_http import MetricsServer
+        from service.observability.gpu_metrics import register_gpu_metrics
+        from service.observability.metrics_http import MetricsServer
 
         child = settings.model_copy(update={"workers": 1, "metrics_port": None})
         settings_file = Path(metrics_dir) / "settings.json"  # in a 0700 folder

@@ -35,7 +35,7 @@ class ClientsGone(logging.Filter):
 
     def __init__(self, interval_s: float = 10.0) -> None:
         super().__init__()
-        self._log = Throttled(logging.getLogger("service.frontends.grpc_edge"), interval_s)
+        self._log = Throttled(logging.getLogger("service.edge.grpc_edge"), interval_s)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

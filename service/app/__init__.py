@@ -1,0 +1,1 @@
+"""The process: flags and settings, wiring, workers, signals, the ready line, shutdown."""

@@ -1,0 +1,2 @@
+"""What the server tells about itself: metrics and their endpoint, GPU metrics, logs,
+connection counts, and the probe port."""
