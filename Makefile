@@ -62,6 +62,7 @@ prometheus:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/mypy contract training export service loadtests tests
 
 # Triton's perf_analyzer in a venv of its own (the project's tritonclient pin is untouched);

@@ -336,7 +336,3 @@ def publish_version(repo: Path, name: str, files: Mapping[str, Path | bytes],
         if staging.exists():
             shutil.rmtree(staging)
     return version
-
-
-def read_report(repo: Path, name: str, version: int) -> dict[str, object]:
-    return dict(json.loads((version_dir(repo, name, version) / REPORT_FILE).read_text()))

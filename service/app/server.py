@@ -22,7 +22,9 @@ from protos import classifier_pb2, classifier_pb2_grpc, grpc_service_pb2, grpc_s
 from service.app.ready import ready_line
 from service.app.settings import ServiceSettings
 from service.core.admission import Admission, AdmissionLimits
+from service.core.classify import Classifier, DecodeLimits
 from service.core.inference import InferenceCore, RequestLimits
+from service.core.oip import OpenInference
 from service.edge.grpc_edge import EdgeInterceptor
 from service.edge.http_edge import HttpEdge
 from service.edge.security import (
@@ -35,12 +37,12 @@ from service.edge.security import (
 )
 from service.engine.models import ModelSet, load_models
 from service.engine.reload import ModelControl
-from service.frontends.grpc_classifier import ClassifierServicer, DecodeLimits
+from service.frontends.grpc_classifier import ClassifierServicer
 from service.frontends.grpc_inference import InferenceServicer
 from service.frontends.http_inference import InferenceRoutes
-from service.frontends.oip import OpenInference
 from service.memory.cuda import CudaSharedMemoryRegistry
-from service.memory.system import Regions, SharedMemoryRegistry
+from service.memory.regions import Regions
+from service.memory.system import SharedMemoryRegistry
 from service.observability.connections import count_connections
 from service.observability.gpu_metrics import register_gpu_metrics
 from service.observability.metrics import Metrics
@@ -57,29 +59,15 @@ SERVER_SERVICES = ("", OIP_SERVICE, CLASSIFIER_SERVICE)
 """Health service names that stand for the whole server: SERVING once every model is."""
 
 
-@dataclass
-class RunningServer:
-    server: grpc.aio.Server
-    port: int
-    core: InferenceCore
-    health: health.aio.HealthServicer
-    executor: ThreadPoolExecutor
-    decoder: ThreadPoolExecutor
-    probes: ProbeState
-    shm: Regions
-    oip: OpenInference
-    http: web.AppRunner | None = None
-    """The REST port's server, when it is on."""
-    http_port: int | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    """Background work (the repository watcher, the connection count), cancelled at stop."""
-    _announced: set[str] = field(default_factory=set)
+class Announcer:
+    """Tells gRPC health and the probe port what is served, after start and each reload."""
 
-    @property
-    def models(self) -> ModelSet:
-        return self.core.models
+    def __init__(self, models: ModelSet, health: health.aio.HealthServicer,
+                 probes: ProbeState) -> None:
+        self.models, self.health, self.probes = models, health, probes
+        self._announced: set[str] = set()
 
-    async def set_serving(self) -> None:
+    async def announce(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         overall = serving if self.models.all_ready else not_serving
@@ -91,7 +79,30 @@ class RunningServer:
         for gone in self._announced - self.models.names():
             await self.health.set(gone, not_serving)
         self._announced |= self.models.names()
-        self.probes.publish(self.models, SERVER_SERVICES)
+        self.probes.publish(self.models.all_ready,
+                            [(m.name, str(m.version)) for m in self.models if m.ready],
+                            self.models.names(), SERVER_SERVICES)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    core: InferenceCore
+    health: health.aio.HealthServicer
+    executor: ThreadPoolExecutor
+    decoder: ThreadPoolExecutor
+    probes: ProbeState
+    shm: Regions
+    http: web.AppRunner | None = None
+    """The REST port's server, when it is on."""
+    http_port: int | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    """Background work (the repository watcher, the connection count), cancelled at stop."""
+
+    @property
+    def models(self) -> ModelSet:
+        return self.core.models
 
     async def stop(self, grace_s: float) -> None:
         """Answer what was accepted, refuse the rest with UNAVAILABLE, within `grace_s`.
@@ -104,7 +115,7 @@ class RunningServer:
         """
         deadline = time.monotonic() + grace_s
         self.probes.drain()
-        self.oip.draining = True
+        self.core.drain()
         for task in self.tasks:
             task.cancel()
         await self.health.enter_graceful_shutdown()
@@ -126,13 +137,14 @@ class RunningServer:
 
 
 async def start_http(settings: ServiceSettings, oip: OpenInference,
-                     classifier: ClassifierServicer, admission: Admission, metrics: Metrics,
+                     classifier: Classifier, admission: Admission, metrics: Metrics,
                      reuse_port: bool) -> tuple[web.AppRunner, int, asyncio.Task[None]]:
     """The REST binding on the same event loop as gRPC; returns its runner, its port and
     the task that watches its connections."""
     tokens = BearerTokens(load_tokens(settings)) if settings.auth else None
     edge = HttpEdge(admission, metrics, tokens, settings.request_arrival_timeout_s,
-                    settings.compressed_requests, settings.max_images_per_request)
+                    settings.compressed_requests, settings.max_images_per_request,
+                    settings.max_connections)
     app = web.Application(client_max_size=settings.max_message_bytes,
                           middlewares=[edge.middleware])
     app.add_routes(InferenceRoutes(oip, classifier, edge.read_body, edge.read_files).routes())
@@ -144,7 +156,6 @@ async def start_http(settings: ServiceSettings, oip: OpenInference,
     site = web.TCPSite(runner, settings.host, settings.http_port,
                        ssl_context=ssl_context(settings), reuse_port=reuse_port or None)
     await site.start()
-    edge.watch.max_connections = settings.max_connections
     assert runner.server is not None
     watch = asyncio.create_task(edge.watch.run(runner.server), name="http-connection-watch")
     return runner, runner.addresses[0][1], watch
@@ -209,37 +220,51 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     core = InferenceCore(models, metrics, RequestLimits(
         settings.max_images_per_request, settings.request_timeout_s), decoder)
     shm = Regions(SharedMemoryRegistry(), CudaSharedMemoryRegistry())
-    control = ModelControl(settings, models, executor, metrics)
+    probes = probes or ProbeState()
+    health_servicer = health.aio.HealthServicer()
+    announcer = Announcer(models, health_servicer, probes)
+    control = ModelControl(settings, models, executor, metrics, on_change=announcer.announce)
     oip = OpenInference(core, shm, control)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(oip), server)
-    classifier = ClassifierServicer(
-        core, DecodeLimits(settings.max_image_pixels, settings.max_decode_cost))
-    classifier_pb2_grpc.add_ClassifierServicer_to_server(classifier, server)
-    health_servicer = health.aio.HealthServicer()
+    classifier = Classifier(core, DecodeLimits(settings.max_image_pixels,
+                                               settings.max_decode_cost))
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(classifier),
+                                                         server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (OIP_SERVICE, CLASSIFIER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{settings.host}:{settings.port}"
-    port = (server.add_insecure_port(address) if credentials is None
-            else server.add_secure_port(address, credentials))
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    warn_if_exposed(settings)
-    await server.start()
-    probes = probes or ProbeState()
-    running = RunningServer(server, port, core, health_servicer, executor, decoder, probes, shm,
-                            oip)
-    if settings.http_port is not None:
-        running.http, running.http_port, watch = await start_http(
-            settings, oip, classifier, admission, metrics, reuse_port)
-        running.tasks.append(watch)
-    control.on_change = running.set_serving
-    await running.set_serving()
-    running.tasks.append(asyncio.create_task(
-        count_connections(port, metrics.connections), name="connection-count"))
-    if settings.polls > 0:
-        running.tasks.append(asyncio.create_task(control.run(), name="repository-poll"))
+    try:
+        address = f"{settings.host}:{settings.port}"
+        try:
+            port = (server.add_insecure_port(address) if credentials is None
+                    else server.add_secure_port(address, credentials))
+        except RuntimeError:  # what grpcio raises when the port cannot be bound
+            port = 0
+        if port == 0:
+            raise OSError(f"could not bind the gRPC port {address}: in use, or not this "
+                          "host's address")
+        warn_if_exposed(settings)
+        await server.start()
+        running = RunningServer(server, port, core, health_servicer, executor, decoder, probes,
+                                shm)
+        if settings.http_port is not None:
+            running.http, running.http_port, watch = await start_http(
+                settings, oip, classifier, admission, metrics, reuse_port)
+            running.tasks.append(watch)
+        await announcer.announce()
+        running.tasks.append(asyncio.create_task(
+            count_connections(port, metrics.connections), name="connection-count"))
+        if settings.polls > 0:
+            running.tasks.append(asyncio.create_task(control.run(), name="repository-poll"))
+    except BaseException:
+        # Nothing half-started outlives the failure: its gRPC server would complain at
+        # exit, after the one line that says what went wrong.
+        await server.stop(None)
+        await models.close()
+        decoder.shutdown(cancel_futures=True)
+        executor.shutdown()
+        raise
     return running
 
 

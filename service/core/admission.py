@@ -21,11 +21,10 @@ import enum
 import threading
 from collections import Counter
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 from service.observability.metrics import Metrics
-from service.status import ServingError, Status
+from service.status import ServingError, Status, outcome
 
 
 class Kind(enum.Enum):
@@ -49,8 +48,8 @@ class AdmissionLimits:
 class Call:
     """One call's claim on the server: counted while it runs, charged for what it holds."""
 
-    __slots__ = ("api", "client", "kind", "model", "held", "stop", "evicted", "_evict",
-                 "_counted", "_admission")
+    __slots__ = ("api", "client", "kind", "model", "held", "stop", "evicted", "status",
+                 "_evict", "_counted", "_admission")
 
     def __init__(self, api: str, client: str, kind: Kind,
                  admission: Admission | None = None) -> None:
@@ -64,6 +63,9 @@ class Call:
         """Set when the caller is gone or its deadline passed: work off the loop stops."""
         self.evicted = False
         """Its slot went to a client holding fewer calls before its request arrived."""
+        self.status: Status | None = None
+        """The status its client saw, where the edge knows it better than the exception
+        that ended the call (an answer the protocol wrote itself)."""
         self._evict: Callable[[], object] | None = None
         self._counted = kind is Kind.WORK
         self._admission = admission
@@ -82,9 +84,41 @@ class Call:
     def admission(self) -> Admission | None:
         return self._admission
 
+    def sibling(self, api: str) -> Admitted:
+        """A new call from this call's client: one request of a stream, admitted and
+        counted as a call of its own while the stream goes on."""
+        if self._admission is None:
+            raise RuntimeError("a call made outside admission has no siblings")
+        return self._admission.admit(api, self.client, Kind.WORK)
 
-CURRENT_CALL: ContextVar[Call | None] = ContextVar("cnnserve_call", default=None)
-"""The call the running task serves, set by the edge: the core charges and labels it."""
+
+class Admitted:
+    """One call from admission to its count, for every edge and each request of a stream:
+    `with admission.admit(api, client, kind) as call:` opens the call (a refusal is counted
+    and raised as ServingError), and leaving the block closes it and counts it once, with
+    the status its client sees: `call.status` if set, else the one the block ended with."""
+
+    __slots__ = ("_admission", "_api", "_client", "_kind", "_call")
+
+    def __init__(self, admission: Admission, api: str, client: str, kind: Kind) -> None:
+        self._admission, self._api, self._client, self._kind = admission, api, client, kind
+
+    def __enter__(self) -> Call:
+        try:
+            self._call = self._admission.open(self._api, self._client, self._kind)
+        except ServingError as exc:
+            self._admission.count("unknown", self._api, exc.status)
+            raise
+        return self._call
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        call = self._call
+        status = call.status
+        if status is None:
+            status = Status.OK if exc is None else outcome(exc)
+        self._admission.close(call)
+        self._admission.count(call.model, self._api, status)
 
 
 class Admission:
@@ -99,6 +133,14 @@ class Admission:
         self._waiting: dict[str, dict[Call, None]] = {}
         """Per client, its calls whose request has not arrived, oldest first."""
         self._lock = threading.Lock()  # charges come from decode threads too
+
+    def admit(self, api: str, client: str, kind: Kind) -> Admitted:
+        """The context every call runs in (see `Admitted`)."""
+        return Admitted(self, api, client, kind)
+
+    def count(self, model: str, api: str, status: Status) -> None:
+        """One call answered (or refused) with `status`: the requests counter."""
+        self.metrics.requests.labels(model, api, status.name).inc()
 
     def open(self, api: str, client: str, kind: Kind) -> Call:
         """A new call from `client` (its connection: the peer's address and port), or

@@ -1,10 +1,11 @@
 """The inference core: every front-end's request goes down through `InferenceCore`.
 
-A front-end translates its wire format into an `InferRequest` (the model asked for, the
-images it declares, and a `prepare` function that turns its payload into the input batch
-of a given model) and maps `ServingError.status` back to its protocol. Everything else
-happens here, once, in this order: resolve the model, check the request against the
-model that will run it, admit it with a deadline, batch and run it, record the outcome.
+A front-end translates its wire format into an `InferRequest` (the model asked for, and
+a payload of the core's own types: the protocol's tensors, or images to classify) and
+maps `ServingError.status` back to its protocol. Everything else happens here, once, in
+this order: resolve the model, check the payload against the model that will run it
+(again for the new version if a hot reload retires that one), give it a deadline, batch
+and run it, record the outcome.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from service.core.admission import CURRENT_CALL, Call, Kind
+from service.core.admission import Call, Kind
 from service.engine.batcher import (
     BatcherClosedError,
     DeadlineExceededError,
@@ -43,7 +45,23 @@ class RequestLimits:
     request_timeout_s: float
 
 
-@dataclass(slots=True)  # built once per call: slots, not frozen (5x cheaper to construct)
+class Payload(Protocol):
+    """What a request carries, in the core's own types (core.oip, core.classify)."""
+
+    @property
+    def rows(self) -> int:
+        """Rows (images) the request declares, checked against a batching model's limit
+        before `tensors` decodes any of them."""
+    @property
+    def offload(self) -> bool:
+        """`tensors` decodes images: run it in the decode pool, never on the event loop;
+        it stops between images once `Call.stop` is set."""
+    def tensors(self, model: ServedModel, call: Call) -> Tensors:
+        """The model's inputs by name (ServingError if they do not fit), charging `call`
+        for what it decodes."""
+
+
+@dataclass(slots=True)  # built once per call: slots, not frozen (cheaper to construct)
 class InferRequest:
     """One inference call as the core sees it, whatever protocol carried it."""
 
@@ -51,18 +69,11 @@ class InferRequest:
     """The front-end's name for the metrics' `api` label."""
     model: str
     version: str
-    rows: int
-    """Rows (images) the request declares, checked against a batching model's limit
-    before `prepare` decodes any of them."""
-    prepare: Callable[[ServedModel, Call], Tensors]
-    """Payload -> the model's inputs by name (raises ServingError if they do not fit),
-    charging the call for what it decodes. Called again for the new version if a hot
-    reload swaps the model mid-request."""
+    payload: Payload
     timeout_s: float | None = None
     """What the client's deadline leaves; None when it set none."""
-    offload: bool = False
-    """`prepare` decodes images: run it in the decode pool, never on the event loop; it
-    stops between images once `Call.stop` is set."""
+    call: Call | None = None
+    """The call the edge admitted: charged and labelled here. None in process (tests)."""
 
 
 @dataclass(slots=True)
@@ -90,10 +101,21 @@ class InferenceCore:
         """Calls being handled now: shutdown waits for them."""
         self.last_call_at = 0.0
         """time.monotonic() when the latest call arrived: shutdown waits for a quiet spell."""
+        self.draining = False
+        """Set at shutdown: the server answers not ready while it finishes what it holds."""
+
+    @property
+    def ready(self) -> bool:
+        """Every model is ready and the server is not shutting down."""
+        return self.models.all_ready and not self.draining
+
+    def drain(self) -> None:
+        self.draining = True
 
     async def infer(self, request: InferRequest) -> InferResult:
         """Run `request` on the model it names, batched with others; ServingError if not."""
-        call = CURRENT_CALL.get() or Call(request.api, "in-process", Kind.WORK)
+        call = request.call or Call(request.api, "in-process", Kind.WORK)
+        payload = request.payload
         with self._recorded(call) as resolved:
             model = resolved.model = self._resolve(request.model, request.version)
             call.model = model.name
@@ -101,8 +123,8 @@ class InferenceCore:
                 request.timeout_s, self.limits.request_timeout_s)
             deadline = time.monotonic() + timeout
             while True:
-                self._check_rows(model, request.rows)
-                inputs = await self._prepare(request, model, call, deadline)
+                self._check_rows(model, payload.rows)
+                inputs = await self._prepare(payload, model, call, deadline)
                 call.charge(sum(a.nbytes for a in inputs.values()), "the request's tensors")
                 try:
                     outputs = await self._run(model, inputs, deadline, self._alone(call))
@@ -116,26 +138,26 @@ class InferenceCore:
                         raise ServingError(Status.UNAVAILABLE, str(exc)) from None
                     model = resolved.model = successor
 
-    def model(self, name: str, version: str = "") -> ServedModel:
-        """The ready model behind `name` (for metadata); not in the model's statistics,
-        which are Triton's and count inferences only."""
+    def model(self, name: str, version: str = "", call: Call | None = None) -> ServedModel:
+        """The ready model behind `name` (for metadata), labelling `call` with it; not in
+        the model's statistics, which are Triton's and count inferences only."""
         model = self._resolve(name, version)
-        call = CURRENT_CALL.get()
         if call is not None:
             call.model = model.name
         return model
 
-    def statistics(self, name: str, version: str = "") -> list[ServedModel]:
+    def statistics(self, name: str, version: str = "", call: Call | None = None
+                   ) -> list[ServedModel]:
         """The models whose statistics were asked for: one by name, or every one."""
-        return [self.model(name, version)] if name else list(self.models)
+        return [self.model(name, version, call)] if name else list(self.models)
 
-    async def _prepare(self, request: InferRequest, model: ServedModel, call: Call,
+    async def _prepare(self, payload: Payload, model: ServedModel, call: Call,
                        deadline: float) -> Tensors:
-        if not request.offload:
-            return request.prepare(model, call)
+        if not payload.offload:
+            return payload.tensors(model, call)
         stop = call.stop = call.stop or threading.Event()  # kept if a hot reload retries
         work = asyncio.get_running_loop().run_in_executor(
-            self.decoder, request.prepare, model, call)
+            self.decoder, payload.tensors, model, call)
         try:
             return await asyncio.wait_for(work, max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
@@ -152,11 +174,16 @@ class InferenceCore:
         admission = call.admission
         return self.in_flight == 1 and (admission is None or admission.calls <= 1)
 
-    def _resolve(self, name: str, version: str) -> ServedModel:
+    def find(self, name: str, version: str = "") -> ServedModel:
+        """The model served under `name` (at `version`, if given), ready or not; NOT_FOUND
+        if there is none."""
         try:
-            model = self.models.get(name, version)
+            return self.models.get(name, version)
         except ModelNotFoundError as exc:
             raise ServingError(Status.NOT_FOUND, str(exc)) from None
+
+    def _resolve(self, name: str, version: str) -> ServedModel:
+        model = self.find(name, version)
         if not model.ready:
             raise ServingError(Status.UNAVAILABLE,
                                f"model {name!r} is not ready: {model.reason or 'loading'}")
@@ -164,7 +191,7 @@ class InferenceCore:
 
     def _check_rows(self, model: ServedModel, rows: int) -> None:
         if not model.config.batched:
-            return  # its tensors' shapes are checked whole by `prepare`
+            return  # its tensors' shapes are checked whole by the payload
         limit = min(model.max_batch_size, self.limits.max_images_per_request)
         if rows > limit:
             invalid(f"model {model.name!r} takes at most {limit} images per request (its "

@@ -19,7 +19,6 @@ client, and the edge holds the call from its headers on, not from its message.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,10 +28,10 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.core.admission import CURRENT_CALL, Admission, Call, Kind
+from service.core.admission import Admission, Call, Kind
 from service.observability.logs import Throttled
 from service.observability.metrics import Metrics
-from service.status import ServingError, Status, bounded, outcome
+from service.status import ServingError, Status, bounded
 
 log = logging.getLogger(__name__)
 GRPC_CODES = {status: grpc.StatusCode[status.name] for status in Status}
@@ -96,7 +95,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:  # gRPC answers UNIMPLEMENTED
-            self.metrics.requests.labels("unknown", "unknown", Status.UNIMPLEMENTED.name).inc()
+            self.admission.count("unknown", "unknown", Status.UNIMPLEMENTED)
             return None
         method: str = details.method
         # Keyed by behaviour too: the auth interceptor may hand back its refusing handler.
@@ -130,50 +129,82 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             target: Callable[..., Any] = handler.unary_stream
         else:
             target = handler.unary_unary
+        with_call = _takes_call(target)
 
-        async def behaviour(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-                            ) -> Any:
-            async with _EdgeCall(self, route, context) as call:
-                raw = await self._receive(context, call)
-                try:
-                    request = parse(raw)
-                except Exception:  # noqa: BLE001 - any parse failure is the client's
-                    self._client_errors(logging.INFO, "refused %d bytes that are not a %s "
-                                        "message", len(raw), message)
-                    raise ServingError(Status.INVALID_ARGUMENT,
-                                       f"the request is not a valid {message} message "
-                                       f"({len(raw)} bytes)") from None
-                del raw
-                if not handler.response_streaming:
-                    return await target(request, context)
-                if inspect.isasyncgenfunction(target):
-                    async for response in target(request, context):
-                        await context.write(response)
-                else:
-                    await target(request, context)  # writes through context itself
-                return None
+        async def serve(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+                        call: Call) -> Any:
+            raw = await self._receive(context, call)
+            try:
+                request = parse(raw)
+            except Exception:  # noqa: BLE001 - any parse failure is the client's
+                self._client_errors(logging.INFO, "refused %d bytes that are not a %s "
+                                    "message", len(raw), message)
+                raise ServingError(Status.INVALID_ARGUMENT,
+                                   f"the request is not a valid {message} message "
+                                   f"({len(raw)} bytes)") from None
+            del raw
+            args = (request, context, call) if with_call else (request, context)
+            if not handler.response_streaming:
+                return await target(*args)
+            if inspect.isasyncgenfunction(target):
+                async for response in target(*args):
+                    await context.write(response)
+            else:
+                await target(*args)  # writes through context itself
+            return None
 
-        return behaviour
+        return self._admitted(route, serve)
 
     def _streaming(self, route: Route, handler: grpc.RpcMethodHandler) -> Behaviour:
         target = handler.stream_stream or handler.stream_unary
+        with_call = _takes_call(target)
+
+        async def serve(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+                        call: Call) -> Any:
+            args = (requests, context, call) if with_call else (requests, context)
+            try:
+                if inspect.isasyncgenfunction(target):
+                    async for response in target(*args):
+                        await context.write(response)
+                elif handler.response_streaming:
+                    await target(*args)  # writes through context itself
+                else:
+                    return await target(*args)
+            except DecodeError:
+                raise ServingError(Status.INVALID_ARGUMENT,
+                                   "a request message on this stream is not valid "
+                                   "protobuf") from None
+            return None
+
+        return self._admitted(route, serve)
+
+    def _admitted(self, route: Route,
+                  serve: Callable[[AsyncIterator[Any], grpc.aio.ServicerContext, Call],
+                                  Awaitable[Any]]) -> Behaviour:
+        """`serve` inside the call's admission; a ServingError becomes the call's status,
+        anything unexpected INTERNAL (logged, throttled)."""
+        admission = self.admission
 
         async def behaviour(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                             ) -> Any:
-            async with _EdgeCall(self, route, context):
-                try:
-                    if inspect.isasyncgenfunction(target):
-                        async for response in target(requests, context):
-                            await context.write(response)
-                    elif handler.response_streaming:
-                        await target(requests, context)  # writes through context itself
-                    else:
-                        return await target(requests, context)
-                except DecodeError:
-                    raise ServingError(Status.INVALID_ARGUMENT,
-                                       "a request message on this stream is not valid "
-                                       "protobuf") from None
-            return None
+            try:
+                with admission.admit(route.api, context.peer(), route.kind) as call:
+                    try:
+                        answer = await serve(requests, context, call)
+                    except grpc.aio.AbortError:
+                        call.status = _status_set(context)
+                        raise
+                    call.status = _status_set(context)
+                    return answer
+            except ServingError as exc:
+                refusal = (exc.status, str(exc))
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a server fault, answered and logged
+                self.faults(logging.ERROR, "%s failed on %s", route.api,
+                            bounded(repr(exc), 200), exc_info=True)
+                refusal = (Status.INTERNAL, f"internal error ({type(exc).__name__})")
+            await abort(context, *refusal)  # outside the except blocks: nothing chained
 
         return behaviour
 
@@ -207,85 +238,6 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         return raw
 
 
-class _EdgeCall:
-    """One call from admission to its count: an async context manager around the handler."""
-
-    __slots__ = ("edge", "route", "context", "call", "token")
-
-    def __init__(self, edge: EdgeInterceptor, route: Route,
-                 context: grpc.aio.ServicerContext) -> None:
-        self.edge, self.route, self.context = edge, route, context
-        self.call: Call | None = None
-
-    async def __aenter__(self) -> Call:
-        try:
-            self.call = self.edge.admission.open(self.route.api, self.context.peer(),
-                                                 self.route.kind)
-        except ServingError as exc:
-            refusal: tuple[Status, str] | None = (exc.status, str(exc))
-        else:
-            refusal = None
-        if refusal is not None:  # outside the except block: no exception chained to it
-            self._count(refusal[0])
-            await abort(self.context, *refusal)
-        self.token = CURRENT_CALL.set(self.call)
-        assert self.call is not None
-        return self.call
-
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: object) -> bool:
-        assert self.call is not None
-        CURRENT_CALL.reset(self.token)
-        self.edge.admission.close(self.call)
-        if exc is None or isinstance(exc, grpc.aio.AbortError):
-            self._count(_status_set(self.context))
-            return False
-        if isinstance(exc, asyncio.CancelledError):
-            self._count(Status.CANCELLED)
-            return False
-        if isinstance(exc, ServingError):
-            status, message = exc.status, str(exc)
-        else:
-            self.edge.faults(logging.ERROR, "%s failed on %s", self.route.api,
-                              bounded(repr(exc), 200), exc_info=True)
-            status, message = Status.INTERNAL, f"internal error ({type(exc).__name__})"
-        self._count(status)
-        await abort(self.context, status, message)
-        return False  # unreachable: abort raises
-
-    def _count(self, status: Status) -> None:
-        model = self.call.model if self.call is not None else "unknown"
-        self.edge.metrics.requests.labels(model, self.route.api, status.name).inc()
-
-
-@contextlib.asynccontextmanager
-async def request_in_stream(api: str) -> AsyncIterator[Call]:
-    """One request of a stream (ModelStreamInfer) as a call of its own: admitted under the
-    stream's connection (RESOURCE_EXHAUSTED at the cap, as a unary call would be),
-    charged, and counted with its status, while the stream goes on."""
-    stream = CURRENT_CALL.get()
-    admission = stream.admission if stream is not None else None
-    if stream is None or admission is None:
-        raise RuntimeError("request_in_stream outside a call the edge admitted")
-    status = Status.OK
-    call: Call | None = None
-    try:
-        call = admission.open(api, stream.client, Kind.WORK)
-        token = CURRENT_CALL.set(call)
-        try:
-            yield call
-        finally:
-            CURRENT_CALL.reset(token)
-    except BaseException as exc:
-        status = outcome(exc)
-        raise
-    finally:
-        if call is not None:
-            admission.close(call)
-        model = call.model if call is not None else "unknown"
-        admission.metrics.requests.labels(model, api, status.name).inc()
-
-
 async def abort(context: grpc.aio.ServicerContext, status: Status, message: str) -> NoReturn:
     """`context.abort`, leaving no garbage cycle behind.
 
@@ -316,3 +268,12 @@ def _status_set(context: grpc.aio.ServicerContext) -> Status:
 def _behaviour(handler: grpc.RpcMethodHandler) -> object:
     return (handler.unary_unary or handler.unary_stream or handler.stream_unary
             or handler.stream_stream)
+
+
+def _takes_call(target: Callable[..., Any]) -> bool:
+    """This project's servicers take the admitted call as a third argument; library
+    servicers (health, reflection) and the token check's refusal take two."""
+    try:
+        return len(inspect.signature(target).parameters) == 3
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False

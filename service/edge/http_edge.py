@@ -18,17 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import orjson
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BodyPartReader
 from aiohttp.web_protocol import RequestHandler
 
-from service.core.admission import CURRENT_CALL, Admission, Kind
+from service.core.admission import Admission, Kind
 from service.edge.security import REFUSAL, BearerTokens
-from service.frontends.http_inference import Handler, json_response
+from service.frontends.http_inference import CALL
 from service.observability.logs import Throttled
 from service.observability.metrics import Metrics
 from service.status import ServingError, Status, bounded, invalid
@@ -44,6 +45,11 @@ _FROM_HTTP = {400: Status.INVALID_ARGUMENT, 404: Status.NOT_FOUND,
               405: Status.UNIMPLEMENTED, 413: Status.RESOURCE_EXHAUSTED}
 PROBES = frozenset({"/v2/health/live", "/v2/health/ready"})
 T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(doc: object, status: int) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
 
 
 def error(status: Status, message: str) -> web.Response:
@@ -53,7 +59,7 @@ def error(status: Status, message: str) -> web.Response:
 class HttpEdge:
     def __init__(self, admission: Admission, metrics: Metrics, tokens: BearerTokens | None,
                  arrival_timeout_s: float, compressed: bool, max_files: int,
-                 log_interval_s: float = 10.0) -> None:
+                 max_connections: int, log_interval_s: float = 10.0) -> None:
         self.admission = admission
         self.metrics = metrics
         self.tokens = tokens
@@ -61,7 +67,7 @@ class HttpEdge:
         self.compressed = compressed
         """Compressed bodies are expanded (bounded by max_message_bytes) only when set."""
         self.max_files = max_files
-        self.watch = ConnectionWatch(arrival_timeout_s)
+        self.watch = ConnectionWatch(arrival_timeout_s, max_connections)
         self._faults = Throttled(log, log_interval_s)
         self._refusals = Throttled(log, log_interval_s)
 
@@ -80,37 +86,26 @@ class HttpEdge:
                 request.headers.get("Authorization")):
             self._refusals(logging.INFO, "refused an unauthenticated request to %s",
                            request.path[:200])
-            self._count("unknown", api, Status.UNAUTHENTICATED)
+            self.admission.count("unknown", api, Status.UNAUTHENTICATED)
             return error(Status.UNAUTHENTICATED, REFUSAL)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client = f"http:{peer[0]}:{peer[1]}" if peer else "http:unknown"
         try:
-            call = self.admission.open(api, client, kind)
+            with self.admission.admit(api, client, kind) as call:
+                request[CALL] = call
+                try:
+                    return await handler(request)
+                except web.HTTPException as exc:  # aiohttp's: unknown path, method, size
+                    call.status = _FROM_HTTP.get(exc.status, Status.INVALID_ARGUMENT)
+                    return json_response({"error": exc.reason}, exc.status)
         except ServingError as exc:
-            self._count("unknown", api, exc.status)
             return error(exc.status, str(exc))
-        token = CURRENT_CALL.set(call)
-        status = Status.OK
-        try:
-            return await handler(request)
-        except ServingError as exc:
-            status = exc.status
-            return error(status, str(exc))
-        except web.HTTPException as exc:  # aiohttp's own: unknown path, method, body size
-            status = _FROM_HTTP.get(exc.status, Status.INVALID_ARGUMENT)
-            return json_response({"error": exc.reason}, exc.status)
         except asyncio.CancelledError:
-            status = Status.CANCELLED
             raise
         except Exception as exc:  # noqa: BLE001 - a server fault, answered and logged
-            status = Status.INTERNAL
             self._faults(logging.ERROR, "%s %s failed: %s", request.method, request.path[:200],
                          bounded(repr(exc), 200), exc_info=True)
-            return error(status, f"internal error ({type(exc).__name__})")
-        finally:
-            CURRENT_CALL.reset(token)
-            self.admission.close(call)
-            self._count(call.model, api, status)
+            return error(Status.INTERNAL, f"internal error ({type(exc).__name__})")
 
     async def read_body(self, request: web.Request) -> bytes:
         """The body, charged to the call (twice: its bytes and their parse) before it is
@@ -123,7 +118,7 @@ class HttpEdge:
         declared = self._charge_declared(request)
         body = await self._arriving(request.read())
         if declared is None:
-            self._charge(len(body))
+            self._charge(request, len(body))
         return body
 
     async def read_files(self, request: web.Request) -> list[bytes]:
@@ -137,7 +132,7 @@ class HttpEdge:
         except (ValueError, HttpProcessingError) as exc:
             invalid(f"the multipart body could not be read: {bounded(str(exc), 200)}")
         if declared is None:
-            self._charge(total)
+            self._charge(request, total)
         return files
 
     async def _files(self, request: web.Request) -> tuple[list[bytes], int]:
@@ -183,17 +178,12 @@ class HttpEdge:
             raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size,
                                                 actual_size=declared)
         if declared is not None:
-            self._charge(declared)
+            self._charge(request, declared)
         return declared
 
     @staticmethod
-    def _charge(nbytes: int) -> None:
-        call = CURRENT_CALL.get()
-        if call is not None:
-            call.charge(2 * nbytes, "the request body")
-
-    def _count(self, model: str, api: str, status: Status) -> None:
-        self.metrics.requests.labels(model, api, status.name).inc()
+    def _charge(request: web.Request, nbytes: int) -> None:
+        request[CALL].charge(2 * nbytes, "the request body")
 
 
 class ConnectionWatch:

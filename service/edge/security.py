@@ -12,10 +12,12 @@ import ipaddress
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Protocol
 
 import grpc
+from pydantic import SecretStr
 
-from service.app.settings import ServiceSettings
 from service.observability.logs import Throttled
 
 log = logging.getLogger(__name__)
@@ -23,7 +25,30 @@ AUTH_HEADER = "authorization"
 BEARER = "Bearer "
 
 
-def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+class SecurityOptions(Protocol):
+    """What TLS and tokens read of the settings (the app's ServiceSettings has them)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def auth(self) -> bool: ...
+    @property
+    def tls_cert_file(self) -> Path | None: ...
+    @property
+    def tls_key_file(self) -> Path | None: ...
+    @property
+    def tls_client_ca_file(self) -> Path | None: ...
+    @property
+    def auth_token(self) -> SecretStr | None: ...
+    @property
+    def auth_tokens_file(self) -> Path | None: ...
+
+
+def server_credentials(settings: SecurityOptions) -> grpc.ServerCredentials | None:
     """TLS credentials from the settings' PEM files, or None for plaintext."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
@@ -43,7 +68,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def warn_if_exposed(settings: ServiceSettings) -> None:
+def warn_if_exposed(settings: SecurityOptions) -> None:
     if settings.tls or is_loopback(settings.host):
         return
     log.warning("PLAINTEXT gRPC on %s:%s: anyone on the network can read and forge "
@@ -53,7 +78,7 @@ def warn_if_exposed(settings: ServiceSettings) -> None:
         log.warning("bearer tokens travel in plaintext on %s: enable TLS", settings.host)
 
 
-def load_tokens(settings: ServiceSettings) -> list[bytes]:
+def load_tokens(settings: SecurityOptions) -> list[bytes]:
     """Every accepted token; raises ValueError when auth is on but no token is usable."""
     tokens = []
     if settings.auth_token is not None:
@@ -87,7 +112,7 @@ class BearerTokens:
         return any(matches)
 
 
-def ssl_context(settings: ServiceSettings) -> ssl.SSLContext | None:
+def ssl_context(settings: SecurityOptions) -> ssl.SSLContext | None:
     """The same TLS (and mutual TLS) as the gRPC port's, for the HTTP port."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None

@@ -106,10 +106,6 @@ class DynamicBatcher:
                          for i, runner in enumerate(self._runners)]
 
     @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
-
-    @property
     def idle_instances(self) -> int:
         """Instances waiting for a request: nothing queued, nothing of theirs running."""
         return self._idle

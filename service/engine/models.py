@@ -25,9 +25,9 @@ from contract.repository import (
     serving_config,
     version_dir,
 )
-from service.app.settings import ServiceSettings
 from service.engine.batcher import DynamicBatcher
 from service.engine.batching import BatchPolicy, resolve_policy
+from service.engine.options import EngineOptions
 from service.engine.runtime import ModelRunner, wants_cuda
 from service.observability.metrics import Metrics, ModelStats
 from service.status import shown
@@ -136,7 +136,7 @@ def _served_config(repo: Path, name: str, path: Path) -> tuple[ModelConfig,
     return config, meta
 
 
-def load_model(settings: ServiceSettings, name: str, executor: Executor,
+def load_model(settings: EngineOptions, name: str, executor: Executor,
                metrics: Metrics) -> ServedModel:
     repo = settings.repo
     version = max(list_versions(repo, name))
@@ -175,7 +175,7 @@ _FALLBACK_CONFIG = ModelConfig(name="unserved", inputs=(TensorSpec(name="input",
 (unready, with its reason) rather than missing."""
 
 
-def load_models(settings: ServiceSettings, executor: Executor, metrics: Metrics) -> ModelSet:
+def load_models(settings: EngineOptions, executor: Executor, metrics: Metrics) -> ModelSet:
     """Every model in the repository (in explicit model control, those `load_model`
     names); raises RepositoryError if the repository is unusable."""
     names = list_models(settings.repo)

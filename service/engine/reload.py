@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.repository import RepositoryError, check_model_name, list_models, list_versions
-from service.app.settings import ServiceSettings
 from service.engine.models import ModelSet, ServedModel, load_model
+from service.engine.options import EngineOptions
 from service.observability.metrics import Metrics
 from service.status import ServingError, Status, shown
 
@@ -47,12 +47,13 @@ class VersionState:
 
 
 class ModelControl:
-    def __init__(self, settings: ServiceSettings, models: ModelSet, executor: Executor,
-                 metrics: Metrics) -> None:
+    def __init__(self, settings: EngineOptions, models: ModelSet, executor: Executor,
+                 metrics: Metrics, on_change: Callable[[], Awaitable[None]] = _nothing
+                 ) -> None:
         self._settings, self._models = settings, models
         self._executor, self._metrics = executor, metrics
-        self.on_change: Callable[[], Awaitable[None]] = _nothing
-        """Announces what is served (health, probes): the running server sets it."""
+        self._on_change = on_change
+        """Announces what is served (health, probes)."""
         self._failed: dict[str, int] = {}
         """Per model, the newest version that failed to load in poll mode: not retried."""
         self._unloaded: set[str] = set()
@@ -190,7 +191,7 @@ class ModelControl:
     async def _apply(self, retired: list[ServedModel]) -> None:
         """Announce the change (health, probes), then let each retired version answer
         its queue."""
-        await self.on_change()
+        await self._on_change()
         for old in retired:  # after the swap, so new requests already go to the new version
             if old.batcher is not None:
                 await old.batcher.close()

@@ -1,73 +1,128 @@
-"""The Open Inference Protocol's gRPC binding: each RPC hands its message to `OpenInference`.
+"""The Open Inference Protocol's gRPC binding: each RPC's message becomes the core's
+types (core.oip), and the answer becomes the RPC's message; nothing else happens here.
 
 `ModelStreamInfer` is the one call with gRPC of its own: a bidirectional stream whose
-requests each run as a call of their own (admitted, batched and counted by the edge).
+requests each run as a call of their own (admitted, batched and counted like a unary one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, TypeVar
 
+from google.protobuf import json_format
+from google.protobuf.message import Message
 from grpc.aio import ServicerContext as Context
 
 from protos import grpc_service_pb2 as pb
-from protos import grpc_service_pb2_grpc as pb_grpc
-from service.edge.grpc_edge import request_in_stream
-from service.frontends.oip import OpenInference
+from protos import model_config_pb2 as mc
+from service.core.admission import Call
+from service.core.oip import InputTensor, OipRequest, OipResponse, OpenInference, Parameter
+from service.core.oip import RequestedOutput as Wanted
 from service.status import ServingError
 
 log = logging.getLogger(__name__)
 STREAM_IN_FLIGHT = 64
 """Requests of one ModelStreamInfer stream in progress at once."""
+M = TypeVar("M", bound=Message)
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+def parameters(given: Mapping[str, pb.InferParameter]) -> dict[str, Parameter | None]:
+    """The protocol's parameters as plain values (None where a parameter holds none)."""
+    values: dict[str, Parameter | None] = {}
+    for key, parameter in given.items():
+        kind = parameter.WhichOneof("parameter_choice")
+        values[key] = None if kind is None else getattr(parameter, kind)
+    return values
+
+
+def oip_request(message: pb.ModelInferRequest) -> OipRequest:
+    inputs = []
+    for tensor in message.inputs:
+        contents = ({f.name: values for f, values in tensor.contents.ListFields()}
+                    if tensor.HasField("contents") else None)
+        inputs.append(InputTensor(tensor.name, tensor.datatype, tensor.shape,
+                                  parameters(tensor.parameters) if tensor.parameters else {},
+                                  contents))
+    return OipRequest(
+        model=message.model_name, version=message.model_version, id=message.id,
+        inputs=inputs, raw=message.raw_input_contents,
+        outputs=[Wanted(o.name, parameters(o.parameters) if o.parameters else {})
+                 for o in message.outputs])
+
+
+def infer_response(answer: OipResponse) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=answer.model, model_version=answer.version,
+                                     id=answer.id)
+    for output in answer.outputs:
+        tensor = response.outputs.add(name=output.name, datatype=output.datatype,
+                                      shape=output.shape)
+        if output.region is not None:
+            tensor.parameters["shared_memory_region"].string_param = output.region
+            tensor.parameters["shared_memory_byte_size"].int64_param = output.written
+    # One entry per output, empty for those in shared memory, as Triton's clients index them.
+    response.raw_output_contents.extend([output.raw for output in answer.outputs])
+    return response
+
+
+def message(doc: dict[str, Any] | list[Any], into: M) -> M:
+    """One of the protocol's JSON documents as its gRPC message (the same field names)."""
+    return json_format.ParseDict(doc, into)
+
+
+class InferenceServicer:
+    """Registered with the generated `add_GRPCInferenceServiceServicer_to_server`; the
+    edge hands each method the call it admitted."""
+
     def __init__(self, oip: OpenInference) -> None:
         self.oip = oip
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context, call: Call
                          ) -> pb.ServerLiveResponse:
-        return await self.oip.ServerLive(request)
+        return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context, call: Call
                           ) -> pb.ServerReadyResponse:
-        return await self.oip.ServerReady(request)
+        return pb.ServerReadyResponse(ready=self.oip.server_ready())
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context, call: Call
                          ) -> pb.ModelReadyResponse:
-        return await self.oip.ModelReady(request)
+        return pb.ModelReadyResponse(ready=self.oip.model_ready(request.name, request.version))
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context
-                             ) -> pb.ServerMetadataResponse:
-        return await self.oip.ServerMetadata(request)
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context,
+                             call: Call) -> pb.ServerMetadataResponse:
+        return message(self.oip.server_metadata(), pb.ServerMetadataResponse())
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context
-                            ) -> pb.ModelMetadataResponse:
-        return await self.oip.ModelMetadata(request)
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context,
+                            call: Call) -> pb.ModelMetadataResponse:
+        return message(self.oip.model_metadata(request.name, request.version, call),
+                       pb.ModelMetadataResponse())
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context, call: Call
                          ) -> pb.ModelInferResponse:
-        return await self.oip.infer(request, "oip", context.time_remaining())
+        return infer_response(await self.oip.infer(oip_request(request), "oip",
+                                                   context.time_remaining(), call))
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
-                               context: Context
+                               context: Context, call: Call
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request runs as a call of its own, batched with every other; answers go
         back as they finish, each with its request's id. At most STREAM_IN_FLIGHT are
         running or waiting to be written at once: past it the stream is not read, and
         HTTP/2 flow control holds the client (one that reads no answers holds 64)."""
+        stream = call
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                async with request_in_stream("oip_stream") as call:
+                with stream.sibling("oip_stream") as call:
                     call.charge(2 * request.ByteSize(), "the request message")
-                    response = await self.oip.infer(request, "oip_stream",
-                                                 context.time_remaining())
+                    response = infer_response(await self.oip.infer(
+                        oip_request(request), "oip_stream", context.time_remaining(), call))
                 answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:  # noqa: BLE001 - the stream goes on; its client is told
                 if isinstance(exc, ServingError):
@@ -102,49 +157,69 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(running):
                 task.cancel()
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context, call: Call
                           ) -> pb.ModelConfigResponse:
-        return await self.oip.ModelConfig(request)
+        config = message(self.oip.model_config(request.name, request.version, call),
+                         mc.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
 
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context
-                              ) -> pb.ModelStatisticsResponse:
-        return await self.oip.ModelStatistics(request)
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context,
+                              call: Call) -> pb.ModelStatisticsResponse:
+        return message(self.oip.model_statistics(request.name, request.version, call),
+                       pb.ModelStatisticsResponse())
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
-                              ) -> pb.RepositoryIndexResponse:
-        return await self.oip.RepositoryIndex(request)
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context,
+                              call: Call) -> pb.RepositoryIndexResponse:
+        return message({"models": await self.oip.repository_index(request.ready)},
+                       pb.RepositoryIndexResponse())
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
-                                  context: Context) -> pb.RepositoryModelLoadResponse:
-        return await self.oip.RepositoryModelLoad(request)
+                                  context: Context, call: Call
+                                  ) -> pb.RepositoryModelLoadResponse:
+        await self.oip.load(request.model_name, list(request.parameters))
+        return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
-                                    context: Context) -> pb.RepositoryModelUnloadResponse:
-        return await self.oip.RepositoryModelUnload(request)
+                                    context: Context, call: Call
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        await self.oip.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
-                                         context: Context
+                                         context: Context, call: Call
                                          ) -> pb.SystemSharedMemoryRegisterResponse:
-        return await self.oip.SystemSharedMemoryRegister(request)
+        self.oip.register_system(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
-                                       context: Context) -> pb.SystemSharedMemoryStatusResponse:
-        return await self.oip.SystemSharedMemoryStatus(request)
+                                       context: Context, call: Call
+                                       ) -> pb.SystemSharedMemoryStatusResponse:
+        regions = self.oip.system_status(request.name)
+        return message({"regions": {r["name"]: r for r in regions}},
+                       pb.SystemSharedMemoryStatusResponse())
 
     async def SystemSharedMemoryUnregister(
-            self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+            self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context, call: Call
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        return await self.oip.SystemSharedMemoryUnregister(request)
+        self.oip.unregister_system(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
-                                       context: Context) -> pb.CudaSharedMemoryRegisterResponse:
-        return await self.oip.CudaSharedMemoryRegister(request)
+                                       context: Context, call: Call
+                                       ) -> pb.CudaSharedMemoryRegisterResponse:
+        self.oip.register_cuda(request.name, request.raw_handle, request.device_id,
+                               request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
 
     async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
-                                     context: Context) -> pb.CudaSharedMemoryStatusResponse:
-        return await self.oip.CudaSharedMemoryStatus(request)
+                                     context: Context, call: Call
+                                     ) -> pb.CudaSharedMemoryStatusResponse:
+        regions = self.oip.cuda_status(request.name)
+        return message({"regions": {r["name"]: r for r in regions}},
+                       pb.CudaSharedMemoryStatusResponse())
 
     async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
-                                         context: Context
+                                         context: Context, call: Call
                                          ) -> pb.CudaSharedMemoryUnregisterResponse:
-        return await self.oip.CudaSharedMemoryUnregister(request)
+        self.oip.unregister_cuda(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()

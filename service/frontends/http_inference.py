@@ -1,10 +1,11 @@
 """The Open Inference Protocol's REST binding (KServe v2, with Triton's binary tensor
-extension), on the HTTP port.
+extension and its repository, statistics and shared memory routes), KServe's v1 predict,
+and this project's classify route, on the HTTP port.
 
 Each route translates JSON, and binary tensors after an `Inference-Header-Content-Length`
-JSON header, into the protocol's messages, hands them to `OpenInference` (the gRPC
-binding's reading of the protocol too), and renders the answer back. Tensors given as
-JSON `data` become raw bytes at once, so one check covers every way a tensor arrives.
+JSON header, into the core's types (core.oip, core.classify), and renders the answer back
+as JSON. Tensors given as JSON `data` become raw bytes at once, so one check covers every
+way a tensor arrives.
 """
 
 from __future__ import annotations
@@ -19,25 +20,20 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 from aiohttp import web
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
 
 from contract.repository import NUMPY_DTYPES
-from protos import classifier_pb2 as cpb
-from protos import grpc_service_pb2 as pb
-from service.core.admission import CURRENT_CALL
-from service.frontends.grpc_classifier import ClassifierServicer
-from service.frontends.oip import OpenInference
+from service.core.admission import Call
+from service.core.classify import Classifier
+from service.core.oip import InputTensor, OipRequest, OipResponse, OpenInference, Parameter
+from service.core.oip import RequestedOutput as Wanted
 from service.status import invalid, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
-          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
 JSON = "application/json"
-_SHM_PARAMETERS = {"shared_memory_region": "string_param",
-                   "shared_memory_byte_size": "int64_param",
-                   "shared_memory_offset": "int64_param"}
+CALL = web.RequestKey("cnnserve_call", Call)
+"""The call the edge admitted for this request (its middleware sets it)."""
+_SHM_PARAMETERS = {"shared_memory_region": str, "shared_memory_byte_size": int,
+                   "shared_memory_offset": int}
 INLINE_PARSE_BYTES = 1 << 16
 JSON_EXPANSION = 16
 T = TypeVar("T")
@@ -46,36 +42,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def json_response(doc: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(doc), status=status, content_type=JSON)
-
-
-def proto_json(message: Message) -> dict[str, Any]:
-    """A message as Triton's HTTP API shows it: proto field names, enums by name, and
-    64-bit integers as numbers (protobuf's JSON mapping would make them strings)."""
-    return _numbers(MessageToDict(message, preserving_proto_field_name=True,
-                                  always_print_fields_with_no_presence=True),
-                    message.DESCRIPTOR)
-
-
-def _numbers(doc: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
-    for field in descriptor.fields:
-        if field.name not in doc:
-            continue
-        value = doc[field.name]
-        kind = field.message_type
-        if kind is not None and kind.GetOptions().map_entry:
-            inner = kind.fields_by_name["value"]
-            doc[field.name] = {k: _convert(v, inner) for k, v in value.items()}
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
-            doc[field.name] = [_convert(v, field) for v in value]
-        else:
-            doc[field.name] = _convert(value, field)
-    return doc
-
-
-def _convert(value: Any, field: FieldDescriptor) -> Any:
-    if field.message_type is not None:
-        return _numbers(value, field.message_type)
-    return int(value) if field.type in _INT64 else value
 
 
 def _count(value: object) -> bool:
@@ -89,38 +55,38 @@ def _object(value: object, what: str) -> dict[str, Any]:
     return value
 
 
-def _parameters_into(parameters: Any, target: Any, what: str) -> dict[str, Any]:
-    """Copy Triton's shared memory parameters into a message's `parameters`; returns all."""
-    given = _object(parameters if parameters is not None else {}, f"{what} parameters")
+def _shm_parameters(given: dict[str, Any], what: str) -> dict[str, Parameter]:
+    """Triton's shared memory parameters, checked; the others are the binding's own."""
+    found: dict[str, Parameter] = {}
     for key, kind in _SHM_PARAMETERS.items():
         if key in given:
             value = given[key]
-            if kind == "int64_param" and not _count(value):
+            if kind is int and not _count(value):
                 invalid(f"{what}: {key} must be a non-negative 64-bit integer")
-            if kind == "string_param" and not isinstance(value, str):
+            if kind is str and not isinstance(value, str):
                 invalid(f"{what}: {key} must be a string")
-            setattr(target[key], kind, value)
-    return given
+            found[key] = value
+    return found
 
 
-def parse_infer(body: bytes, header_length: str | None, model: str, version: str
-                ) -> tuple[pb.ModelInferRequest, set[str] | None]:
-    """The request as the protocol's message, and the outputs to answer in binary (None:
-    all of them)."""
+def parse_infer(body: bytes, header_length: str | None, model: str, version: str, call: Call
+                ) -> tuple[OipRequest, set[str] | None]:
+    """The request in the core's types, and the outputs to answer in binary (None: all of
+    them)."""
     split = len(body)
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
             invalid(f"{HEADER_LENGTH} must be the JSON header's length, at most the body's "
                     f"{len(body)} bytes, got {shown(header_length, 20)}")
         split = int(header_length)
-    doc = _object(_loads(body[:split]), "the request")
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
+    doc = _object(_loads(body[:split], call), "the request")
+    given_inputs = doc.get("inputs")
+    if not isinstance(given_inputs, list) or not given_inputs:
         invalid("the request needs a non-empty 'inputs' list")
-    request = pb.ModelInferRequest(model_name=model, model_version=version,
-                                   id=str(doc.get("id", ""))[:256])
+    inputs: list[InputTensor] = []
+    raw: list[bytes] = []
     binary, offset = memoryview(body)[split:], 0
-    for i, given in enumerate(inputs[:64]):
+    for i, given in enumerate(given_inputs[:64]):
         item = _object(given, f"input {i}")
         name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str) or not (
@@ -128,39 +94,43 @@ def parse_infer(body: bytes, header_length: str | None, model: str, version: str
                 and all(_count(d) for d in shape)):
             invalid(f"input {i} needs 'name' (string), 'datatype' (string) and 'shape' "
                     "(at most 16 non-negative 64-bit integers)")
-        tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
-        parameters = _parameters_into(item.get("parameters"), tensor.parameters,
-                                      f"input {shown(name, 64)}")
+        what = f"input {shown(name, 64)}"
+        parameters = _object(item.get("parameters") or {}, f"{what} parameters")
+        shm = _shm_parameters(parameters, what)
+        inputs.append(InputTensor(name, datatype, shape, shm))
         if "binary_data_size" in parameters:
             size = parameters["binary_data_size"]
             if not _count(size) or offset + size > len(binary):
-                invalid(f"input {shown(name, 64)}: binary_data_size {shown(str(size), 20)} "
+                invalid(f"{what}: binary_data_size {shown(str(size), 20)} "
                         f"runs past the {len(binary)} bytes after the JSON header")
-            request.raw_input_contents.append(bytes(binary[offset:offset + size]))
+            raw.append(bytes(binary[offset:offset + size]))
             offset += size
         elif "data" in item:
-            request.raw_input_contents.append(_json_tensor(item["data"], name, datatype, shape))
-        elif "shared_memory_region" not in parameters:
-            invalid(f"input {shown(name, 64)} carries no data: give 'data', binary data or "
-                    "a shared memory region")
+            raw.append(_json_tensor(item["data"], name, datatype, shape))
+        elif "shared_memory_region" not in shm:
+            invalid(f"{what} carries no data: give 'data', binary data or a shared memory "
+                    "region")
     if offset != len(binary):
         invalid(f"{len(binary) - offset} bytes of binary data belong to no input")
     everything = _object(doc.get("parameters") or {}, "the request's parameters").get(
         "binary_data_output") is True
     binary_outputs: set[str] = set()
-    outputs = doc.get("outputs") or []
-    if not isinstance(outputs, list):
+    given_outputs = doc.get("outputs") or []
+    if not isinstance(given_outputs, list):
         invalid("'outputs' must be a list")
-    for i, given in enumerate(outputs[:64]):
+    outputs: list[Wanted] = []
+    for i, given in enumerate(given_outputs[:64]):
         item = _object(given, f"output {i}")
         name = item.get("name")
         if not isinstance(name, str):
             invalid(f"output {i} needs a 'name'")
-        output = request.outputs.add(name=name)
-        parameters = _parameters_into(item.get("parameters"), output.parameters,
-                                      f"output {shown(name, 64)}")
+        what = f"output {shown(name, 64)}"
+        parameters = _object(item.get("parameters") or {}, f"{what} parameters")
+        outputs.append(Wanted(name, _shm_parameters(parameters, what)))
         if parameters.get("binary_data") is True:
             binary_outputs.add(name)
+    request = OipRequest(model=model, version=version, id=str(doc.get("id", ""))[:256],
+                         inputs=inputs, raw=raw, outputs=outputs)
     return request, None if everything else binary_outputs
 
 
@@ -182,24 +152,24 @@ def _json_tensor(data: object, name: str, datatype: str, shape: list[int]) -> by
     return array.tobytes()
 
 
-def render_infer(response: pb.ModelInferResponse, binary: set[str] | None) -> web.Response:
+def render_infer(response: OipResponse, binary: set[str] | None) -> web.Response:
     """JSON outputs, or a JSON header followed by binary outputs (Triton's extension)."""
     outputs, blobs = [], []
-    for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+    for output in response.outputs:
         entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype,
                                  "shape": list(output.shape)}
-        if "shared_memory_region" in output.parameters:
-            entry["parameters"] = {k: getattr(v, str(v.WhichOneof("parameter_choice")))
-                                   for k, v in output.parameters.items()}
+        if output.region is not None:
+            entry["parameters"] = {"shared_memory_region": output.region,
+                                   "shared_memory_byte_size": output.written}
         elif binary is None or output.name in binary:
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
+            entry["parameters"] = {"binary_data_size": len(output.raw)}
+            blobs.append(output.raw)
         else:
-            entry["data"] = np.frombuffer(raw, NUMPY_DTYPES[output.datatype]).tolist()
+            entry["data"] = np.frombuffer(output.raw, NUMPY_DTYPES[output.datatype]).tolist()
         outputs.append(entry)
     # "id" is always present, empty when the request named none: KServe's SDK requires it.
-    doc: dict[str, Any] = {"id": response.id, "model_name": response.model_name,
-                           "model_version": response.model_version, "outputs": outputs}
+    doc: dict[str, Any] = {"id": response.id, "model_name": response.model,
+                           "model_version": response.version, "outputs": outputs}
     header = orjson.dumps(doc)
     if not blobs:
         return web.Response(body=header, content_type=JSON)
@@ -209,10 +179,11 @@ def render_infer(response: pb.ModelInferResponse, binary: set[str] | None) -> we
 
 
 class InferenceRoutes:
-    """The v2 REST routes; each reads its request, asks `OpenInference` (or the classifier),
-    renders."""
+    """The v2 REST routes; each reads its request, asks `OpenInference` (or the
+    classifier), renders. The body is read through the edge's `read_body` and
+    `read_files`, which hold it to the edge's limits and charge the call for it."""
 
-    def __init__(self, oip: OpenInference, classifier: ClassifierServicer,
+    def __init__(self, oip: OpenInference, classifier: Classifier,
                  read_body: Callable[[web.Request], Awaitable[bytes]],
                  read_files: Callable[[web.Request], Awaitable[list[bytes]]]) -> None:
         self.oip = oip
@@ -224,6 +195,7 @@ class InferenceRoutes:
         model = "/v2/models/{name}"
         versioned = [model, model + "/versions/{version}"]
         table = [web.get("/v2", self.server_metadata),
+                 web.get("/v2/", self.server_metadata),
                  web.get("/v2/health/live", self.live),
                  web.get("/v2/health/ready", self.ready),
                  web.post("/v2/repository/index", self.repository_index),
@@ -249,8 +221,7 @@ class InferenceRoutes:
         return table
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return json_response(proto_json(await self.oip.ServerMetadata(
-            pb.ServerMetadataRequest())))
+        return json_response(self.oip.server_metadata())
 
     async def live(self, request: web.Request) -> web.Response:
         """The protocol's bodies with the status Triton's clients read; not ready is 503,
@@ -258,58 +229,62 @@ class InferenceRoutes:
         return json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        ready = (await self.oip.ServerReady(pb.ServerReadyRequest())).ready
+        ready = self.oip.server_ready()
         return json_response({"ready": ready}, 200 if ready else 503)
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        ready = (await self.oip.ModelReady(pb.ModelReadyRequest(
-            name=name, version=request.match_info.get("version", "")))).ready
+        """A model or version the server does not know is 404 (the protocol's missing
+        resource); one it knows that is not ready now is 503."""
+        name, version = request.match_info["name"], request.match_info.get("version", "")
+        ready = self.oip.model_ready(name, version)
+        if not ready:
+            self.oip.core.find(name, version)
         return json_response({"name": name, "ready": ready}, 200 if ready else 503)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        return json_response(proto_json(await self.oip.ModelMetadata(pb.ModelMetadataRequest(
-            name=request.match_info["name"], version=request.match_info.get("version", "")))))
+        return json_response(self.oip.model_metadata(
+            request.match_info["name"], request.match_info.get("version", ""), request[CALL]))
 
     async def model_config(self, request: web.Request) -> web.Response:
         """The configuration itself, as Triton's HTTP API answers it (not wrapped)."""
-        answer = await self.oip.ModelConfig(pb.ModelConfigRequest(
-            name=request.match_info["name"], version=request.match_info.get("version", "")))
-        return json_response(proto_json(answer.config))
+        return json_response(self.oip.model_config(
+            request.match_info["name"], request.match_info.get("version", ""), request[CALL]))
 
     async def statistics(self, request: web.Request) -> web.Response:
-        return json_response(proto_json(await self.oip.ModelStatistics(
-            pb.ModelStatisticsRequest(name=request.match_info.get("name", ""),
-                                      version=request.match_info.get("version", "")))))
+        return json_response(self.oip.model_statistics(
+            request.match_info.get("name", ""), request.match_info.get("version", ""),
+            request[CALL]))
 
     async def repository_index(self, request: web.Request) -> web.Response:
         body = await self.read_body(request)
-        ready = bool(body) and _object(_loads(body), "the request").get("ready") is True
-        answer = await self.oip.RepositoryIndex(pb.RepositoryIndexRequest(ready=ready))
-        return json_response([proto_json(m) for m in answer.models])
+        ready = bool(body) and _object(_loads(body, request[CALL]), "the request").get(
+            "ready") is True
+        return json_response(await self.oip.repository_index(ready))
 
     async def load(self, request: web.Request) -> web.Response:
         body = await self.read_body(request)
-        if body and _object(_loads(body), "the request").get("parameters"):
-            invalid("load parameters are not supported: edit the repository, then load")
-        await self.oip.RepositoryModelLoad(pb.RepositoryModelLoadRequest(
-            model_name=request.match_info["name"]))
+        parameters = (_object(_loads(body, request[CALL]), "the request").get("parameters")
+                      if body else None)
+        await self.oip.load(request.match_info["name"],
+                            list(_object(parameters, "the load parameters"))
+                            if parameters else [])
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
         await self.read_body(request)
-        await self.oip.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(
-            model_name=request.match_info["name"]))
+        await self.oip.unload(request.match_info["name"])
         return web.Response(status=200)
 
     async def infer(self, request: web.Request) -> web.Response:
+        call = request[CALL]
+        name, version = request.match_info["name"], request.match_info.get("version", "")
+        self.oip.core.model(name, version, call)  # an unknown model is 404 before the body
         body = await self.read_body(request)
         message, binary = await off_loop(len(body), parse_infer, body,
-                                         request.headers.get(HEADER_LENGTH),
-                                         request.match_info["name"],
-                                         request.match_info.get("version", ""))
+                                         request.headers.get(HEADER_LENGTH), name, version,
+                                         call)
         del body
-        answer = await self.oip.infer(message, "http", self._timeout(request))
+        answer = await self.oip.infer(message, "http", self._timeout(request), call)
         return render_infer(answer, binary)
 
     async def classify(self, request: web.Request) -> web.Response:
@@ -325,16 +300,19 @@ class InferenceRoutes:
         top_k = request.query.get("top_k", "1")
         if not top_k.isdigit():
             invalid(f"top_k must be a positive integer, got {shown(top_k, 20)}")
-        answer = await self.classifier.predict(cpb.PredictRequest(
-            model=request.match_info["name"], version=request.match_info.get("version", ""),
-            top_k=int(top_k), images=[cpb.Image(encoded=image) for image in images]),
-            "http", self._timeout(request))
-        return json_response(proto_json(answer))
+        answer = await self.classifier.classify(
+            request.match_info["name"], request.match_info.get("version", ""),
+            list(images), int(top_k), "http", self._timeout(request), request[CALL])
+        return json_response({"model": answer.model, "version": answer.version,
+                              "classifications": [{"predictions": [
+                                  {"label": p.label, "index": p.index,
+                                   "probability": p.probability} for p in predictions]}
+                                  for predictions in answer.classifications]})
 
     async def v1_model(self, request: web.Request) -> web.Response:
         """KServe's v1 protocol: the model's readiness."""
         name = request.match_info["name"]
-        ready = (await self.oip.ModelReady(pb.ModelReadyRequest(name=name))).ready
+        ready = self.oip.model_ready(name)
         return json_response({"name": name, "ready": ready}, 200 if ready else 503)
 
     async def v1_predict(self, request: web.Request) -> web.Response:
@@ -342,66 +320,59 @@ class InferenceRoutes:
         Instances `{"b64": <encoded image>}` are classified (label, index, probability);
         others are rows of a single-input model's tensor, answered with its first output."""
         name = request.match_info["name"]
+        call = request[CALL]
         body = await self.read_body(request)
         size = len(body)
-        doc = _object(await off_loop(size, _loads, body), "the request")
+        doc = _object(await off_loop(size, _loads, body, call), "the request")
         del body
         instances = doc.get("instances")
         if not isinstance(instances, list) or not instances:
             invalid("the request needs a non-empty 'instances' list")
         if all(isinstance(i, dict) and set(i) == {"b64"} for i in instances):
             try:
-                images = [b64decode(str(i["b64"]), validate=True) for i in instances]
+                images: list[bytes | None] = [b64decode(str(i["b64"]), validate=True)
+                                              for i in instances]
             except (binascii.Error, ValueError) as exc:
                 invalid(f"an instance's b64 is not base64: {exc}")
-            answer = await self.classifier.predict(cpb.PredictRequest(
-                model=name, top_k=1, images=[cpb.Image(encoded=image) for image in images]),
-                "http", self._timeout(request))
+            answer = await self.classifier.classify(name, "", list(images), 1, "http",
+                                                    self._timeout(request), call)
             return json_response({"predictions": [
-                {"label": c.predictions[0].label, "index": c.predictions[0].index,
-                 "probability": c.predictions[0].probability}
+                {"label": c[0].label, "index": c[0].index, "probability": c[0].probability}
                 for c in answer.classifications]})
-        meta = await self.oip.ModelMetadata(pb.ModelMetadataRequest(name=name))
-        if len(meta.inputs) != 1:
-            invalid(f"model {shown(name, 64)} takes {len(meta.inputs)} inputs; v1 instances "
+        inputs = self.oip.model_metadata(name, "", call)["inputs"]
+        if len(inputs) != 1:
+            invalid(f"model {shown(name, 64)} takes {len(inputs)} inputs; v1 instances "
                     "fit single-input models: use the v2 protocol")
-        (spec,) = meta.inputs
-        dtype = NUMPY_DTYPES.get(spec.datatype)
+        (spec,) = inputs
+        dtype = NUMPY_DTYPES.get(spec["datatype"])
         if dtype is None:
-            invalid(f"input datatype {spec.datatype} cannot travel as v1 instances")
-        rows = await off_loop(size, _rows, instances, dtype, spec.datatype)
-        message = pb.ModelInferRequest(model_name=name, inputs=[
-            pb.ModelInferRequest.InferInputTensor(name=spec.name, datatype=spec.datatype,
-                                                  shape=list(rows.shape))],
-            raw_input_contents=[rows.tobytes()])
-        result = await self.oip.infer(message, "http", self._timeout(request))
+            invalid(f"input datatype {spec['datatype']} cannot travel as v1 instances")
+        rows = await off_loop(size, _rows, instances, dtype, spec["datatype"])
+        message = OipRequest(model=name, inputs=[InputTensor(spec["name"], spec["datatype"],
+                                                             rows.shape)],
+                             raw=[rows.tobytes()])
+        result = await self.oip.infer(message, "http", self._timeout(request), call)
         first = result.outputs[0]
-        values = np.frombuffer(result.raw_output_contents[0], NUMPY_DTYPES[first.datatype])
-        return json_response({"predictions": values.reshape(tuple(first.shape)).tolist()})
+        values = np.frombuffer(first.raw, NUMPY_DTYPES[first.datatype])
+        return json_response({"predictions": values.reshape(first.shape).tolist()})
 
     async def shm_status(self, request: web.Request) -> web.Response:
         region = request.match_info.get("region", "")
         if "/cudasharedmemory" in request.path:
-            cuda = await self.oip.CudaSharedMemoryStatus(
-                pb.CudaSharedMemoryStatusRequest(name=region))
-            return json_response([proto_json(r) for r in cuda.regions.values()])
-        system = await self.oip.SystemSharedMemoryStatus(
-            pb.SystemSharedMemoryStatusRequest(name=region))
-        return json_response([proto_json(r) for r in system.regions.values()])
+            return json_response(self.oip.cuda_status(region))
+        return json_response(self.oip.system_status(region))
 
     async def shm_register(self, request: web.Request) -> web.Response:
-        doc = _object(_loads(await self.read_body(request)), "the request")
+        doc = _object(_loads(await self.read_body(request), request[CALL]), "the request")
         region = request.match_info["region"]
         try:
             if "/cudasharedmemory" in request.path:
                 handle = _object(doc.get("raw_handle"), "raw_handle").get("b64")
-                await self.oip.CudaSharedMemoryRegister(pb.CudaSharedMemoryRegisterRequest(
-                    name=region, raw_handle=b64decode(str(handle), validate=True),
-                    device_id=int(doc.get("device_id", 0)), byte_size=int(doc["byte_size"])))
+                self.oip.register_cuda(region, b64decode(str(handle), validate=True),
+                                       int(doc.get("device_id", 0)), int(doc["byte_size"]))
             else:
-                await self.oip.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
-                    name=region, key=str(doc["key"]), offset=int(doc.get("offset", 0)),
-                    byte_size=int(doc["byte_size"])))
+                self.oip.register_system(region, str(doc["key"]), int(doc.get("offset", 0)),
+                                         int(doc["byte_size"]))
         except (KeyError, ValueError, TypeError, binascii.Error) as exc:
             invalid(f"a registration needs key (system) or raw_handle (CUDA) and byte_size: "
                     f"{type(exc).__name__} {exc}")
@@ -411,11 +382,9 @@ class InferenceRoutes:
         await self.read_body(request)
         region = request.match_info.get("region", "")
         if "/cudasharedmemory" in request.path:
-            await self.oip.CudaSharedMemoryUnregister(
-                pb.CudaSharedMemoryUnregisterRequest(name=region))
+            self.oip.unregister_cuda(region)
         else:
-            await self.oip.SystemSharedMemoryUnregister(
-                pb.SystemSharedMemoryUnregisterRequest(name=region))
+            self.oip.unregister_system(region)
         return web.Response(status=200)
 
     def _timeout(self, request: web.Request) -> float | None:
@@ -440,20 +409,18 @@ def _rows(instances: list[Any], dtype: np.dtype[Any], datatype: str) -> np.ndarr
 
 
 async def off_loop(size: int, parse: Callable[..., T], *args: Any) -> T:
-    """`parse(*args)` for a body of `size` bytes: inline when small, in a thread when large,
-    so that a 64 MB JSON body (about a second of parsing) does not stop every other call
-    on the event loop, gRPC's included."""
+    """`parse(*args)` for a body of `size` bytes: inline when small, in a thread when
+    large, so that a large JSON body does not stop every other call on the event loop,
+    gRPC's included."""
     if size <= INLINE_PARSE_BYTES:
         return parse(*args)
     return await asyncio.to_thread(parse, *args)
 
 
-def _loads(text: bytes) -> object:
+def _loads(text: bytes, call: Call) -> object:
     """JSON, charged to the call first for what parsing makes of it: up to about 16 times
     its text (the two bytes of `0,` become a float object and a list slot, 32 bytes)."""
-    call = CURRENT_CALL.get()
-    if call is not None:
-        call.charge(JSON_EXPANSION * len(text), "the parsed JSON")
+    call.charge(JSON_EXPANSION * len(text), "the parsed JSON")
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:

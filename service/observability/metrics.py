@@ -11,10 +11,11 @@ import platform
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 
 import onnxruntime
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from service import __version__
 
 LATENCY_BUCKETS = tuple(round(us * 1e-6, 9) for us in (
     25, 50, 75, 100, 125, 150, 200, 250, 300, 400, 500, 600, 750)) + tuple(
@@ -23,13 +24,6 @@ LATENCY_BUCKETS = tuple(round(us * 1e-6, 9) for us in (
 0.3 ms, then six to a decade up to a 5 s CPU VGG batch of 32, so that percentiles read
 from any of them are close to the truth."""
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 class Metrics:
@@ -42,7 +36,7 @@ class Metrics:
                                 "The running build: always 1, its labels say what it is.",
                                 ["version", "onnxruntime", "python"],
                                 multiprocess_mode="max", registry=registry)
-        self.build_info.labels(_version("cnnserve"), onnxruntime.__version__,
+        self.build_info.labels(__version__, onnxruntime.__version__,
                                platform.python_version()).set(1)
         self.requests = Counter("cnnserve_requests",
                                 "Calls answered, by model, API and the status the client saw "

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     import grpc
     from google.protobuf.message import Message
 
-    from service.engine.models import ModelSet
 
 LIVENESS = "liveness"
 """The health service name that asks for liveness rather than readiness."""
@@ -118,15 +117,16 @@ class ProbeState:
         self.shared = shared or Shared()
         self.readiness = Readiness()
 
-    def publish(self, models: ModelSet, server_services: Iterable[str]) -> None:
-        ready = models.all_ready
-        ready_models = [m for m in models if m.ready]
+    def publish(self, ready: bool, ready_models: Iterable[tuple[str, str]],
+                known_models: Iterable[str], server_services: Iterable[str]) -> None:
+        """`ready`: every model is; `ready_models`: (name, version) of each ready one."""
+        served = frozenset(ready_models)
         services = set(server_services) if ready else set()
         self.readiness = Readiness(
             ready=ready, draining=self.readiness.draining,
-            services=frozenset(services | {m.name for m in ready_models}),
-            known=frozenset({*server_services, *models.names()}),
-            models=frozenset((m.name, str(m.version)) for m in ready_models))
+            services=frozenset(services | {name for name, _ in served}),
+            known=frozenset({*server_services, *known_models}),
+            models=served)
         self.shared.write(self.readiness)
 
     def drain(self) -> None:

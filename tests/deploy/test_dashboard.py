@@ -1,7 +1,7 @@
 """The Grafana dashboard: valid against Grafana's schema (grafana-foundation-sdk's typed
 models), importable into any Grafana whatever its Prometheus data source is called, and
 built on metrics the server exports. Grafana itself cannot run here; the expressions are
-evaluated by a real Prometheus in tests/service/test_prometheus.py."""
+evaluated by a real Prometheus in tests/service/observability/test_prometheus.py."""
 
 from __future__ import annotations
 

@@ -125,24 +125,25 @@ def fuzz(strategy: st.SearchStrategy[Any], rpc: Callable[..., Any]) -> None:
     check()
 
 
+def serves_correctly_still(server: ServerProcess) -> None:
+    """Nothing the fuzzing sent broke the server: alive, deterministic, no server faults."""
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.address))
+    x = np.random.default_rng(1).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    first = logits(stub.ModelInfer(request(x), timeout=30))
+    assert first.shape == (3, 10) and np.isfinite(first).all()
+    np.testing.assert_array_equal(logits(stub.ModelInfer(request(x), timeout=30)), first)
+    assert not re.search(r'code="(INTERNAL|UNKNOWN)"\} [1-9]', server.metrics())
+    assert server.proc.poll() is None
+
+
 def test_fuzzed_inference_requests_get_deliberate_statuses(fuzzed_server: ServerProcess) -> None:
     channel = grpc.insecure_channel(fuzzed_server.address)
     fuzz(infer_requests(), service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer)
+    serves_correctly_still(fuzzed_server)
 
 
 def test_fuzzed_classifier_requests_get_deliberate_statuses(
         fuzzed_server: ServerProcess) -> None:
     channel = grpc.insecure_channel(fuzzed_server.address)
     fuzz(predict_requests(), cpb_grpc.ClassifierStub(channel).Predict)
-
-
-def test_after_fuzzing_the_server_is_alive_and_correct(fuzzed_server: ServerProcess) -> None:
-    """Runs after the fuzz tests in this module: nothing they sent broke the server."""
-    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(fuzzed_server.address))
-    x = np.random.default_rng(1).standard_normal((3, 1, 28, 28)).astype(np.float32)
-    first = logits(stub.ModelInfer(request(x), timeout=30))
-    assert first.shape == (3, 10) and np.isfinite(first).all()
-    np.testing.assert_array_equal(logits(stub.ModelInfer(request(x), timeout=30)), first)
-    text = fuzzed_server.metrics()
-    assert not re.search(r'code="(INTERNAL|UNKNOWN)"\} [1-9]', text)
-    assert fuzzed_server.proc.poll() is None
+    serves_correctly_still(fuzzed_server)

@@ -22,8 +22,8 @@ from tritonclient.utils import InferenceServerException
 
 from service.engine.runtime import cuda_available
 from tests.servers import ServerProcess
+from tests.service.frontends.test_grpc_inference import direct
 from tests.service.oip import request, stub_for
-from tests.service.test_inference_api import direct
 
 X = np.random.default_rng(5).standard_normal((3, 1, 28, 28)).astype(np.float32)
 

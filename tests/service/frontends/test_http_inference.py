@@ -21,8 +21,8 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from tests.servers import ROOT, ServerProcess
+from tests.service.frontends.test_grpc_inference import direct
 from tests.service.oip import metric, wait_until
-from tests.service.test_inference_api import direct
 
 X = np.random.default_rng(11).standard_normal((3, 1, 28, 28)).astype(np.float32)
 BINARY_HEADER = json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
@@ -92,7 +92,10 @@ def test_json_tensors_may_be_nested_and_answers_are_row_major(
 
 
 @pytest.mark.parametrize(("path", "body", "headers", "code", "message"), [
-    ("/v2/models/resnet/infer", b'{"inputs": []}', {}, 400, "non-empty 'inputs'"),
+    ("/v2/models/lenet/infer", b'{"inputs": []}', {}, 400, "non-empty 'inputs'"),
+    # The model is resolved before the body is read, as Triton does.
+    ("/v2/models/resnet/infer", b"", {}, 404, "unknown model 'resnet'"),
+    ("/v2/models/resnet/infer", b'{"inputs": []}', {}, 404, "unknown model 'resnet'"),
     ("/v2/models/resnet/infer", b'{"inputs": [{"name": "input", "datatype": "FP32", '
      b'"shape": [1], "data": [1]}]}', {}, 404, "unknown model 'resnet'"),
     ("/v2/models/lenet/infer", b"{not json", {}, 400, "not valid JSON"),
@@ -168,7 +171,7 @@ def test_connections_that_trickle_headers_are_closed_and_cannot_crowd_others_out
 
 def test_a_request_whose_client_hangs_up_never_reaches_the_model(
         served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
-    # A lone request waits 3 s in the queue for company; its client leaves after 0.3 s.
+    # A lone request waits 3 s in the queue for company; its client leaves while it waits.
     server = server_factory(served_repo, "--batching", "delay", "--max-queue-delay-us", "3000000")
     header = BINARY_HEADER
     body = header + X[:1].tobytes()
@@ -176,11 +179,13 @@ def test_a_request_whose_client_hangs_up_never_reaches_the_model(
         sock.sendall(b"POST /v2/models/lenet/infer HTTP/1.1\r\nHost: x\r\n"
                      b"Inference-Header-Content-Length: " + str(len(header)).encode() +
                      b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        time.sleep(0.3)  # the request is queued by now; the test is that it never runs
+        wait_until(lambda: metric(server.metrics(), "cnnserve_queue_depth") == 1, timeout=10)
     wait_until(lambda: 'api="http",code="CANCELLED"' in server.metrics(), timeout=10)
-    time.sleep(3.5)  # past the queue delay, when it would have run
+    # Out of the queue (taken out when cancelled, or dropped when its batch was cut) ...
+    wait_until(lambda: metric(server.metrics(), "cnnserve_queue_depth") == 0, timeout=10)
+    # ... and never run.
     stats = json.loads(call(server, "/v2/models/lenet/stats")[1])["model_stats"][0]
-    assert stats["inference_count"] == 0, stats
+    assert (stats["inference_count"], stats["execution_count"]) == (0, 0), stats
 
 
 def test_tritonclient_http_errors_are_exceptions_with_the_server_text(
@@ -307,14 +312,15 @@ def test_kserve_sdk_reads_health_and_metadata_and_infers_over_rest_and_grpc(
     assert grpc["ready"] and grpc["model_ready"]
 
 
-def test_health_answers_carry_the_protocols_bodies_and_not_ready_is_503(
+def test_health_answers_carry_the_protocols_bodies_and_a_missing_model_is_404(
         server: ServerProcess) -> None:
     assert call(server, "/v2/health/live") == (200, b'{"live":true}')
     assert call(server, "/v2/health/ready") == (200, b'{"ready":true}')
     assert call(server, "/v2/models/lenet/ready") == (200, b'{"name":"lenet","ready":true}')
-    assert call(server, "/v2/models/lenet/versions/7/ready") == (
-        503, b'{"name":"lenet","ready":false}')
-    assert call(server, "/v2/models/nothing/ready")[0] == 503
+    status, body = call(server, "/v2/models/lenet/versions/7/ready")
+    assert (status, b"has no served version '7'" in body) == (404, True), body
+    status, body = call(server, "/v2/models/nothing/ready")
+    assert (status, b"unknown model 'nothing'" in body) == (404, True), body
 
 
 def test_sigterm_turns_rest_health_unready_answers_queued_requests_and_refuses_new_ones(

@@ -38,15 +38,22 @@ def test_a_request_a_hot_reload_redirects_is_checked_against_the_version_that_ru
     retired for B (max batch 4). It runs on B, or is refused as B's caller would be,
     never counted as a server fault."""
     metrics = Metrics(CollectorRegistry())
+    rows_asked = rows
     decoding, swapped = threading.Event(), threading.Event()
     prepared_for: list[ServedModel] = []
 
-    def prepare(model: ServedModel, call: Call) -> Tensors:
-        prepared_for.append(model)
-        decoding.set()
-        assert swapped.wait(10), "the test never swapped the model"
-        (spec,) = model.config.inputs
-        return {spec.name: np.zeros((rows, *spec.shape), np.float32)}
+    class Slow:
+        """Zeros for the model it is prepared for, once the test has swapped the model."""
+
+        offload = True
+        rows = rows_asked
+
+        def tensors(self, model: ServedModel, call: Call) -> Tensors:
+            prepared_for.append(model)
+            decoding.set()
+            assert swapped.wait(10), "the test never swapped the model"
+            (spec,) = model.config.inputs
+            return {spec.name: np.zeros((rows_asked, *spec.shape), np.float32)}
 
     async def scenario() -> tuple[ServedModel, ServedModel, InferenceCore,
                                   Status | np.ndarray, ServedModel | None]:
@@ -56,8 +63,7 @@ def test_a_request_a_hot_reload_redirects_is_checked_against_the_version_that_ru
             models = ModelSet([old])
             core = InferenceCore(models, metrics, LIMITS, executor)
             call = asyncio.create_task(core.infer(InferRequest(
-                api="oip", model="lenet", version="", rows=rows, prepare=prepare,
-                offload=True)))
+                api="oip", model="lenet", version="", payload=Slow())))
             assert await asyncio.to_thread(decoding.wait, 10)
             models.put(new)  # what hot reload does: swap, then retire the old version
             assert old.batcher is not None

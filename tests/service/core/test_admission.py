@@ -70,7 +70,11 @@ def test_probes_are_never_charged() -> None:
     a = admission()
     a.open("oip", "c1", Kind.WORK).charge(600, "x")
     a.open("oip", "c2", Kind.WORK).charge(400, "x")  # the budget is full
-    a.open("probe", "c1", Kind.PROBE).charge(10**9, "x")  # no refusal
+    probe = a.open("probe", "c1", Kind.PROBE)
+    probe.charge(10**9, "x")  # no refusal
+    assert (probe.held, a.held) == (0, 1000)
+    a.close(probe)
+    assert a.held == 1000
 
 
 def test_closing_a_call_stops_its_work_off_the_loop() -> None:
@@ -119,3 +123,38 @@ def test_calls_whose_request_arrived_are_never_evicted() -> None:
         a.awaiting_request(call, lambda: pytest.fail("evicted a working call"))
         a.request_arrived(call)
     assert "limit of 2 calls" in refused(lambda: a.open("oip", "other", Kind.WORK))
+
+
+def requests_counted(a: Admission, model: str, api: str, code: str) -> float:
+    value = a.metrics.registry.get_sample_value(
+        "cnnserve_requests_total", {"model": model, "api": api, "code": code})
+    return value or 0.0
+
+
+def test_an_admitted_call_is_closed_and_counted_once_with_the_status_it_ended_with() -> None:
+    a = admission()
+    with a.admit("oip", "c1", Kind.WORK) as call:
+        call.model = "lenet"
+        call.charge(100, "x")
+        assert a.calls == 1
+    with pytest.raises(ServingError), a.admit("oip", "c1", Kind.WORK) as call:
+        call.model = "lenet"
+        raise ServingError(Status.NOT_FOUND, "no such version")
+    with a.admit("oip", "c1", Kind.WORK) as call:
+        call.status = Status.UNAVAILABLE  # what the protocol answered itself
+    assert (a.calls, a.held) == (0, 0)
+    assert requests_counted(a, "lenet", "oip", "OK") == 1
+    assert requests_counted(a, "lenet", "oip", "NOT_FOUND") == 1
+    assert requests_counted(a, "unknown", "oip", "UNAVAILABLE") == 1
+
+
+def test_a_refused_call_is_counted_and_raised_and_holds_nothing() -> None:
+    a = admission(max_calls=1)
+    with a.admit("oip", "c1", Kind.WORK) as call:
+        with pytest.raises(ServingError) as err, call.sibling("oip_stream"):
+            pytest.fail("a call past the cap was admitted")
+        assert err.value.status is Status.RESOURCE_EXHAUSTED
+        assert a.calls == 1
+    assert a.calls == 0
+    assert requests_counted(a, "unknown", "oip_stream", "RESOURCE_EXHAUSTED") == 1
+    assert requests_counted(a, "unknown", "oip", "OK") == 1

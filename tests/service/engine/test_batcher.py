@@ -116,9 +116,13 @@ def test_expired_and_cancelled_requests_never_reach_the_model(
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelInfer(request(x, "alexnet"), timeout=0.2)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: metric(slow_server.metrics(), "cnnserve_queue_depth", "alexnet") == 0)
     pending = stub.ModelInfer.future(request(x, "alexnet"), timeout=30)
+    # Cancelled once the server holds it in the queue, not before it has seen it.
+    wait_until(lambda: metric(slow_server.metrics(), "cnnserve_queue_depth", "alexnet") == 1)
     pending.cancel()
     assert pending.cancelled()
+    wait_until(lambda: metric(slow_server.metrics(), "cnnserve_queue_depth", "alexnet") == 0)
     # A real request after them: run alone once its 1.5 s wait is over.
     assert logits(stub.ModelInfer(request(x, "alexnet"), timeout=30)).shape == (1, 10)
     after = stub.ModelStatistics(stats, timeout=10).model_stats[0]
