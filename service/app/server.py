@@ -142,7 +142,7 @@ async def start_http(settings: ServiceSettings, oip: OpenInference,
     """The REST binding on the same event loop as gRPC; returns its runner, its port and
     the task that watches its connections."""
     tokens = BearerTokens(load_tokens(settings)) if settings.auth else None
-    edge = HttpEdge(admission, metrics, tokens, settings.request_arrival_timeout_s,
+    edge = HttpEdge(admission, tokens, settings.request_arrival_timeout_s,
                     settings.compressed_requests, settings.max_images_per_request,
                     settings.max_connections)
     app = web.Application(client_max_size=settings.max_message_bytes,
@@ -201,7 +201,7 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
         memory_budget_bytes=settings.memory_budget_bytes,
         max_bytes_per_connection=settings.max_bytes_per_connection), metrics)
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        EdgeInterceptor(admission, metrics, settings.request_arrival_timeout_s)]
+        EdgeInterceptor(admission, settings.request_arrival_timeout_s)]
     if settings.auth:
         interceptors.append(TokenAuthInterceptor(load_tokens(settings),
                                                  settings.auth_open_services))

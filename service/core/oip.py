@@ -295,6 +295,15 @@ class OpenInference:
         model = self.core.models.current(name)
         return model is not None and model.ready and version in ("", str(model.version))
 
+    def require(self, name: str, version: str = "", call: Call | None = None) -> None:
+        """NOT_FOUND for a model or version that is not served, UNAVAILABLE for one not
+        ready: what a binding checks before it reads a request's body."""
+        self.core.model(name, version, call)
+
+    def require_known(self, name: str, version: str = "") -> None:
+        """NOT_FOUND for a model or version that is not served, ready or not."""
+        self.core.find(name, version)
+
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": __version__, "extensions": self.extensions}
 

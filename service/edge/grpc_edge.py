@@ -30,7 +30,6 @@ from google.protobuf.message import DecodeError
 
 from service.core.admission import Admission, Call, Kind
 from service.observability.logs import Throttled
-from service.observability.metrics import Metrics
 from service.status import ServingError, Status, bounded
 
 log = logging.getLogger(__name__)
@@ -80,10 +79,9 @@ Behaviour = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], Awaitable[A
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, admission: Admission, metrics: Metrics, arrival_timeout_s: float,
+    def __init__(self, admission: Admission, arrival_timeout_s: float,
                  log_interval_s: float = 10.0) -> None:
         self.admission = admission
-        self.metrics = metrics
         self.arrival_timeout_s = arrival_timeout_s
         self._wrapped: dict[tuple[str, object], grpc.RpcMethodHandler] = {}
         self._client_errors = Throttled(log, log_interval_s)

@@ -31,7 +31,6 @@ from service.core.admission import Admission, Kind
 from service.edge.security import REFUSAL, BearerTokens
 from service.frontends.http_inference import CALL
 from service.observability.logs import Throttled
-from service.observability.metrics import Metrics
 from service.status import ServingError, Status, bounded, invalid
 
 log = logging.getLogger(__name__)
@@ -57,11 +56,10 @@ def error(status: Status, message: str) -> web.Response:
 
 
 class HttpEdge:
-    def __init__(self, admission: Admission, metrics: Metrics, tokens: BearerTokens | None,
+    def __init__(self, admission: Admission, tokens: BearerTokens | None,
                  arrival_timeout_s: float, compressed: bool, max_files: int,
                  max_connections: int, log_interval_s: float = 10.0) -> None:
         self.admission = admission
-        self.metrics = metrics
         self.tokens = tokens
         self.arrival_timeout_s = arrival_timeout_s
         self.compressed = compressed

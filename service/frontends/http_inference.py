@@ -238,7 +238,7 @@ class InferenceRoutes:
         name, version = request.match_info["name"], request.match_info.get("version", "")
         ready = self.oip.model_ready(name, version)
         if not ready:
-            self.oip.core.find(name, version)
+            self.oip.require_known(name, version)
         return json_response({"name": name, "ready": ready}, 200 if ready else 503)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
@@ -278,7 +278,7 @@ class InferenceRoutes:
     async def infer(self, request: web.Request) -> web.Response:
         call = request[CALL]
         name, version = request.match_info["name"], request.match_info.get("version", "")
-        self.oip.core.model(name, version, call)  # an unknown model is 404 before the body
+        self.oip.require(name, version, call)  # an unknown model is 404 before the body
         body = await self.read_body(request)
         message, binary = await off_loop(len(body), parse_infer, body,
                                          request.headers.get(HEADER_LENGTH), name, version,
@@ -302,7 +302,7 @@ class InferenceRoutes:
             invalid(f"top_k must be a positive integer, got {shown(top_k, 20)}")
         answer = await self.classifier.classify(
             request.match_info["name"], request.match_info.get("version", ""),
-            list(images), int(top_k), "http", self._timeout(request), request[CALL])
+            images, int(top_k), "http", self._timeout(request), request[CALL])
         return json_response({"model": answer.model, "version": answer.version,
                               "classifications": [{"predictions": [
                                   {"label": p.label, "index": p.index,
@@ -330,11 +330,10 @@ class InferenceRoutes:
             invalid("the request needs a non-empty 'instances' list")
         if all(isinstance(i, dict) and set(i) == {"b64"} for i in instances):
             try:
-                images: list[bytes | None] = [b64decode(str(i["b64"]), validate=True)
-                                              for i in instances]
+                images = [b64decode(str(i["b64"]), validate=True) for i in instances]
             except (binascii.Error, ValueError) as exc:
                 invalid(f"an instance's b64 is not base64: {exc}")
-            answer = await self.classifier.classify(name, "", list(images), 1, "http",
+            answer = await self.classifier.classify(name, "", images, 1, "http",
                                                     self._timeout(request), call)
             return json_response({"predictions": [
                 {"label": c[0].label, "index": c[0].index, "probability": c[0].probability}
