@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service.app.settings import ServiceSettings
-from service.observability.logs import ClientsGone
+from service.observability.logs import ClientsGone, MalformedHttp
 
 # CLI flag -> setting; flags left out fall back to CNNSERVE_* variables, the file, defaults.
 _FLAGS: dict[str, dict[str, object]] = {
@@ -80,6 +80,7 @@ def configure_logging(settings: ServiceSettings) -> None:
            else "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     logging.basicConfig(level=settings.log_level, format=fmt, stream=sys.stderr)
     logging.getLogger("grpc._cython.cygrpc").addFilter(ClientsGone())
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttp())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import binascii
 import math
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
+from importlib.resources import files
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,6 +30,9 @@ from service.core.oip import RequestedOutput as Wanted
 from service.status import invalid, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+OPENAPI = files("service.frontends").joinpath("openapi.json")
+"""The REST surface these routes answer, as an OpenAPI 3.0 document (served at
+/openapi.json); tests/service/frontends/test_openapi.py holds the server to it."""
 JSON = "application/json"
 CALL = web.RequestKey("cnnserve_call", Call)
 """The call the edge admitted for this request (its middleware sets it)."""
@@ -190,11 +194,13 @@ class InferenceRoutes:
         self.classifier = classifier
         self.read_body = read_body
         self.read_files = read_files
+        self.openapi = OPENAPI.read_bytes()
 
     def routes(self) -> list[web.RouteDef]:
         model = "/v2/models/{name}"
         versioned = [model, model + "/versions/{version}"]
-        table = [web.get("/v2", self.server_metadata),
+        table = [web.get("/openapi.json", self.openapi_document),
+                 web.get("/v2", self.server_metadata),
                  web.get("/v2/", self.server_metadata),
                  web.get("/v2/health/live", self.live),
                  web.get("/v2/health/ready", self.ready),
@@ -219,6 +225,9 @@ class InferenceRoutes:
                       web.post(base + "/unregister", self.shm_unregister),
                       web.post(base + "/region/{region}/unregister", self.shm_unregister)]
         return table
+
+    async def openapi_document(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.openapi, content_type=JSON)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return json_response(self.oip.server_metadata())
@@ -310,9 +319,11 @@ class InferenceRoutes:
                                   for predictions in answer.classifications]})
 
     async def v1_model(self, request: web.Request) -> web.Response:
-        """KServe's v1 protocol: the model's readiness."""
+        """KServe's v1 protocol: the model's readiness (404 for one not served)."""
         name = request.match_info["name"]
         ready = self.oip.model_ready(name)
+        if not ready:
+            self.oip.require_known(name)
         return json_response({"name": name, "ready": ready}, 200 if ready else 503)
 
     async def v1_predict(self, request: web.Request) -> web.Response:

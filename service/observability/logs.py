@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 
 class Throttled:
     """Logs one kind of event at most once per interval, saying how many were not logged."""
@@ -43,4 +45,23 @@ class ClientsGone(logging.Filter):
             return True
         self._log(logging.INFO, "an answer was not sent: its client had gone %s",
                   message[len(self.PREFIX):].strip()[:200])
+        return False
+
+
+class MalformedHttp(logging.Filter):
+    """aiohttp logs an ERROR with a traceback for every request its parser refuses (a NUL
+    byte in a header, a bad request line): the client's doing, answered 400, and a client
+    can send thousands. This turns them into one bounded INFO line per interval, with a
+    count; a fault of the server's own keeps its traceback."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self._log = Throttled(logging.getLogger("service.edge.http_edge"), interval_s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        self._log(logging.INFO, "refused a malformed HTTP request: %s",
+                  " ".join(str(error.message).split())[:200])
         return False

@@ -323,6 +323,21 @@ def test_health_answers_carry_the_protocols_bodies_and_a_missing_model_is_404(
     assert (status, b"unknown model 'nothing'" in body) == (404, True), body
 
 
+def test_requests_the_parser_refuses_are_400_and_one_log_line_not_a_traceback_each(
+        served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory(served_repo)
+    for _ in range(200):
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+            sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Probe: \x00\r\n\r\n")
+            assert sock.recv(1024).split(b" ")[1] == b"400"
+    wait_until(lambda: any("refused a malformed HTTP request" in line
+                           for line in server.lines), 10)
+    assert call(server, "/v2/models/lenet")[0] == 200
+    refused = [line for line in server.lines if "malformed HTTP request" in line]
+    assert len(refused) <= 2, refused  # one per interval, with a count
+    assert "Traceback" not in "".join(server.lines), "".join(server.lines)[-3000:]
+
+
 def test_sigterm_turns_rest_health_unready_answers_queued_requests_and_refuses_new_ones(
         served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
     server = server_factory(served_repo, "--batching", "delay",
