@@ -91,8 +91,8 @@ class ServiceSettings(BaseSettings):
     inline_compute_us: int = Field(default=250, ge=0, le=1000)
     """A batch whose size recently ran in less than this runs on the event loop instead
     of a compute thread: for a LeNet-sized model the two thread hand-offs cost more than
-    the run (a lone LeNet client: p50 1.2 -> 0.9 ms, 20% less CPU per call on 2 cores;
-    at 1 ms, batches of 32 clients on the loop slowed them). 0: always a compute thread."""
+    the run, while a long run on the loop would stall every other call (figures:
+    docs/results.md, "Figures behind the defaults"). 0: always a compute thread."""
     models: dict[str, ModelOverrides] = Field(default_factory=dict)
 
     max_message_bytes: int = Field(default=64 * MiB, ge=MiB)
@@ -100,20 +100,20 @@ class ServiceSettings(BaseSettings):
     in FP32 is 19 MiB)."""
     compressed_requests: bool = False
     """Accept gzip/deflate-compressed request messages. Off by default: gRPC expands a
-    message before any server code sees it, and 64 KB of gzip become 63 MiB (with six at
-    once, +390 MiB and probes stalled for a second on 2 cores). Turn on for trusted
-    clients; max_message_bytes still bounds what a message expands to."""
+    message before any server code sees it, and a few kilobytes of gzip become tens of
+    megabytes, on the event loop. Turn on for trusted clients; max_message_bytes still
+    bounds what a message expands to."""
     max_images_per_request: int = Field(default=256, ge=1)
     """Server-wide cap on images in one request; a model's max_batch_size may be lower."""
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     """Largest decoded image accepted (width x height), against decompression bombs."""
     max_decode_cost: int = Field(default=2 * 4096 * 4096, ge=1)
-    """Weighted pixels one request may decode (WebP 4 a pixel, PNG/GIF/TIFF 2, JPEG/BMP 1):
-    one 4096x4096 PNG or a 2896x2896 WebP, ~0.2-0.4 s of one core at worst. WebP holds the
-    GIL while it decodes (~45 ms for 4096x4096), which is why it weighs most."""
+    """Weighted pixels one request may decode (core.images.DECODE_WEIGHT): one 4096x4096
+    PNG or a 2896x2896 WebP. WebP holds the GIL while it decodes, which is why it weighs
+    most."""
     decode_threads: int = Field(default=1, ge=1, le=64)
     """Threads decoding images, never the event loop's; requests beyond them queue. One
-    leaves a 2-core host a core for the event loop; raise it on larger hosts."""
+    leaves a small host a core for the event loop; raise it on larger hosts."""
 
     memory_budget_bytes: int = Field(default=1024 * MiB, ge=16 * MiB)
     """What all calls in progress may hold together: received messages (x2, bytes and

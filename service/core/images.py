@@ -20,8 +20,8 @@ from service.status import bounded
 
 DECODE_WEIGHT = {"PNG": 2, "JPEG": 1, "WEBP": 4, "GIF": 2, "TIFF": 2, "BMP": 1, "PPM": 1}
 """Formats this server decodes, and what each decoded pixel costs against the request's
-decode budget: measured at 2048x2048 on one core, worst case per format, WebP took
-~20-50 ns a pixel, PNG, GIF and compressed TIFF up to ~13, JPEG and BMP up to ~9."""
+decode budget: each format's worst-case decode time per pixel, relative to JPEG's
+(docs/results.md, "Figures behind the defaults")."""
 _BYTES_PER_PIXEL = 4
 """What one decoded pixel can take in PIL before conversion (RGBA, I;16, F are widest)."""
 

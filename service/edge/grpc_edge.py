@@ -241,8 +241,8 @@ async def abort(context: grpc.aio.ServicerContext, status: Status, message: str)
 
     gRPC keeps the AbortError on the call's state, and the error's traceback holds the
     handler's frames, which hold the context, which holds the state: every aborted call
-    would wait for a full garbage collection, and under a flood of refusals those take
-    the GIL for 100-200 ms at a time. Once the call is over the traceback is dropped.
+    would wait for a full garbage collection, and under a flood of refusals those hold
+    the GIL for long pauses. Once the call is over the traceback is dropped.
     """
     try:
         await context.abort(GRPC_CODES[status], message)

@@ -20,9 +20,9 @@ from service import __version__
 LATENCY_BUCKETS = tuple(round(us * 1e-6, 9) for us in (
     25, 50, 75, 100, 125, 150, 200, 250, 300, 400, 500, 600, 750)) + tuple(
     round(m * 10.0**e, 9) for e in range(-3, 1) for m in (1, 1.5, 2, 3, 5, 7.5)) + (10.0,)
-"""25 us to 10 s: steps of 25-33% below a millisecond, where a LeNet batch takes 0.05 to
-0.3 ms, then six to a decade up to a 5 s CPU VGG batch of 32, so that percentiles read
-from any of them are close to the truth."""
+"""25 us to 10 s: steps of 25-33% below a millisecond, where small models' batches run,
+then six to a decade up to the slowest CPU batches, so that percentiles read from any of
+them are close to the truth."""
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 
