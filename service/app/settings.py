@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -18,33 +18,22 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from service.edge.security import SecurityOptions
+from service.engine.options import EngineOptions
+
 MiB = 1 << 20
 
 
-class ModelOverrides(BaseModel):
-    """Per-model settings that win over the model's config.json."""
+class ServiceSettings(BaseSettings, EngineOptions, SecurityOptions):
+    """The app's own settings; the engine's (EngineOptions) and the edge's
+    (SecurityOptions) are inherited, each defined beside the code that reads it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_batch_size: int | None = Field(default=None, ge=1)
-    max_queue_delay_us: int | None = Field(default=None, ge=0)
-    batching: Literal["work-conserving", "delay"] | None = None
-    preferred_batch_sizes: tuple[int, ...] | None = None
-    max_queue_size: int | None = Field(default=None, ge=1)
-    instances: int | None = Field(default=None, ge=1)
-    precision: Literal["fp32", "fp16"] | None = None
-
-
-class ServiceSettings(BaseSettings):
     # Empty variables count as unset, so a compose file can list every setting.
     model_config = SettingsConfigDict(env_prefix="CNNSERVE_", env_nested_delimiter="__",
                                       env_ignore_empty=True, extra="forbid", frozen=True)
 
     config_file: Path | None = None
     """A .json or .toml file holding any of these settings (CNNSERVE_CONFIG_FILE)."""
-    repo: Path = Path("model_repository")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8001, ge=0, le=65535)
     http_port: int | None = Field(default=8000, ge=0, le=65535)
     """The Open Inference Protocol's REST binding (Triton's 8000), with the gRPC port's
     TLS, tokens, limits and admission. None turns it off; 0 picks a free port."""
@@ -59,41 +48,6 @@ class ServiceSettings(BaseSettings):
     this long, so the orchestrator restarts it."""
     workers: int = Field(default=1, ge=1, le=256)
     """Server processes sharing the port (SO_REUSEPORT), each with its own sessions."""
-
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "fp16"] = "fp32"
-    """fp16 serves model.fp16.onnx where a model has one and the device is CUDA."""
-    intra_op_threads: int = Field(default=0, ge=0)
-    """onnxruntime threads per session; 0 lets onnxruntime choose (one per core)."""
-    inter_op_threads: int = Field(default=1, ge=0)
-    allow_spinning: bool = False
-    """Let idle onnxruntime threads spin: lower latency on a dedicated host, but they take
-    CPU from the event loop and other sessions (2 cores: LeNet 1.8k req/s with, 2.6k without)."""
-    instances: int = Field(default=1, ge=1, le=64)
-    """onnxruntime sessions per model, each running its own batches."""
-    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
-    """EXHAUSTIVE benchmarks every convolution per new shape: fastest kernels, slow warm-up."""
-    allow_tf32: bool = False
-    """Let CUDA run FP32 convolutions in TF32: faster on Ampere and later, ~1e-3 less exact."""
-    warmup: bool = True
-    """Run every batch size the batcher can form before reporting ready."""
-
-    max_batch_size: int | None = Field(default=None, ge=1)
-    max_queue_delay_us: int | None = Field(default=None, ge=0)
-    batching: Literal["work-conserving", "delay"] = "work-conserving"
-    """work-conserving: an idle model instance runs what is queued at once, and requests
-    batch while it is busy, so a lone request never waits for company. delay: Triton's
-    dynamic batcher, where the oldest request waits up to max_queue_delay_us for a full
-    or preferred batch (more images per batch when a fast model would otherwise run
-    small batches back to back)."""
-    max_queue_size: int = Field(default=512, ge=1)
-    """Requests waiting per model; beyond it a request is refused with RESOURCE_EXHAUSTED."""
-    inline_compute_us: int = Field(default=250, ge=0, le=1000)
-    """A batch whose size recently ran in less than this runs on the event loop instead
-    of a compute thread: for a LeNet-sized model the two thread hand-offs cost more than
-    the run, while a long run on the loop would stall every other call (figures:
-    docs/results.md, "Figures behind the defaults"). 0: always a compute thread."""
-    models: dict[str, ModelOverrides] = Field(default_factory=dict)
 
     max_message_bytes: int = Field(default=64 * MiB, ge=MiB)
     """Largest request or response message, after decompression (a 224x224 RGB batch of 32
@@ -150,29 +104,6 @@ class ServiceSettings(BaseSettings):
     request_timeout_s: float = Field(default=30.0, gt=0)
     """Deadline for requests whose client set none (or a later one)."""
     grace_period_s: float = Field(default=10.0, ge=0)
-    model_control_mode: Literal["none", "poll", "explicit"] = "none"
-    """As Triton's: `none` serves the repository as found at start; `poll` also loads new
-    versions and models and unloads removed ones every `reload_interval_s`; `explicit`
-    loads `load_model` at start and then what RepositoryModelLoad/Unload ask for."""
-    load_model: tuple[str, ...] = ()
-    """Models `explicit` mode loads at start (`*`: all of them); repeat --load-model."""
-    reload_interval_s: float = Field(default=0.0, ge=0)
-    """How often `poll` mode reads the repository (0: 15 s, Triton's default). Set alone,
-    it turns `poll` mode on, as it did before model_control_mode existed."""
-
-    tls_cert_file: Path | None = None
-    """PEM certificate chain; with tls_key_file the gRPC port speaks TLS only."""
-    tls_key_file: Path | None = None
-    tls_client_ca_file: Path | None = None
-    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
-    auth_token: SecretStr | None = None
-    """Bearer token every call must carry (CNNSERVE_AUTH_TOKEN); never logged."""
-    auth_tokens_file: Path | None = None
-    """File of accepted bearer tokens, one per line (blank lines and # comments skipped)."""
-    auth_open_services: tuple[str, ...] = (
-        "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-        "grpc.reflection.v1.ServerReflection")
-    """gRPC services callable without a token (probes and tooling)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
 
@@ -219,29 +150,6 @@ class ServiceSettings(BaseSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: expected a readable file, got {path} (not found)")
         return self
-
-    @property
-    def polls(self) -> float:
-        """Seconds between repository reads; 0 when the repository is not polled."""
-        if self.model_control_mode == "poll":
-            return self.reload_interval_s or 15.0
-        return self.reload_interval_s if self.model_control_mode == "none" else 0.0
-
-    @property
-    def tls(self) -> bool:
-        return self.tls_cert_file is not None
-
-    @property
-    def auth(self) -> bool:
-        return self.auth_token is not None or self.auth_tokens_file is not None
-
-    def overrides(self, model: str) -> ModelOverrides:
-        """Server-wide batching flags, then the model's own entry, over config.json."""
-        base = {"max_batch_size": self.max_batch_size,
-                "max_queue_delay_us": self.max_queue_delay_us}
-        specific = self.models.get(model, ModelOverrides()).model_dump(exclude_none=True)
-        return ModelOverrides(**{**{k: v for k, v in base.items() if v is not None},
-                                 **specific})
 
 
 def _config_file(*layers: dict[str, Any]) -> Path | None:

@@ -69,10 +69,11 @@ class InferRequest:
     """The front-end's name for the metrics' `api` label."""
     model: str
     version: str
+    """The version asked for; "" for the one served now."""
     payload: Payload
-    timeout_s: float | None = None
+    timeout_s: float | None
     """What the client's deadline leaves; None when it set none."""
-    call: Call | None = None
+    call: Call | None
     """The call the edge admitted: charged and labelled here. None in process (tests)."""
 
 

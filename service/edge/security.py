@@ -13,10 +13,9 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import grpc
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from service.observability.logs import Throttled
 
@@ -25,27 +24,34 @@ AUTH_HEADER = "authorization"
 BEARER = "Bearer "
 
 
-class SecurityOptions(Protocol):
-    """What TLS and tokens read of the settings (the app's ServiceSettings has them)."""
+class SecurityOptions(BaseModel):
+    """The edge's part of the process's settings: where it listens, TLS and tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8001, ge=0, le=65535)
+    tls_cert_file: Path | None = None
+    """PEM certificate chain; with tls_key_file the gRPC port speaks TLS only."""
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+    auth_token: SecretStr | None = None
+    """Bearer token every call must carry (CNNSERVE_AUTH_TOKEN); never logged."""
+    auth_tokens_file: Path | None = None
+    """File of accepted bearer tokens, one per line (blank lines and # comments skipped)."""
+    auth_open_services: tuple[str, ...] = (
+        "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection")
+    """gRPC services callable without a token (probes and tooling)."""
 
     @property
-    def host(self) -> str: ...
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
     @property
-    def port(self) -> int: ...
-    @property
-    def tls(self) -> bool: ...
-    @property
-    def auth(self) -> bool: ...
-    @property
-    def tls_cert_file(self) -> Path | None: ...
-    @property
-    def tls_key_file(self) -> Path | None: ...
-    @property
-    def tls_client_ca_file(self) -> Path | None: ...
-    @property
-    def auth_token(self) -> SecretStr | None: ...
-    @property
-    def auth_tokens_file(self) -> Path | None: ...
+    def auth(self) -> bool:
+        return self.auth_token is not None or self.auth_tokens_file is not None
 
 
 def server_credentials(settings: SecurityOptions) -> grpc.ServerCredentials | None:

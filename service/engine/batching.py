@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from contract.repository import ModelConfig
-from service.engine.options import BatchingOptions
+from service.engine.options import EngineOptions
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def _first_set(*values: T | None) -> T:
     return next(v for v in values if v is not None)
 
 
-def resolve_policy(name: str, config: ModelConfig, settings: BatchingOptions) -> BatchPolicy:
+def resolve_policy(name: str, config: ModelConfig, settings: EngineOptions) -> BatchPolicy:
     """Per-model settings, then server-wide flags, then config.json, then server defaults."""
     over = settings.overrides(name)
     max_batch = _first_set(over.max_batch_size, config.max_batch_size) if config.batched else 0

@@ -41,14 +41,19 @@ class ModelNotFoundError(LookupError):
 
 @dataclass
 class ServedModel:
+    """One version of a model as it is served: what it takes, how it batches, its runs."""
+
     name: str
     version: int
+    """The repository's version folder this was loaded from."""
     config: ModelConfig
     policy: BatchPolicy
+    """How its requests batch, the settings' overrides applied to config.json."""
     metadata: OnnxModelMetadata | None = None
     """What export embedded; None for ONNX models made elsewhere (no classifier API)."""
     batcher: DynamicBatcher | None = None
     provider: str = ""
+    """The onnxruntime execution provider its sessions run on."""
     file: str = ""
     reason: str = ""
     """Why the model is not ready; empty when it is."""

@@ -1,76 +1,91 @@
-"""What the engine reads of the process's settings, as a structural type.
+"""The engine's part of the process's settings: how models load, run, batch and reload.
 
-The app's `ServiceSettings` satisfies these protocols; the engine never imports it, so
-the engine can be loaded, configured and tested without the app's flags and files."""
+The app's `ServiceSettings` is made of this model and the edge's; the engine takes an
+`EngineOptions`, so it can be loaded, configured and tested without the app's flags and
+files. Defaults, bounds and reasons live here, once."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
-class ModelOptions(Protocol):
-    """One model's overrides, each None where the model's config.json decides."""
+class ModelOverrides(BaseModel):
+    """Per-model settings that win over the model's config.json."""
 
-    @property
-    def max_batch_size(self) -> int | None: ...
-    @property
-    def max_queue_delay_us(self) -> int | None: ...
-    @property
-    def batching(self) -> str | None: ...
-    @property
-    def preferred_batch_sizes(self) -> tuple[int, ...] | None: ...
-    @property
-    def max_queue_size(self) -> int | None: ...
-    @property
-    def instances(self) -> int | None: ...
-    @property
-    def precision(self) -> str | None: ...
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_queue_delay_us: int | None = Field(default=None, ge=0)
+    batching: Literal["work-conserving", "delay"] | None = None
+    preferred_batch_sizes: tuple[int, ...] | None = None
+    max_queue_size: int | None = Field(default=None, ge=1)
+    instances: int | None = Field(default=None, ge=1)
+    precision: Literal["fp32", "fp16"] | None = None
 
 
-class BatchingOptions(Protocol):
-    """Server-wide batching defaults, and each model's overrides of them."""
+class EngineOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repo: Path = Path("model_repository")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16"] = "fp32"
+    """fp16 serves model.fp16.onnx where a model has one and the device is CUDA."""
+    intra_op_threads: int = Field(default=0, ge=0)
+    """onnxruntime threads per session; 0 lets onnxruntime choose (one per core)."""
+    inter_op_threads: int = Field(default=1, ge=0)
+    allow_spinning: bool = False
+    """Let idle onnxruntime threads spin: lower latency on a dedicated host, but they take
+    CPU from the event loop and other sessions."""
+    instances: int = Field(default=1, ge=1, le=64)
+    """onnxruntime sessions per model, each running its own batches."""
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    """EXHAUSTIVE benchmarks every convolution per new shape: fastest kernels, slow warm-up."""
+    allow_tf32: bool = False
+    """Let CUDA run FP32 convolutions in TF32: faster on Ampere and later, ~1e-3 less exact."""
+    warmup: bool = True
+    """Run every batch size the batcher can form before reporting ready."""
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_queue_delay_us: int | None = Field(default=None, ge=0)
+    batching: Literal["work-conserving", "delay"] = "work-conserving"
+    """work-conserving: an idle model instance runs what is queued at once, and requests
+    that arrive meanwhile form the next batch while it is busy, so a lone request never
+    waits for company. delay: Triton's dynamic batcher, where the oldest request waits up
+    to max_queue_delay_us for a full or preferred batch (more images per batch when a fast
+    model would otherwise run small batches back to back)."""
+    max_queue_size: int = Field(default=512, ge=1)
+    """Requests waiting per model; beyond it a request is refused with RESOURCE_EXHAUSTED."""
+    inline_compute_us: int = Field(default=250, ge=0, le=1000)
+    """A batch whose size recently ran in less than this runs on the event loop instead
+    of a compute thread: for a LeNet-sized model the two thread hand-offs cost more than
+    the run, while a long run on the loop would stall every other call (figures:
+    docs/results.md, "Figures behind the defaults"). 0: always a compute thread."""
+    models: dict[str, ModelOverrides] = Field(default_factory=dict)
+
+    model_control_mode: Literal["none", "poll", "explicit"] = "none"
+    """As Triton's: `none` serves the repository as found at start; `poll` also loads new
+    versions and models and unloads removed ones every `reload_interval_s`; `explicit`
+    loads `load_model` at start and then what RepositoryModelLoad/Unload ask for."""
+    load_model: tuple[str, ...] = ()
+    """Models `explicit` mode loads at start (`*`: all of them); repeat --load-model."""
+    reload_interval_s: float = Field(default=0.0, ge=0)
+    """How often `poll` mode reads the repository (0: 15 s, Triton's default). Set alone,
+    it turns `poll` mode on, as it did before model_control_mode existed."""
 
     @property
-    def max_queue_size(self) -> int: ...
-    @property
-    def instances(self) -> int: ...
-    @property
-    def batching(self) -> str: ...
-    @property
-    def inline_compute_us(self) -> int: ...
-    def overrides(self, model: str) -> ModelOptions: ...
+    def polls(self) -> float:
+        """Seconds between repository reads; 0 when the repository is not polled."""
+        if self.model_control_mode == "poll":
+            return self.reload_interval_s or 15.0
+        return self.reload_interval_s if self.model_control_mode == "none" else 0.0
 
-
-class RuntimeOptions(Protocol):
-    """How onnxruntime sessions are made."""
-
-    @property
-    def device(self) -> str: ...
-    @property
-    def intra_op_threads(self) -> int: ...
-    @property
-    def inter_op_threads(self) -> int: ...
-    @property
-    def allow_spinning(self) -> bool: ...
-    @property
-    def cudnn_conv_algo_search(self) -> str: ...
-    @property
-    def allow_tf32(self) -> bool: ...
-
-
-class EngineOptions(BatchingOptions, RuntimeOptions, Protocol):
-    """Everything the engine reads: the repository, how models load and reload."""
-
-    @property
-    def repo(self) -> Path: ...
-    @property
-    def precision(self) -> str: ...
-    @property
-    def warmup(self) -> bool: ...
-    @property
-    def model_control_mode(self) -> str: ...
-    @property
-    def load_model(self) -> tuple[str, ...]: ...
-    @property
-    def polls(self) -> float: ...
+    def overrides(self, model: str) -> ModelOverrides:
+        """Server-wide batching flags, then the model's own entry, over config.json."""
+        base = {"max_batch_size": self.max_batch_size,
+                "max_queue_delay_us": self.max_queue_delay_us}
+        specific = self.models.get(model, ModelOverrides()).model_dump(exclude_none=True)
+        return ModelOverrides(**{**{k: v for k, v in base.items() if v is not None},
+                                 **specific})

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from contract.repository import NUMPY_DTYPES, ModelConfig
-from service.engine.options import RuntimeOptions
+from service.engine.options import EngineOptions
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
@@ -67,7 +67,7 @@ class ModelRunner:
     `run`, so several runners compute in parallel). Outputs come back in the order of
     `outputs`."""
 
-    def __init__(self, path: Path, settings: RuntimeOptions, config: ModelConfig) -> None:
+    def __init__(self, path: Path, settings: EngineOptions, config: ModelConfig) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = settings.intra_op_threads
         opts.inter_op_num_threads = settings.inter_op_threads

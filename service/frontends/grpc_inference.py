@@ -194,9 +194,8 @@ class InferenceServicer:
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
                                        context: Context, call: Call
                                        ) -> pb.SystemSharedMemoryStatusResponse:
-        regions = self.oip.system_status(request.name)
-        return message({"regions": {r["name"]: r for r in regions}},
-                       pb.SystemSharedMemoryStatusResponse())
+        return _regions(self.oip.system_status(request.name),
+                        pb.SystemSharedMemoryStatusResponse())
 
     async def SystemSharedMemoryUnregister(
             self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context, call: Call
@@ -214,12 +213,15 @@ class InferenceServicer:
     async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
                                      context: Context, call: Call
                                      ) -> pb.CudaSharedMemoryStatusResponse:
-        regions = self.oip.cuda_status(request.name)
-        return message({"regions": {r["name"]: r for r in regions}},
-                       pb.CudaSharedMemoryStatusResponse())
+        return _regions(self.oip.cuda_status(request.name), pb.CudaSharedMemoryStatusResponse())
 
     async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
                                          context: Context, call: Call
                                          ) -> pb.CudaSharedMemoryUnregisterResponse:
         self.oip.unregister_cuda(request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
+
+
+def _regions(regions: list[dict[str, Any]], into: M) -> M:
+    """Shared memory regions as the status messages hold them: a map by name."""
+    return message({"regions": {r["name"]: r for r in regions}}, into)

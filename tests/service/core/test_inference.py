@@ -63,7 +63,8 @@ def test_a_request_a_hot_reload_redirects_is_checked_against_the_version_that_ru
             models = ModelSet([old])
             core = InferenceCore(models, metrics, LIMITS, executor)
             call = asyncio.create_task(core.infer(InferRequest(
-                api="oip", model="lenet", version="", payload=Slow())))
+                api="oip", model="lenet", version="", payload=Slow(), timeout_s=None,
+                call=None)))
             assert await asyncio.to_thread(decoding.wait, 10)
             models.put(new)  # what hot reload does: swap, then retire the old version
             assert old.batcher is not None

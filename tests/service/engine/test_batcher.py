@@ -16,9 +16,9 @@ from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from contract.repository import latest_model_file, serving_config
-from service.app.settings import ServiceSettings
 from service.engine.batcher import DynamicBatcher
 from service.engine.batching import BatchPolicy
+from service.engine.options import EngineOptions
 from service.engine.runtime import ModelRunner, Tensors
 from service.observability.metrics import Metrics, ModelStats
 from tests.servers import ServerProcess, start_server
@@ -187,7 +187,7 @@ def test_a_ready_batch_runs_without_waiting_for_the_event_loop(served_repo: Path
     path = latest_model_file(served_repo, "lenet")
     config = serving_config(served_repo, "lenet", path)
     loop_blocked = threading.Event()
-    runner = _GatedRunner(path, ServiceSettings(repo=served_repo), config,
+    runner = _GatedRunner(path, EngineOptions(repo=served_repo), config,
                           loop_blocked=loop_blocked)
     metrics = Metrics(CollectorRegistry())
     images = np.random.default_rng(0).standard_normal((2, 4, 1, 28, 28)).astype(np.float32)
@@ -235,7 +235,7 @@ def test_a_batch_size_that_ran_fast_runs_on_the_event_loop(served_repo: Path,
     bound, it runs on the loop (no thread hand-offs), and never with a bound of 0."""
     path = latest_model_file(served_repo, "lenet")
     config = serving_config(served_repo, "lenet", path)
-    runner = _ThreadRecordingRunner(path, ServiceSettings(repo=served_repo), config)
+    runner = _ThreadRecordingRunner(path, EngineOptions(repo=served_repo), config)
     images = np.random.default_rng(1).standard_normal((5, 2, 1, 28, 28)).astype(np.float32)
     sizes = [1, 1, 1, 2, 2]
 
@@ -272,7 +272,7 @@ def test_a_lone_request_on_an_idle_model_runs_in_its_callers_task(
     and every request under Triton's delay policy, wait in the queue as before."""
     path = latest_model_file(served_repo, "lenet")
     config = serving_config(served_repo, "lenet", path)
-    runner = _ThreadRecordingRunner(path, ServiceSettings(repo=served_repo), config)
+    runner = _ThreadRecordingRunner(path, EngineOptions(repo=served_repo), config)
     x = np.random.default_rng(2).standard_normal((1, 1, 28, 28)).astype(np.float32)
     stats = ModelStats()
 

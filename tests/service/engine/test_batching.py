@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pytest
 
 from contract.repository import ModelConfig, TensorSpec
-from service.app.settings import ModelOverrides, ServiceSettings
 from service.engine.batching import BatchPolicy, resolve_policy, select_batch
+from service.engine.options import EngineOptions, ModelOverrides
 
 POLICY = BatchPolicy(max_batch_size=8, max_queue_delay_s=0.010,
                      preferred_batch_sizes=frozenset({4}), max_queue_size=100, instances=1)
@@ -96,7 +96,7 @@ CONFIG = ModelConfig(name="lenet", max_batch_size=32, preferred_batch_sizes=(8, 
 
 
 def test_the_policy_comes_from_config_json_and_server_defaults() -> None:
-    policy = resolve_policy("lenet", CONFIG, ServiceSettings(max_queue_size=7,
+    policy = resolve_policy("lenet", CONFIG, EngineOptions(max_queue_size=7,
                                                              inline_compute_us=100))
     assert policy == BatchPolicy(max_batch_size=32, max_queue_delay_s=0.002,
                                  preferred_batch_sizes=frozenset({8, 16, 32}),
@@ -105,7 +105,7 @@ def test_the_policy_comes_from_config_json_and_server_defaults() -> None:
 
 
 def test_flags_override_config_json_and_the_model_entry_overrides_flags() -> None:
-    settings = ServiceSettings(max_batch_size=16, max_queue_delay_us=500, instances=2,
+    settings = EngineOptions(max_batch_size=16, max_queue_delay_us=500, instances=2,
                                models={"lenet": ModelOverrides(max_batch_size=4, instances=3)})
     policy = resolve_policy("lenet", CONFIG, settings)
     assert (policy.max_batch_size, policy.max_queue_delay_s, policy.instances) == (4, 0.0005, 3)
@@ -114,21 +114,21 @@ def test_flags_override_config_json_and_the_model_entry_overrides_flags() -> Non
 
 
 def test_triton_s_delay_rule_is_a_setting_for_the_server_or_one_model() -> None:
-    settings = ServiceSettings(batching="delay",
+    settings = EngineOptions(batching="delay",
                                models={"lenet": ModelOverrides(batching="work-conserving")})
     assert resolve_policy("lenet", CONFIG, settings).work_conserving
     assert not resolve_policy("alexnet", CONFIG, settings).work_conserving
 
 
 def test_a_zero_or_empty_override_is_an_override() -> None:
-    settings = ServiceSettings(models={"lenet": ModelOverrides(max_queue_delay_us=0,
+    settings = EngineOptions(models={"lenet": ModelOverrides(max_queue_delay_us=0,
                                                                preferred_batch_sizes=())})
     policy = resolve_policy("lenet", CONFIG, settings)
     assert (policy.max_queue_delay_s, policy.preferred_batch_sizes) == (0.0, frozenset())
 
 
 def test_preferred_sizes_above_an_overridden_max_batch_are_dropped() -> None:
-    policy = resolve_policy("lenet", CONFIG, ServiceSettings(max_batch_size=12))
+    policy = resolve_policy("lenet", CONFIG, EngineOptions(max_batch_size=12))
     assert policy.preferred_batch_sizes == frozenset({8})
 
 
