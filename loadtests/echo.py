@@ -5,7 +5,9 @@ without running a model, through the same grpc.aio server options and the same c
 path as the real service, so the benchmark can say how much of a request's cost is gRPC
 itself. It describes every model name as an image classifier (`--input-shape`, 10
 classes, batches of up to 32) in `ModelMetadata` and `ModelConfig`, and answers empty
-statistics, so that perf_analyzer drives it as it drives the service.
+statistics, so that perf_analyzer drives it as it drives the service. With `--http-port`
+it also answers the REST binding's binary-tensor infer (zeros, as Triton's extension
+frames them), on aiohttp as the service does: REST's own floor.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import orjson
+from aiohttp import web
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -95,16 +99,45 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
             raw_output_contents=[bytes(4 * CLASSES * rows)])
 
 
-async def serve(host: str, port: int, input_shape: list[int]) -> None:
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+async def rest_infer(request: web.Request) -> web.Response:
+    """POST /v2/models/{name}/infer: zeros of the right shape, as binary data."""
+    body = await request.read()
+    split = int(request.headers.get(HEADER_LENGTH, len(body)))
+    doc = orjson.loads(body[:split])
+    rows = doc["inputs"][0]["shape"][0]
+    size = 4 * CLASSES * rows
+    header = orjson.dumps({
+        "id": doc.get("id", ""), "model_name": request.match_info["name"],
+        "model_version": "1", "outputs": [{"name": "logits", "datatype": "FP32",
+                                           "shape": [rows, CLASSES],
+                                           "parameters": {"binary_data_size": size}}]})
+    return web.Response(body=header + bytes(size), headers={HEADER_LENGTH: str(len(header))},
+                        content_type="application/octet-stream")
+
+
+async def serve(host: str, port: int, input_shape: list[int], http_port: int | None = None
+                ) -> None:
     server = grpc.aio.server(options=server_options(ServiceSettings(), reuse_port=False))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(input_shape), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    runner = None
+    if http_port is not None:
+        app = web.Application()
+        app.add_routes([web.post("/v2/models/{name}/infer", rest_infer)])
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, http_port).start()
     print(ready_line("echo", host, bound), flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
+    if runner is not None:
+        await runner.cleanup()
     await server.stop(1)
 
 
@@ -114,8 +147,11 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--input-shape", default="1,28,28",
                    help="the input's shape without the batch dimension, as in ModelConfig")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also answer REST binary-tensor infer on this port")
     args = p.parse_args()
-    asyncio.run(serve(args.host, args.port, [int(d) for d in args.input_shape.split(",")]))
+    asyncio.run(serve(args.host, args.port, [int(d) for d in args.input_shape.split(",")],
+                      args.http_port))
 
 
 if __name__ == "__main__":
