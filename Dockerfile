@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One file, three images (build targets), each with only its role's dependencies,
 # pinned by constraints.txt:
 #   trainer   torch (CPU wheels by default) + export: trains and publishes ONNX models
