@@ -165,6 +165,12 @@ def _plot_batching(results: list[ScenarioResult], path: Path) -> bool:
     return True
 
 
+def batch_label(result: ScenarioResult) -> str:
+    """A batch-size bar's legend: the scenario, named by its model where it does not say."""
+    return result.scenario if result.model in result.scenario \
+        else f"{result.model} {result.scenario}"
+
+
 def _plot_batch_sizes(results: list[ScenarioResult], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
@@ -176,7 +182,7 @@ def _plot_batch_sizes(results: list[ScenarioResult], path: Path) -> bool:
     for i, r in enumerate(shown):
         bounds = sorted(r.batch_sizes, key=float)
         ax.bar([k + i * width for k in range(len(bounds))], [r.batch_sizes[b] for b in bounds],
-               width, label=r.scenario)
+               width, label=batch_label(r))
         ax.set_xticks(range(len(bounds)), [f"≤{float(b):g}" for b in bounds])
     ax.set(xlabel="images per executed batch", ylabel="batches",
            title="Batch-size distribution (server metrics)")

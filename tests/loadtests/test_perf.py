@@ -24,7 +24,7 @@ from loadtests.perf import (
     real_inputs,
     tree_cpu_s,
 )
-from loadtests.report import LocustStats, Reference, ScenarioResult, results_table
+from loadtests.report import LocustStats, Reference, ScenarioResult, batch_label, results_table
 from service.app.cli import parse_settings
 from tests.servers import ROOT, ServerProcess
 
@@ -215,3 +215,10 @@ def test_the_peers_table_sets_the_service_against_each_peer() -> None:
     assert lines[2].split() == ["lenet,", "1", "900", "(1.50", "ms)", "300", "(1.50", "ms)",
                                 "3.00"]
     assert lines[3].split() == ["lenet,", "32", "2,000", "1,000", "2.00"]
+
+
+def test_the_batch_size_plot_names_each_scenario_by_model() -> None:
+    labels = [batch_label(_result("batching", m, 16, rps=100.0))
+              for m in ("lenet", "alexnet", "vgg11_bn")]
+    assert labels == ["lenet batching", "alexnet batching", "vgg11_bn batching"]
+    assert batch_label(_result("lenet grpc x1", "lenet", 16, rps=100.0)) == "lenet grpc x1"
