@@ -278,6 +278,8 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics(registry)
+    metrics.serve_from(loop)
+    flushing = asyncio.create_task(metrics.flush_periodically(), name="metrics-flush")
     probes = ProbeState()
     heartbeat = asyncio.create_task(probes.beat(), name="probe-heartbeat")  # until exit
     probe_start = None  # the probe process starts while the models load
@@ -310,6 +312,8 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
     log.info("shutting down: finishing in-flight requests (grace %.1fs)", settings.grace_period_s)
     await running.stop(settings.grace_period_s)
     heartbeat.cancel()
+    flushing.cancel()
+    metrics.flush()  # with --workers, the parent serves only what was flushed
     if probe_server is not None:
         probe_server.stop()
     log.info("stopped")

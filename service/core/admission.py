@@ -140,7 +140,7 @@ class Admission:
 
     def count(self, model: str, api: str, status: Status) -> None:
         """One call answered (or refused) with `status`: the requests counter."""
-        self.metrics.requests.labels(model, api, status.name).inc()
+        self.metrics.requests[model, api, status] += 1
 
     def open(self, api: str, client: str, kind: Kind) -> Call:
         """A new call from `client` (its connection: the peer's address and port), or
@@ -160,7 +160,7 @@ class Admission:
                                    "progress; retry with backoff")
             self.calls += 1
             self._calls_by_client[client] += 1
-        self.metrics.in_flight.labels(api).inc()
+        self.metrics.in_flight[api] += 1
         return Call(api, client, kind, self)
 
     def awaiting_request(self, call: Call, evict: Callable[[], object]) -> None:
@@ -224,7 +224,7 @@ class Admission:
             self.held += nbytes
             self._bytes_by_client[call.client] = client_held
             call.held += nbytes
-            self.metrics.held_bytes.set(self.held)
+            self.metrics.held_bytes = self.held
 
     def close(self, call: Call) -> None:
         if call.stop is not None:
@@ -238,10 +238,10 @@ class Admission:
                 else:
                     del self._bytes_by_client[call.client]
                 call.held = 0
-                self.metrics.held_bytes.set(self.held)
+                self.metrics.held_bytes = self.held
         if call.kind is Kind.STREAM:
             self.streams -= 1
         elif call.kind is Kind.WORK:
             self.request_arrived(call)
             self._release_slot(call)
-        self.metrics.in_flight.labels(call.api).dec()
+        self.metrics.in_flight[call.api] -= 1

@@ -230,6 +230,5 @@ class InferenceCore:
             elapsed = time.perf_counter() - started
             model = resolved.model
             if model is not None:
-                self.metrics.latency.labels(model.name, str(model.version), call.api,
-                                            status.name).observe(elapsed)
+                self.metrics.latency[model.name, model.version, call.api, status].observe(elapsed)
                 (model.stats.success if status is Status.OK else model.stats.fail).add(elapsed)

@@ -81,14 +81,7 @@ class DynamicBatcher:
         self._runners = list(runners)
         self._executor = executor
         self._stats = stats
-        # Children looked up once (a lookup per request shows in profiles); each exports
-        # zeros from the start, not from the first request.
-        self._depth = metrics.queue_depth.labels(name, version)
-        self._queue_wait = metrics.queue_wait.labels(name, version)
-        self._compute = metrics.compute.labels(name, version)
-        self._batch_size = metrics.batch_size.labels(name, version)
-        self._inferences = metrics.inferences.labels(name, version)
-        self._executions = metrics.executions.labels(name, version)
+        self._tally = metrics.model(name, version)
         self._queue: deque[_Request] = deque()
         self._lock = threading.Lock()  # guards _queue: the loop adds, compute threads take
         self._arrived = asyncio.Event()
@@ -139,7 +132,7 @@ class DynamicBatcher:
                 raise QueueFullError(f"model {self.name!r} has {len(self._queue)} requests "
                                      f"queued (limit {self.policy.max_queue_size}); retry later")
             self._queue.append(request)
-            self._depth.inc()
+            self._tally.depth += 1
         self._arrived.set()
         return await request.future
 
@@ -167,8 +160,7 @@ class DynamicBatcher:
             removed = len(self._queue) - len(selection.waiting)
             if removed:
                 self._queue = deque(selection.waiting)
-        if removed:
-            self._depth.dec(removed)
+                self._tally.depth -= removed
         return selection
 
     def _fail_expired(self, expired: list[_Request]) -> None:
@@ -251,9 +243,10 @@ class DynamicBatcher:
         """On the loop: answer the batch's requests (`size` rows in all) and record it (its
         run started, its input was assembled, and onnxruntime returned at the times
         given)."""
+        tally = self._tally
         waited = [started - request.enqueued for request in batch]
         for seconds in waited:
-            self._queue_wait.observe(seconds)
+            tally.queue_wait.observe(seconds)
         if isinstance(result, InferenceError):
             for request in batch:
                 if not request.future.done():
@@ -262,10 +255,10 @@ class DynamicBatcher:
         compute = ended - started
         recent = self._recent_compute_s.get(size)
         self._recent_compute_s[size] = compute if recent is None else 0.8 * recent + 0.2 * compute
-        self._compute.observe(compute)
-        self._batch_size.observe(size)
-        self._inferences.inc(size)
-        self._executions.inc()
+        tally.compute.observe(compute)
+        tally.batch_size.observe(size)
+        tally.inferences += size
+        tally.executions += 1
         offset, answered, splitting = 0, [], time.monotonic()
         whole = len(batch) == 1  # also every request of a model without a batch dimension
         for request, seconds in zip(batch, waited, strict=True):

@@ -1,21 +1,36 @@
 """Prometheus metrics and Triton-style per-model statistics.
 
-Metrics live in a registry owned by the server (no module-level state). With
-`--workers N` each process writes prometheus_client's multiprocess files and the parent
-serves their sum, so the scrape shows the whole server.
+Metrics live in a registry owned by the server (no module-level state). The hot path
+never calls prometheus_client: each call, batch and request adds to plain tallies
+(`Metrics.requests`, `latency`, `in_flight`, and each model's `ModelTally`), which only
+the event loop's thread writes, and `Metrics.flush` moves them into the registry's
+metrics on that thread: before every scrape, and every second. A prometheus_client
+update takes a lock and five to eight Python calls; per request that was a fifth of the
+service's own work on the event loop (docs/results.md).
+
+With `--workers N` each process writes prometheus_client's multiprocess files at each
+flush and the parent serves their sum, so the scrape shows the whole server (at most
+one flush period old).
 """
 
 from __future__ import annotations
 
+import asyncio
 import platform
+import threading
 import time
+from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import onnxruntime
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from service import __version__
+from service.status import Status
 
 LATENCY_BUCKETS = tuple(round(us * 1e-6, 9) for us in (
     25, 50, 75, 100, 125, 150, 200, 250, 300, 400, 500, 600, 750)) + tuple(
@@ -24,6 +39,47 @@ LATENCY_BUCKETS = tuple(round(us * 1e-6, 9) for us in (
 then six to a decade up to the slowest CPU batches, so that percentiles read from any of
 them are close to the truth."""
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+FLUSH_EVERY_S = 1.0
+SCRAPE_WAIT_S = 1.0
+"""How long a scrape waits for the event loop to flush; past it (a loop stalled in a long
+batch) it answers with the previous flush."""
+
+
+class Buckets:
+    """One histogram series as plain numbers: observations per bucket (Prometheus's
+    `le` rule: the first bound at or above the value) and their sum, since the last
+    flush."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def observe_many(self, value: float, n: int) -> None:
+        """`n` observations of `value` (requests that waited as long as each other)."""
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.total += value * n
+
+
+class ModelTally:
+    """What one model version's batcher adds up between flushes."""
+
+    __slots__ = ("queue_wait", "compute", "batch_size", "inferences", "executions", "depth")
+
+    def __init__(self) -> None:
+        self.queue_wait = Buckets(LATENCY_BUCKETS)
+        self.compute = Buckets(LATENCY_BUCKETS)
+        self.batch_size = Buckets(BATCH_BUCKETS)
+        self.inferences = 0
+        self.executions = 0
+        self.depth = 0
+        """Requests in its queue now (a gauge: set, never reset by a flush)."""
 
 
 class Metrics:
@@ -32,46 +88,157 @@ class Metrics:
         # The switch is prometheus_client's own, process-wide, and only ever turned off.
         disable_created_metrics()
         self.registry = registry
+        registry.register(_FlushFirst(self))  # before the metrics: collected in this order
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+
+        # The tallies: written on the event loop's thread only.
+        self.requests: defaultdict[tuple[str, str, Status], int] = defaultdict(int)
+        """Calls answered by (model, api, status), refusals before any handler included."""
+        self.in_flight: defaultdict[str, int] = defaultdict(int)
+        """Calls in progress by api (a gauge)."""
+        self.held_bytes = 0
+        """Bytes calls in progress hold against the memory budget (a gauge)."""
+        self.latency: defaultdict[tuple[str, int, str, Status], Buckets] = defaultdict(
+            lambda: Buckets(LATENCY_BUCKETS))
+        """Inference calls' latency by (model, version, api, status)."""
+        self._models: dict[tuple[str, str], ModelTally] = {}
+
         self.build_info = Gauge("cnnserve_build_info",
                                 "The running build: always 1, its labels say what it is.",
                                 ["version", "onnxruntime", "python"],
                                 multiprocess_mode="max", registry=registry)
         self.build_info.labels(__version__, onnxruntime.__version__,
                                platform.python_version()).set(1)
-        self.requests = Counter("cnnserve_requests",
-                                "Calls answered, by model, API and the status the client saw "
-                                "(refusals before any handler included).",
-                                ["model", "api", "code"], registry=registry)
-        self.in_flight = Gauge("cnnserve_in_flight_calls", "Calls in progress, by API.",
-                               ["api"], multiprocess_mode="livesum", registry=registry)
-        self.held_bytes = Gauge("cnnserve_memory_held_bytes",
-                                "Bytes that calls in progress hold against the memory budget.",
-                                multiprocess_mode="livesum", registry=registry)
+        self._requests = Counter("cnnserve_requests",
+                                 "Calls answered, by model, API and the status the client saw "
+                                 "(refusals before any handler included).",
+                                 ["model", "api", "code"], registry=registry)
+        self._in_flight = Gauge("cnnserve_in_flight_calls", "Calls in progress, by API.",
+                                ["api"], multiprocess_mode="livesum", registry=registry)
+        self._held_bytes = Gauge("cnnserve_memory_held_bytes",
+                                 "Bytes that calls in progress hold against the memory budget.",
+                                 multiprocess_mode="livesum", registry=registry)
         self.connections = Gauge("cnnserve_open_connections",
                                  "Client TCP connections open to the gRPC port.",
                                  multiprocess_mode="livesum", registry=registry)
-        self.latency = Histogram("cnnserve_request_latency_seconds",
-                                 "Latency of inference calls from the model's lookup to the "
-                                 "answer, failed ones included, by the status they ended with.",
-                                 ["model", "version", "api", "code"], buckets=LATENCY_BUCKETS,
-                                 registry=registry)
+        self._latency = Histogram("cnnserve_request_latency_seconds",
+                                  "Latency of inference calls from the model's lookup to the "
+                                  "answer, failed ones included, by the status they ended "
+                                  "with.", ["model", "version", "api", "code"],
+                                  buckets=LATENCY_BUCKETS, registry=registry)
         model = ["model", "version"]
-        self.queue_wait = Histogram("cnnserve_queue_wait_seconds",
-                                    "Time a request waited in the batcher before compute.",
-                                    model, buckets=LATENCY_BUCKETS, registry=registry)
-        self.compute = Histogram("cnnserve_compute_seconds",
-                                 "Time per executed batch: assembling it, onnxruntime's run.",
-                                 model, buckets=LATENCY_BUCKETS, registry=registry)
-        self.batch_size = Histogram("cnnserve_batch_size", "Images per executed batch.",
-                                    model, buckets=BATCH_BUCKETS, registry=registry)
-        self.queue_depth = Gauge("cnnserve_queue_depth", "Requests waiting in the batcher.",
-                                 model, multiprocess_mode="livesum", registry=registry)
-        self.inferences = Counter("cnnserve_inferences",
-                                  "Images inferred (Triton's inference_count).", model,
-                                  registry=registry)
-        self.executions = Counter("cnnserve_executions",
-                                  "Batches executed (Triton's execution_count).", model,
-                                  registry=registry)
+        self._queue_wait = Histogram("cnnserve_queue_wait_seconds",
+                                     "Time a request waited in the batcher before compute.",
+                                     model, buckets=LATENCY_BUCKETS, registry=registry)
+        self._compute = Histogram("cnnserve_compute_seconds",
+                                  "Time per executed batch: assembling it, onnxruntime's run.",
+                                  model, buckets=LATENCY_BUCKETS, registry=registry)
+        self._batch_size = Histogram("cnnserve_batch_size", "Images per executed batch.",
+                                     model, buckets=BATCH_BUCKETS, registry=registry)
+        self._queue_depth = Gauge("cnnserve_queue_depth", "Requests waiting in the batcher.",
+                                  model, multiprocess_mode="livesum", registry=registry)
+        self._inferences = Counter("cnnserve_inferences",
+                                   "Images inferred (Triton's inference_count).", model,
+                                   registry=registry)
+        self._executions = Counter("cnnserve_executions",
+                                   "Batches executed (Triton's execution_count).", model,
+                                   registry=registry)
+
+    def model(self, name: str, version: str) -> ModelTally:
+        """The tally of one model version's batcher; its series export zeros from now on,
+        not from its first request."""
+        key = (name, version)
+        tally = self._models.get(key)
+        if tally is None:
+            tally = self._models[key] = ModelTally()
+            for metric in (self._queue_wait, self._compute, self._batch_size,
+                           self._queue_depth, self._inferences, self._executions):
+                metric.labels(name, version)
+        return tally
+
+    def serve_from(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop whose thread writes the tallies: a scrape from another thread asks it
+        to flush. Unset, a scrape flushes in its own thread (tests without a loop)."""
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    async def flush_periodically(self, every_s: float = FLUSH_EVERY_S) -> None:
+        """Flush every `every_s` until cancelled (with --workers, the parent reads only
+        what was flushed)."""
+        while True:
+            await asyncio.sleep(every_s)
+            self.flush()
+
+    def flush(self) -> None:
+        """Move the tallies into the registry's metrics, on the thread that writes them."""
+        requests, self.requests = self.requests, defaultdict(int)
+        for (model, api, status), n in requests.items():
+            self._requests.labels(model, api, status.name).inc(n)
+        for api, n in list(self.in_flight.items()):
+            self._in_flight.labels(api).set(n)
+        self._held_bytes.set(self.held_bytes)
+        for (model, version, api, status), buckets in self.latency.items():
+            _add(self._latency.labels(model, str(version), api, status.name), buckets)
+        for (name, version), tally in self._models.items():
+            _add(self._queue_wait.labels(name, version), tally.queue_wait)
+            _add(self._compute.labels(name, version), tally.compute)
+            _add(self._batch_size.labels(name, version), tally.batch_size)
+            self._queue_depth.labels(name, version).set(tally.depth)
+            if tally.executions:
+                self._inferences.labels(name, version).inc(tally.inferences)
+                self._executions.labels(name, version).inc(tally.executions)
+                tally.inferences = tally.executions = 0
+
+    def _flush_for_scrape(self) -> None:
+        loop = self._loop
+        if loop is None or threading.get_ident() == self._loop_thread or loop.is_closed():
+            self.flush()
+            return
+        done = threading.Event()
+
+        def flush() -> None:
+            try:
+                self.flush()
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(flush)
+        except RuntimeError:  # the loop closed meanwhile
+            return
+        done.wait(SCRAPE_WAIT_S)
+
+
+def _add(child: Histogram, buckets: Buckets) -> None:
+    """Add a tally's observations to a histogram series and reset the tally.
+
+    prometheus_client has no call for many observations at once; its histogram child
+    keeps a sum and per-bucket counts (not cumulative), which this adds to
+    (tests/service/observability/test_metrics.py holds it to `observe`)."""
+    counts = buckets.counts
+    if not any(counts):
+        return
+    child._sum.inc(buckets.total)  # noqa: SLF001
+    for i, n in enumerate(counts):
+        if n:
+            child._buckets[i].inc(n)  # noqa: SLF001
+            counts[i] = 0
+    buckets.total = 0.0
+
+
+class _FlushFirst(Collector):
+    """Registered before every metric, so each collection (a scrape) flushes first."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        self._metrics._flush_for_scrape()  # noqa: SLF001
+        return ()
 
 
 @dataclass
