@@ -6,6 +6,12 @@ maps `ServingError.status` back to its protocol. Everything else happens here, o
 this order: resolve the model, check the payload against the model that will run it
 (again for the new version if a hot reload retires that one), give it a deadline, batch
 and run it, record the outcome.
+
+`submit` does all of that without awaiting anything, for payloads that need no decoding:
+it returns the result when the request ran at once (a lone caller), else a `Job` whose
+future the batch resolves. A front-end that answers from a callback (a stream's
+requests) needs no task per request; `infer` awaits the same path, and decodes images in
+the decode pool first.
 """
 
 from __future__ import annotations
@@ -13,28 +19,21 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from service.core.admission import Call, Kind
-from service.engine.batcher import (
-    BatcherClosedError,
-    DeadlineExceededError,
-    InferenceError,
-    QueueFullError,
-)
+from service.engine.batcher import BatcherClosedError
 from service.engine.models import ModelNotFoundError, ModelSet, ServedModel
 from service.engine.runtime import Tensors
 from service.observability.metrics import Metrics
 from service.status import ServingError, Status, invalid, outcome
 
-__all__ = ["InferRequest", "InferResult", "InferenceCore", "RequestLimits", "ServingError",
-           "Status", "invalid"]
+__all__ = ["InferRequest", "InferResult", "InferenceCore", "Job", "RequestLimits",
+           "ServingError", "Status", "invalid"]
 
 
 @dataclass(frozen=True)
@@ -85,9 +84,77 @@ class InferResult:
     """In the order of the model's configured outputs."""
 
 
-@dataclass
-class _Resolved:
-    model: ServedModel | None = None
+class Job:
+    """One inference call inside the core, from the model's lookup to its outcome: in
+    flight (shutdown waits for it) until `end`, which records it once."""
+
+    __slots__ = ("core", "call", "model", "started", "deadline", "future", "ended")
+
+    def __init__(self, core: InferenceCore, call: Call, model: ServedModel, started: float,
+                 deadline: float) -> None:
+        self.core = core
+        self.call = call
+        self.model = model
+        self.started = started
+        self.deadline = deadline
+        self.future: asyncio.Future[list[np.ndarray]] | None = None
+        """The batch's answer, while the request waits in its model's queue."""
+        self.ended = False
+
+    def result(self) -> InferResult:
+        """Once `future` is done: the outputs, or the error it ended with. Ends the job."""
+        future = self.future
+        assert future is not None and future.done()
+        if future.cancelled():
+            self.end(Status.CANCELLED)
+            raise asyncio.CancelledError
+        error = future.exception()
+        if error is not None:
+            self.end(outcome(error))
+            raise error
+        return self.done(future.result())
+
+    async def wait(self) -> InferResult:
+        """The result, once the batch has run; cancelling the caller takes the request
+        out of the queue (its model never sees it)."""
+        future = self.future
+        assert future is not None
+        try:
+            await future
+        except asyncio.CancelledError:
+            future.cancel()  # the caller was cancelled: out of the queue, if still in it
+            self.end(Status.CANCELLED)
+            raise
+        except Exception:  # noqa: BLE001, S110 - the batch's error: result() raises it
+            pass
+        return self.result()
+
+    def done(self, outputs: list[np.ndarray]) -> InferResult:
+        """The outputs, charged to the call (RESOURCE_EXHAUSTED past its budget)."""
+        nbytes = 0
+        for array in outputs:
+            nbytes += array.nbytes
+        try:
+            self.call.charge(nbytes, "the response")
+        except ServingError as exc:
+            self.end(exc.status)
+            raise
+        self.end(Status.OK)
+        return InferResult(self.model, outputs)
+
+    def end(self, status: Status) -> None:
+        """Out of flight, into the model's statistics (Triton's: success or fail) and the
+        latency histogram, once; the edge counts the call."""
+        if self.ended:
+            return
+        self.ended = True
+        core, model = self.core, self.model
+        core.in_flight -= 1
+        elapsed = time.monotonic() - self.started
+        stats = model.stats.success if status is Status.OK else model.stats.fail
+        stats.count += 1
+        stats.seconds += elapsed
+        core.metrics.latency[model.name, model.version, self.call.api, status].observe(elapsed)
 
 
 class InferenceCore:
@@ -113,31 +180,42 @@ class InferenceCore:
     def drain(self) -> None:
         self.draining = True
 
-    async def infer(self, request: InferRequest) -> InferResult:
-        """Run `request` on the model it names, batched with others; ServingError if not."""
-        call = request.call or Call(request.api, "in-process", Kind.WORK)
-        payload = request.payload
-        with self._recorded(call) as resolved:
-            model = resolved.model = self._resolve(request.model, request.version)
-            call.model = model.name
-            timeout = self.limits.request_timeout_s if request.timeout_s is None else min(
-                request.timeout_s, self.limits.request_timeout_s)
-            deadline = time.monotonic() + timeout
+    def submit(self, request: InferRequest) -> InferResult | Job:
+        """Run `request` (a payload that needs no decoding) on the model it names: its
+        result if it ran at once, else the `Job` its batch will answer (`Job.wait`, or
+        `Job.result` once its future is done). ServingError if it cannot run."""
+        job = self._open(request)
+        try:
             while True:
-                self._check_rows(model, payload.rows)
-                inputs = await self._prepare(payload, model, call, deadline)
-                call.charge(sum(a.nbytes for a in inputs.values()), "the request's tensors")
+                self._check_rows(job.model, request.payload.rows)
+                inputs = request.payload.tensors(job.model, job.call)
                 try:
-                    outputs = await self._run(model, inputs, deadline, self._alone(call))
-                    call.charge(sum(a.nbytes for a in outputs), "the response")
-                    return InferResult(model, outputs)
-                except BatcherClosedError as exc:
-                    # A hot reload retired this version after the request found it: the
-                    # version now served takes the request, checked against it afresh.
-                    successor = self.models.current(model.name)
-                    if successor is None or successor is model or not successor.ready:
-                        raise ServingError(Status.UNAVAILABLE, str(exc)) from None
-                    model = resolved.model = successor
+                    return self._enqueue(job, request, inputs)
+                except BatcherClosedError:
+                    self._move_to_successor(job)
+        except BaseException as exc:
+            job.end(outcome(exc))
+            raise
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        """Run `request` on the model it names, batched with others; ServingError if not.
+        Images are decoded in the decode pool first."""
+        if not request.payload.offload:
+            answer = self.submit(request)
+            return answer if isinstance(answer, InferResult) else await answer.wait()
+        job = self._open(request)
+        try:
+            while True:
+                inputs = await self._decode(request.payload, job)
+                try:
+                    answer = self._enqueue(job, request, inputs)
+                    break
+                except BatcherClosedError:
+                    self._move_to_successor(job)
+        except BaseException as exc:
+            job.end(outcome(exc))
+            raise
+        return answer if isinstance(answer, InferResult) else await answer.wait()
 
     def model(self, name: str, version: str = "", call: Call | None = None) -> ServedModel:
         """The ready model behind `name` (for metadata), labelling `call` with it; not in
@@ -152,29 +230,6 @@ class InferenceCore:
         """The models whose statistics were asked for: one by name, or every one."""
         return [self.model(name, version, call)] if name else list(self.models)
 
-    async def _prepare(self, payload: Payload, model: ServedModel, call: Call,
-                       deadline: float) -> Tensors:
-        if not payload.offload:
-            return payload.tensors(model, call)
-        stop = call.stop = call.stop or threading.Event()  # kept if a hot reload retries
-        work = asyncio.get_running_loop().run_in_executor(
-            self.decoder, payload.tensors, model, call)
-        try:
-            return await asyncio.wait_for(work, max(deadline - time.monotonic(), 0.0))
-        except TimeoutError:
-            stop.set()  # the decoder stops between images; a queued one never starts
-            raise ServingError(Status.DEADLINE_EXCEEDED,
-                               "the deadline passed while the images were decoded") from None
-        except asyncio.CancelledError:
-            stop.set()
-            raise
-
-    def _alone(self, call: Call) -> bool:
-        """No other call is in progress: none in the core, and none the edge has admitted
-        that is still on its way here (its message arriving or being parsed)."""
-        admission = call.admission
-        return self.in_flight == 1 and (admission is None or admission.calls <= 1)
-
     def find(self, name: str, version: str = "") -> ServedModel:
         """The model served under `name` (at `version`, if given), ready or not; NOT_FOUND
         if there is none."""
@@ -182,6 +237,63 @@ class InferenceCore:
             return self.models.get(name, version)
         except ModelNotFoundError as exc:
             raise ServingError(Status.NOT_FOUND, str(exc)) from None
+
+    def _open(self, request: InferRequest) -> Job:
+        """The request's job: its model resolved, its rows checked, its call labelled,
+        its deadline set."""
+        call = request.call or Call(request.api, "in-process", Kind.WORK)
+        model = self._resolve(request.model, request.version)
+        call.model = model.name
+        now = time.monotonic()
+        timeout = self.limits.request_timeout_s
+        if request.timeout_s is not None and request.timeout_s < timeout:
+            timeout = request.timeout_s
+        self.last_call_at = now
+        self.in_flight += 1
+        return Job(self, call, model, now, now + timeout)
+
+    def _enqueue(self, job: Job, request: InferRequest, inputs: Tensors
+                 ) -> InferResult | Job:
+        """Charge what the request will hold, then hand it to its model's batcher."""
+        model, call = job.model, job.call
+        nbytes = 0
+        for array in inputs.values():
+            nbytes += array.nbytes
+        call.charge(nbytes, "the request's tensors")
+        batcher = model.batcher
+        assert batcher is not None  # a ready model has one
+        admission = call.admission
+        alone = self.in_flight == 1 and (admission is None or admission.calls <= 1)
+        rows = request.payload.rows if model.config.batched else 1
+        answer = batcher.submit(inputs, rows, job.started, job.deadline, alone)
+        if isinstance(answer, list):
+            return job.done(answer)
+        job.future = answer
+        return job
+
+    def _move_to_successor(self, job: Job) -> None:
+        """A hot reload retired the job's version after the request found it: the version
+        now served takes the request, checked against it afresh (UNAVAILABLE if none)."""
+        successor = self.models.current(job.model.name)
+        if successor is None or successor is job.model or not successor.ready:
+            raise ServingError(Status.UNAVAILABLE, f"model {job.model.name!r} is shutting down")
+        job.model = successor
+
+    async def _decode(self, payload: Payload, job: Job) -> Tensors:
+        call = job.call
+        self._check_rows(job.model, payload.rows)
+        stop = call.stop = call.stop or threading.Event()  # kept if a hot reload retries
+        work = asyncio.get_running_loop().run_in_executor(
+            self.decoder, payload.tensors, job.model, call)
+        try:
+            return await asyncio.wait_for(work, max(job.deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            stop.set()  # the decoder stops between images; a queued one never starts
+            raise ServingError(Status.DEADLINE_EXCEEDED,
+                               "the deadline passed while the images were decoded") from None
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     def _resolve(self, name: str, version: str) -> ServedModel:
         model = self.find(name, version)
@@ -193,42 +305,8 @@ class InferenceCore:
     def _check_rows(self, model: ServedModel, rows: int) -> None:
         if not model.config.batched:
             return  # its tensors' shapes are checked whole by the payload
-        limit = min(model.max_batch_size, self.limits.max_images_per_request)
+        limit = min(model.policy.max_batch_size, self.limits.max_images_per_request)
         if rows > limit:
             invalid(f"model {model.name!r} takes at most {limit} images per request (its "
                     f"max_batch_size {model.max_batch_size}, server max_images_per_request "
                     f"{self.limits.max_images_per_request}), got {rows}")
-
-    @staticmethod
-    async def _run(model: ServedModel, inputs: Tensors, deadline: float, alone: bool
-                   ) -> list[np.ndarray]:
-        assert model.batcher is not None  # a ready model has one
-        try:
-            return await model.batcher.infer(inputs, deadline, alone)
-        except QueueFullError as exc:
-            raise ServingError(Status.RESOURCE_EXHAUSTED, str(exc)) from None
-        except DeadlineExceededError as exc:
-            raise ServingError(Status.DEADLINE_EXCEEDED, str(exc)) from None
-        except InferenceError as exc:
-            raise ServingError(Status.INTERNAL, str(exc)) from None
-
-    @contextmanager
-    def _recorded(self, call: Call) -> Iterator[_Resolved]:
-        """Time one inference, into the model's statistics; the edge counts the call."""
-        started = time.perf_counter()
-        self.last_call_at = time.monotonic()
-        self.in_flight += 1
-        resolved = _Resolved()
-        status = Status.OK
-        try:
-            yield resolved
-        except BaseException as exc:
-            status = outcome(exc)
-            raise
-        finally:
-            self.in_flight -= 1
-            elapsed = time.perf_counter() - started
-            model = resolved.model
-            if model is not None:
-                self.metrics.latency[model.name, model.version, call.api, status].observe(elapsed)
-                (model.stats.success if status is Status.OK else model.stats.fail).add(elapsed)

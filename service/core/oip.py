@@ -16,15 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from contract.repository import NUMPY_DTYPES, TensorSpec
 from service import __version__
 from service.core.admission import Call
-from service.core.inference import InferenceCore, InferRequest
-from service.engine.models import ServedModel
+from service.core.inference import InferenceCore, InferRequest, InferResult, Job
+from service.engine.models import InputLayout, ServedModel
 from service.engine.reload import ModelControl
 from service.engine.runtime import CUDA, Tensors, cuda_available
 from service.memory.regions import Regions
@@ -128,44 +128,60 @@ class TensorPayload:
 
 
 def checked_inputs(request: OipRequest, shm: Regions, model: ServedModel) -> Tensors:
-    """The request checked against `model`: its inputs by name, or INVALID_ARGUMENT.
-    Inputs that name a shared memory region are read from it in place; `raw` holds one
-    entry for each of the others, in order."""
-    config = model.config
-    given = [t.name for t in request.inputs]
-    names = [t.name for t in config.inputs]
-    if given != names and sorted(given) != sorted(names):
-        invalid(f"model {model.name!r} takes inputs {names}, got "
-                f"[{', '.join(shown(n, 64) for n in given[:16])}]")
-    in_shm = [shm_window(t.parameters, f"input {shown(t.name)}") for t in request.inputs]
+    """The request checked against `model`: its inputs by name, in the model's order, or
+    INVALID_ARGUMENT. Inputs that name a shared memory region are read from it in place;
+    `raw` holds one entry for each of the others, in order."""
+    layouts = model.inputs
+    given = request.inputs
     raw = request.raw
-    sent = sum(window is None for window in in_shm)
-    if raw and len(raw) != sent:
-        invalid(f"expected {sent} raw_input_contents entries (one per input not in shared "
-                f"memory), got {len(raw)}")
-    specs = {t.name: t for t in config.inputs}
     tensors: Tensors = {}
-    rows: set[int] = set()
+    rows = 0
     next_raw = 0
-    for tensor, window in zip(request.inputs, in_shm, strict=True):
-        spec = specs[tensor.name]
-        shape = _checked_shape(tensor, spec, config.batched)
-        if config.batched:
-            rows.add(shape[0])
+    if len(given) != len(layouts):
+        _wrong_names(model, given)
+    for tensor in given:
+        layout = layouts.get(tensor.name)
+        if layout is None or tensor.name in tensors:
+            _wrong_names(model, given)
+        window = shm_window(tensor.parameters, f"input {shown(tensor.name)}") \
+            if tensor.parameters else None
+        shape = _checked_shape(tensor, layout)
+        if layout.batched:
+            if rows and shape[0] != rows:
+                invalid("every input's first (batch) dimension must be the same, got "
+                        f"{sorted({tuple(t.shape)[0] for t in given})}")
+            rows = shape[0]
         if (raw or window) and tensor.contents is not None:
-            invalid(f"input {spec.name!r}: send its data in one place (contents, "
+            invalid(f"input {layout.spec.name!r}: send its data in one place (contents, "
                     "raw_input_contents or shared memory)")
         if window is not None:
-            tensors[spec.name] = shm.read(*window, np.dtype(NUMPY_DTYPES[spec.datatype]), shape)
+            tensors[tensor.name] = shm.read(*window, layout.dtype, shape)
         elif raw:
-            tensors[spec.name] = _from_raw(raw[next_raw], spec, shape)
+            if next_raw == len(raw):
+                _wrong_raw_count(request)
+            tensors[tensor.name] = _from_raw(raw[next_raw], layout, shape)
             next_raw += 1
         else:
-            tensors[spec.name] = _from_contents(tensor, spec, shape)
-    if len(rows) > 1:
-        invalid(f"every input's first (batch) dimension must be the same, got {sorted(rows)}")
-    _check_outputs(request, model, shm)
-    return {t.name: tensors[t.name] for t in config.inputs}
+            tensors[tensor.name] = _from_contents(tensor, layout.spec, shape)
+    if raw and next_raw != len(raw):
+        _wrong_raw_count(request)
+    if request.outputs:
+        _check_outputs(request, model, shm)
+    if len(tensors) > 1:
+        return {name: tensors[name] for name in layouts}
+    return tensors
+
+
+def _wrong_names(model: ServedModel, given: Sequence[InputTensor]) -> NoReturn:
+    invalid(f"model {model.name!r} takes inputs {list(model.inputs)}, got "
+            f"[{', '.join(shown(t.name, 64) for t in given[:16])}]")
+
+
+def _wrong_raw_count(request: OipRequest) -> NoReturn:
+    sent = sum(not (t.parameters and "shared_memory_region" in t.parameters)
+               for t in request.inputs)
+    invalid(f"expected {sent} raw_input_contents entries (one per input not in shared "
+            f"memory), got {len(request.raw)}")
 
 
 def shm_window(parameters: Parameters, what: str
@@ -193,30 +209,39 @@ def _int_param(value: Parameter | None) -> int:
     return value
 
 
-def _checked_shape(tensor: InputTensor, spec: TensorSpec, batched: bool) -> tuple[int, ...]:
+def _checked_shape(tensor: InputTensor, layout: InputLayout) -> tuple[int, ...]:
+    spec = layout.spec
     if tensor.datatype != spec.datatype:
         invalid(f"input {spec.name!r} must have datatype {spec.datatype}, got "
                 f"{shown(tensor.datatype, 16)}")
     shape = tuple(tensor.shape)
-    expected = ((-1,) if batched else ()) + spec.shape
-    fits = len(shape) == len(expected) and all(
-        d >= 1 and (e == -1 or d == e) for d, e in zip(shape, expected, strict=True))
+    expected = layout.shape
+    if layout.tail is None:
+        fits = len(shape) == len(expected) and all(
+            d >= 1 and (e == -1 or d == e) for d, e in zip(shape, expected, strict=True))
+    elif layout.batched:  # no dim of any size: one comparison, and the batch's
+        fits = shape[1:] == layout.tail and shape != () and shape[0] >= 1
+    else:
+        fits = shape == expected
     if not fits:
-        wanted = ", ".join("N" if (batched and i == 0) else ("*" if e == -1 else str(e))
+        wanted = ", ".join("N" if (layout.batched and i == 0) else ("*" if e == -1 else str(e))
                            for i, e in enumerate(expected))
         invalid(f"input {spec.name!r} must have shape [{wanted}] (each dim >= 1), got "
                 f"{list(shape[:16])}")
     return shape
 
 
-def _from_raw(raw: bytes | memoryview, spec: TensorSpec, shape: tuple[int, ...]
+def _from_raw(raw: bytes | memoryview, layout: InputLayout, shape: tuple[int, ...]
               ) -> np.ndarray:
-    dtype = np.dtype(NUMPY_DTYPES[spec.datatype])
-    needed = math.prod(shape) * dtype.itemsize
+    spec = layout.spec
+    if layout.tail is not None:
+        needed = shape[0] * layout.row_bytes if layout.batched else layout.row_bytes
+    else:
+        needed = math.prod(shape) * layout.dtype.itemsize
     if len(raw) != needed:
         invalid(f"input {spec.name!r} of shape {list(shape)} needs {needed} bytes of "
                 f"little-endian {spec.datatype}, got {len(raw)}")
-    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    array = np.frombuffer(raw, dtype=layout.dtype).reshape(shape)
     if spec.datatype == "BOOL" and array.view(np.uint8).max(initial=0) > 1:
         invalid(f"input {spec.name!r} is BOOL: each byte must be 0 or 1")
     return array
@@ -263,6 +288,11 @@ def _check_outputs(request: OipRequest, model: ServedModel, shm: Regions) -> Non
         window = shm_window(output.parameters, f"output {shown(output.name)}")
         if window is not None:
             shm.check(window[0])  # NOT_FOUND before the model runs, not after
+
+
+def _raw(array: np.ndarray, spec: TensorSpec) -> bytes:
+    """An output's little-endian bytes (onnxruntime's are already, in row-major order)."""
+    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[spec.datatype]).tobytes()
 
 
 def _shape(spec: TensorSpec, batched: bool) -> list[int]:
@@ -317,27 +347,45 @@ class OpenInference:
                 "outputs": [{"name": t.name, "datatype": t.datatype,
                              "shape": _shape(t, batched)} for t in model.config.outputs]}
 
+    def submit(self, request: OipRequest, api: str, timeout_s: float | None,
+               call: Call | None = None) -> OipResponse | Job:
+        """One inference, without awaiting: the response if it ran at once, else the core's
+        `Job` (`respond` turns its result into the response)."""
+        answer = self.core.submit(InferRequest(api, request.model, request.version,
+                                               TensorPayload(request, self.shm), timeout_s,
+                                               call))
+        return self.respond(request, answer) if isinstance(answer, InferResult) else answer
+
     async def infer(self, request: OipRequest, api: str, timeout_s: float | None,
                     call: Call | None = None) -> OipResponse:
         """One inference: the request checked against the model that runs it, batched
         with others; inputs and outputs in shared memory where it names regions."""
-        result = await self.core.infer(InferRequest(
-            api=api, model=request.model, version=request.version,
-            payload=TensorPayload(request, self.shm), timeout_s=timeout_s, call=call))
+        answer = self.submit(request, api, timeout_s, call)
+        if isinstance(answer, Job):
+            return self.respond(request, await answer.wait())
+        return answer
+
+    def respond(self, request: OipRequest, result: InferResult) -> OipResponse:
+        """The outputs the request asked for (all, if it named none), raw or written
+        into the shared memory regions it named."""
         model = result.model
-        wanted = {o.name: o for o in request.outputs}
         outputs: list[OutputTensor] = []
+        if not request.outputs:
+            for spec, array in zip(model.config.outputs, result.outputs, strict=True):
+                outputs.append(OutputTensor(spec.name, spec.datatype, array.shape,
+                                            _raw(array, spec)))
+            return OipResponse(model.name, str(model.version), request.id, outputs)
+        wanted = {o.name: o for o in request.outputs}
         for spec, array in zip(model.config.outputs, result.outputs, strict=True):
-            if wanted and spec.name not in wanted:
+            if spec.name not in wanted:
                 continue
-            window = (shm_window(wanted[spec.name].parameters, f"output {shown(spec.name)}")
-                      if spec.name in wanted else None)
-            dtype = NUMPY_DTYPES[spec.datatype]
+            window = shm_window(wanted[spec.name].parameters, f"output {shown(spec.name)}")
             if window is None:
-                raw = np.ascontiguousarray(array, dtype=dtype).tobytes()
-                outputs.append(OutputTensor(spec.name, spec.datatype, array.shape, raw))
+                outputs.append(OutputTensor(spec.name, spec.datatype, array.shape,
+                                            _raw(array, spec)))
                 continue
-            written = self.shm.write(*window, array.astype(dtype, copy=False))
+            written = self.shm.write(*window, array.astype(NUMPY_DTYPES[spec.datatype],
+                                                           copy=False))
             outputs.append(OutputTensor(spec.name, spec.datatype, array.shape, b"",
                                         window[0], written))
         return OipResponse(model.name, str(model.version), request.id, outputs)

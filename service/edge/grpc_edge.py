@@ -3,8 +3,9 @@
 `EdgeInterceptor` wraps each method's handler, so that before any servicer runs:
 - the call is admitted (service.core.admission): probes always, long-lived streams from a pool
   of their own, every other call against the server's and its connection's caps;
-- its request message must arrive within `arrival_timeout_s` of its headers, so a stream
-  that sends headers and never a body holds nothing for long;
+- its request message must arrive within `arrival_timeout_s` of its headers (checked by
+  `sweep`, four times in that span: at most a quarter more), so a stream that sends
+  headers and never a body holds nothing for long;
 - the message is charged against the memory budget, then parsed here: bytes that are not
   the method's message are INVALID_ARGUMENT, logged once per interval, never a traceback;
 and after it: a `ServingError` becomes the call's status, anything unexpected INTERNAL,
@@ -37,6 +38,9 @@ GRPC_CODES = {status: grpc.StatusCode[status.name] for status in Status}
 _STATUSES = {code: status for status, code in GRPC_CODES.items()}
 
 _CANCEL_TURN_S = 0.05
+SWEEPS_PER_TIMEOUT = 4
+"""Checks for requests that did not arrive, per `arrival_timeout_s`: a call waits at least
+that long and at most a quarter more, and no call pays for a timer of its own."""
 _OIP = "/inference.GRPCInferenceService/"
 _HEALTH = "/grpc.health.v1.Health/"
 
@@ -151,7 +155,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 await target(*args)  # writes through context itself
             return None
 
-        return self._admitted(route, serve)
+        return self._admitted(route, serve, with_call)
 
     def _streaming(self, route: Route, handler: grpc.RpcMethodHandler) -> Behaviour:
         target = handler.stream_stream or handler.stream_unary
@@ -174,13 +178,14 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                                    "protobuf") from None
             return None
 
-        return self._admitted(route, serve)
+        return self._admitted(route, serve, with_call)
 
     def _admitted(self, route: Route,
                   serve: Callable[[AsyncIterator[Any], grpc.aio.ServicerContext, Call],
-                                  Awaitable[Any]]) -> Behaviour:
+                                  Awaitable[Any]], ours: bool) -> Behaviour:
         """`serve` inside the call's admission; a ServingError becomes the call's status,
-        anything unexpected INTERNAL (logged, throttled)."""
+        anything unexpected INTERNAL (logged, throttled). `ours`: the project's servicers,
+        which answer errors by raising, never by setting a code and returning."""
         admission = self.admission
 
         async def behaviour(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -192,7 +197,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     except grpc.aio.AbortError:
                         call.status = _status_set(context)
                         raise
-                    call.status = _status_set(context)
+                    if not ours:
+                        call.status = _status_set(context)
                     return answer
             except ServingError as exc:
                 refusal = (exc.status, str(exc))
@@ -206,27 +212,24 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
         return behaviour
 
+    async def sweep(self) -> None:
+        """End calls whose request message has not arrived in time, until cancelled."""
+        while True:
+            await asyncio.sleep(self.arrival_timeout_s / SWEEPS_PER_TIMEOUT)
+            self.admission.expire_waiting(SWEEPS_PER_TIMEOUT + 1, self.arrival_timeout_s)
+
     async def _receive(self, context: grpc.aio.ServicerContext, call: Call) -> bytes:
         task = asyncio.current_task()
         assert task is not None
-        self.admission.awaiting_request(call, task.cancel)
+        call.wait_for_request(task)
         try:
-            async with asyncio.timeout(self.arrival_timeout_s):
-                raw = await context.read()
-        except TimeoutError:
-            raise ServingError(Status.DEADLINE_EXCEEDED,
-                               f"no request message arrived within {self.arrival_timeout_s:g}s "
-                               "of the call's headers") from None
+            raw = await context.read()
         except asyncio.CancelledError:
-            if not call.evicted:
+            if call.refusal is None:  # the client went away
                 raise
             task.uncancel()
-            raise ServingError(Status.RESOURCE_EXHAUSTED,
-                               f"the server is at its limit of {self.admission.limits.max_calls}"
-                               " calls and this call's request had not arrived: its slot went "
-                               "to a client holding fewer calls") from None
-        finally:
-            self.admission.request_arrived(call)
+            raise call.refusal from None
+        call.request_arrived()
         if not isinstance(raw, bytes):
             # No message: the client went away (gRPC cancels this task on its next turns),
             # or it half-closed without sending one.

@@ -1,20 +1,22 @@
 """Dynamic batching: concurrent requests for one model are run as one onnxruntime batch.
 
 What leaves the queue and when is decided by `batching.select_batch` (the policy's
-rules); this module applies it concurrently. Compute runs in a thread pool, so the next
-batch gathers while the current one runs; each model instance has its own worker.
+rules); this module applies it. Where the compute runs:
 
-When a batch ends and the next one is already ready, the compute thread takes and runs it
-at once: a busy model never idles while the event loop gets round to it. The queue is
-shared with those threads under a lock; futures are only ever resolved on the loop.
+- A lone caller's request (no other call in progress, every instance idle, a size that
+  recently ran faster than `policy.inline_compute_s`) runs in the caller's own step:
+  `submit` returns its outputs. No queue, no worker to wake, no future, no thread: for a
+  LeNet-sized model those cost more than the run. Only with `work_conserving`: Triton's
+  delay policy makes every request wait for company.
+- Everything else waits in the queue and runs in a compute thread, one per instance, so
+  the event loop goes on accepting calls while the model runs and the requests that
+  arrive meanwhile form the next batch. When a batch ends and the next is ready, the
+  compute thread takes and runs it at once: a busy model never idles while the loop gets
+  round to it. The queue is shared with those threads under a lock; futures are only
+  ever resolved on the loop.
 
-A batch of a size that recently ran in under `policy.inline_compute_s` runs on the event
-loop itself: for a tiny model, handing it to a thread and the answer back costs more CPU
-and latency than the run. Each size's recent compute time is tracked, so a model that
-slows down (a busier host) goes back to the threads. A lone caller's request of such a
-size, on a model with every instance idle, runs in the caller's own task: no queue, no
-worker to wake, no future to hand back (with `work_conserving` only: Triton's policy
-makes every request wait for company).
+`submit` is synchronous, so a caller can answer without a task of its own (a stream's
+requests); `infer` awaits it.
 """
 
 from __future__ import annotations
@@ -33,36 +35,26 @@ import numpy as np
 from service.engine.batching import BatchPolicy, Selection, select_batch
 from service.engine.runtime import ModelRunner, Tensors
 from service.observability.metrics import Metrics, ModelStats
-from service.status import bounded
+from service.status import ServingError, Status, bounded
 
 log = logging.getLogger(__name__)
 
 
-class BatcherError(Exception):
-    """A request the batcher could not run; the API layer maps each kind to a gRPC status."""
+class BatcherClosedError(ServingError):
+    """The model version is shutting down (a hot reload retired it): the version now
+    served may take the request instead."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(Status.UNAVAILABLE, f"model {name!r} is shutting down")
 
 
-class QueueFullError(BatcherError):
-    pass
-
-
-class DeadlineExceededError(BatcherError):
-    pass
-
-
-class BatcherClosedError(BatcherError):
-    pass
-
-
-class InferenceError(BatcherError):
-    pass
-
-
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Request:
     inputs: Tensors
     rows: int
-    shapes: tuple[tuple[int, ...], ...]
+    shapes: object
+    """Its inputs' shapes past the batch dimension, where the model takes dims of any
+    size (None where every request's are the same)."""
     future: asyncio.Future[list[np.ndarray]]
     enqueued: float
     deadline: float | None
@@ -82,16 +74,19 @@ class DynamicBatcher:
         self._executor = executor
         self._stats = stats
         self._tally = metrics.model(name, version)
+        config = self._runners[0].config if self._runners else None
+        self._varying = config is not None and any(-1 in t.shape for t in config.inputs)
+        """Requests may differ in shape past the batch dimension: only equal ones batch."""
         self._queue: deque[_Request] = deque()
         self._lock = threading.Lock()  # guards _queue: the loop adds, compute threads take
         self._arrived = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._idle = 0
-        """Workers waiting for a request to arrive (none queued, none computing)."""
+        self._sleeping = 0
+        """Workers waiting for `_arrived`: none computing, and none with a batch ready."""
         self._recent_compute_s: dict[int, float] = {}
-        """Per batch size: a moving average of its compute time (measured on the loop)."""
+        """Per batch size: a moving average of its compute time."""
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -101,51 +96,60 @@ class DynamicBatcher:
     @property
     def idle_instances(self) -> int:
         """Instances waiting for a request: nothing queued, nothing of theirs running."""
-        return self._idle
+        return 0 if self._queue else self._sleeping
+
+    def submit(self, inputs: Tensors, rows: int, now: float, deadline: float | None = None,
+               alone: bool = False) -> list[np.ndarray] | asyncio.Future[list[np.ndarray]]:
+        """The model's outputs for `inputs` (`rows` of them, first in each input if the
+        model batches), in its configured order: at once for a lone caller (see the
+        module's doc), else a future that the batch's run resolves.
+
+        `now` is `time.monotonic()` as the caller read it; `deadline` an instant on the
+        same clock: a request still queued then fails DEADLINE_EXCEEDED. Cancelling the
+        future removes the request before it reaches the model. `alone`: no other call
+        is in progress, so none would join this request's batch. The caller has checked
+        `rows` against the policy; a larger one is a programming error.
+        """
+        if self._closing:
+            raise BatcherClosedError(self.name)
+        policy = self.policy
+        if not 1 <= rows <= (policy.max_batch_size or 1):
+            raise ValueError(f"expected 1 to {policy.max_batch_size} rows per request for "
+                             f"model {self.name!r}, got {rows}")
+        if (alone and policy.work_conserving and self._sleeping == len(self._runners)
+                and not self._queue):
+            recent = self._recent_compute_s.get(rows)
+            if recent is not None and recent < policy.inline_compute_s:
+                return self._run_alone(inputs, rows, now)
+        shapes = tuple(a.shape[1:] for a in inputs.values()) if self._varying else None
+        future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()  # type: ignore[union-attr]
+        request = _Request(inputs, rows, shapes, future, now, deadline)
+        with self._lock:
+            if len(self._queue) >= policy.max_queue_size:
+                raise ServingError(Status.RESOURCE_EXHAUSTED,
+                                   f"model {self.name!r} has {len(self._queue)} requests "
+                                   f"queued (limit {policy.max_queue_size}); retry later")
+            self._queue.append(request)
+            self._tally.depth += 1
+        if self._sleeping:
+            self._arrived.set()
+        return future
 
     async def infer(self, inputs: Tensors, deadline: float | None = None,
                     alone: bool = False) -> list[np.ndarray]:
-        """Queue `inputs` (each with n rows first, if the model batches) and wait for the
-        model's outputs for them, in its configured order.
-
-        `deadline` is a `time.monotonic()` instant; a request still queued then is dropped.
-        Cancelling the awaiting task removes the request before it reaches the model.
-        `alone`: no other call is in progress, so none would join this request's batch.
-        The caller has checked n against the policy; a larger n is a programming error.
-        """
-        if self._closing:
-            raise BatcherClosedError(f"model {self.name!r} is shutting down")
-        batched = self.policy.max_batch_size > 0
+        """`submit`, awaited (in-process callers)."""
         first = next(iter(inputs.values()))
-        rows = len(first) if batched else 1
-        if not 1 <= rows <= max(self.policy.max_batch_size, 1):
-            raise ValueError(f"expected 1 to {self.policy.max_batch_size} rows per request "
-                             f"for model {self.name!r}, got {rows}")
-        shapes = tuple(a.shape[1:] if batched else a.shape for a in inputs.values())
-        request = _Request(inputs, rows, shapes, asyncio.get_running_loop().create_future(),
-                           time.monotonic(), deadline)
-        if alone and self._runs_at_once(rows):
-            self._finish([request], rows, *self._run(self._runners[0], [request], rows))
-            return request.future.result()
-        with self._lock:
-            if len(self._queue) >= self.policy.max_queue_size:
-                raise QueueFullError(f"model {self.name!r} has {len(self._queue)} requests "
-                                     f"queued (limit {self.policy.max_queue_size}); retry later")
-            self._queue.append(request)
-            self._tally.depth += 1
-        self._arrived.set()
-        return await request.future
+        rows = len(first) if self.policy.max_batch_size else 1
+        answer = self.submit(inputs, rows, time.monotonic(), deadline, alone)
+        return answer if isinstance(answer, list) else await answer
 
-    def _runs_at_once(self, rows: int) -> bool:
-        """Whether a lone request of `rows` runs in its caller's task: every instance is
-        idle, and the size ran fast enough recently to run on the loop."""
-        return (self.policy.work_conserving and self.idle_instances == len(self._runners)
-                and not self._queue and not self._closing and self._runs_inline(rows))
-
-    def _runs_inline(self, rows: int) -> bool:
-        """A batch of `rows` recently ran under `inline_compute_s` (a new size has not)."""
-        recent = self._recent_compute_s.get(rows)
-        return recent is not None and recent < self.policy.inline_compute_s
+    def _run_alone(self, inputs: Tensors, rows: int, now: float) -> list[np.ndarray]:
+        """Run one request in its caller's step, recorded as a batch of its own."""
+        assembled, ended, result = self._run(self._runners[0], inputs, rows)
+        self._record(rows, (0.0,), now, assembled, ended, 0.0, result)
+        if isinstance(result, ServingError):
+            raise result
+        return result
 
     async def close(self) -> None:
         """Run everything already queued, then stop the workers."""
@@ -167,7 +171,8 @@ class DynamicBatcher:
         now = time.monotonic()
         for request in expired:
             if not request.future.done():
-                request.future.set_exception(DeadlineExceededError(
+                request.future.set_exception(ServingError(
+                    Status.DEADLINE_EXCEEDED,
                     f"deadline passed after {now - request.enqueued:.3f}s in the queue of "
                     f"model {self.name!r}, before compute"))
 
@@ -179,51 +184,40 @@ class DynamicBatcher:
                 return selection
             self._arrived.clear()
             wake = selection.wake_at
-            if wake is None:
-                if self._closing:
-                    return None
-                self._idle += 1
-                try:
-                    await self._arrived.wait()
-                finally:
-                    self._idle -= 1
-                continue
-            # Sleep until the head's delay is over, a request arrives, or the first
+            if wake is None and self._closing:
+                return None
+            # Sleep until a request arrives, or the head's delay is over or the first
             # deadline passes (so an expired request is failed then, not when its batch
             # forms). loop.time() is time.monotonic(): one timer, not a wait_for task.
-            timer = asyncio.get_running_loop().call_at(wake, self._arrived.set)
+            timer = None if wake is None else asyncio.get_running_loop().call_at(
+                wake, self._arrived.set)
+            self._sleeping += 1
             try:
                 await self._arrived.wait()
             finally:
-                timer.cancel()
+                self._sleeping -= 1
+                if timer is not None:
+                    timer.cancel()
 
     async def _work(self, runner: ModelRunner) -> None:
         loop = asyncio.get_running_loop()
         while (selection := await self._next_batch()) is not None:
-            batch, rows = selection.batch, selection.rows
-            if self._runs_inline(rows):
-                self._finish(batch, rows, *self._run(runner, batch, rows))
-                await asyncio.sleep(0)  # calls arrive between back-to-back batches
-                continue
             await loop.run_in_executor(self._executor, self._compute_while_ready, runner,
-                                       batch, rows)
+                                       selection.batch, selection.rows)
 
-    def _run(self, runner: ModelRunner, batch: list[_Request], rows: int
-             ) -> tuple[float, float, float, list[np.ndarray] | InferenceError]:
-        """Run one batch: when it started, its input was assembled and onnxruntime
-        returned, and the outputs or the error to answer with."""
-        started = time.monotonic()
-        inputs = batch[0].inputs if len(batch) == 1 else {
-            name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
+    def _run(self, runner: ModelRunner, inputs: Tensors, rows: int
+             ) -> tuple[float, float, list[np.ndarray] | ServingError]:
+        """Run one batch: when its input was assembled and onnxruntime returned, and the
+        outputs or the error to answer with."""
         assembled = time.monotonic()
-        result: list[np.ndarray] | InferenceError
+        result: list[np.ndarray] | ServingError
         try:
             result = runner.run(inputs)
         except Exception as exc:  # onnxruntime errors: fail this batch, keep serving
             log.exception("model %s: batch of %d failed", self.name, rows)
-            result = InferenceError(
-                f"model {self.name!r} failed on a batch of {rows}: {bounded(str(exc), 300)}")
-        return started, assembled, time.monotonic(), result
+            result = ServingError(Status.INTERNAL, f"model {self.name!r} failed on a batch "
+                                  f"of {rows}: {bounded(str(exc), 300)}")
+        return assembled, time.monotonic(), result
 
     def _compute_while_ready(self, runner: ModelRunner, batch: list[_Request],
                              rows: int) -> None:
@@ -232,40 +226,58 @@ class DynamicBatcher:
         loop = self._loop
         assert loop is not None, "start() first"
         while batch:
-            loop.call_soon_threadsafe(self._finish, batch, rows, *self._run(runner, batch, rows))
+            started = time.monotonic()
+            inputs = batch[0].inputs if len(batch) == 1 else {
+                name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
+            loop.call_soon_threadsafe(self._finish, batch, rows, started,
+                                      *self._run(runner, inputs, rows))
             selection = self._take()
             batch, rows = selection.batch, selection.rows
             if selection.expired:
                 loop.call_soon_threadsafe(self._fail_expired, selection.expired)
 
-    def _finish(self, batch: list[_Request], size: int, started: float, assembled: float,
-                ended: float, result: list[np.ndarray] | InferenceError) -> None:
-        """On the loop: answer the batch's requests (`size` rows in all) and record it (its
-        run started, its input was assembled, and onnxruntime returned at the times
-        given)."""
-        tally = self._tally
-        waited = [started - request.enqueued for request in batch]
-        for seconds in waited:
-            tally.queue_wait.observe(seconds)
-        if isinstance(result, InferenceError):
+    def _finish(self, batch: list[_Request], rows: int, started: float, assembled: float,
+                ended: float, result: list[np.ndarray] | ServingError) -> None:
+        """On the loop: answer the batch's requests (`rows` in all) and record it."""
+        splitting = time.monotonic()
+        answered = []  # how long each request still awaited waited in the queue
+        if isinstance(result, ServingError):
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(result)
+                    answered.append(started - request.enqueued)
+        elif len(batch) == 1:  # also every request of a model without a batch dimension
+            request = batch[0]
+            if not request.future.done():  # cancelled while computing: nobody to tell
+                request.future.set_result(result)
+                answered.append(started - request.enqueued)
+        else:
+            offset = 0
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_result([output[offset:offset + request.rows]
+                                               for output in result])
+                    answered.append(started - request.enqueued)
+                offset += request.rows
+        self._record(rows, answered, started, assembled, ended, time.monotonic() - splitting,
+                     result)
+
+    def _record(self, rows: int, answered: Sequence[float], started: float, assembled: float,
+                ended: float, output_s: float, result: list[np.ndarray] | ServingError
+                ) -> None:
+        """One run in the metrics and, if it succeeded, in Triton's statistics
+        (`answered`: how long each request it answered waited in the queue)."""
+        tally = self._tally
+        for seconds in answered:
+            tally.queue_wait.observe(seconds)
+        if isinstance(result, ServingError):
             return
         compute = ended - started
-        recent = self._recent_compute_s.get(size)
-        self._recent_compute_s[size] = compute if recent is None else 0.8 * recent + 0.2 * compute
+        recent = self._recent_compute_s.get(rows)
+        self._recent_compute_s[rows] = compute if recent is None else 0.8 * recent + 0.2 * compute
         tally.compute.observe(compute)
-        tally.batch_size.observe(size)
-        tally.inferences += size
+        tally.batch_size.observe(rows)
+        tally.inferences += rows
         tally.executions += 1
-        offset, answered, splitting = 0, [], time.monotonic()
-        whole = len(batch) == 1  # also every request of a model without a batch dimension
-        for request, seconds in zip(batch, waited, strict=True):
-            if not request.future.done():  # cancelled while computing: nobody to tell
-                request.future.set_result(result if whole else [
-                    output[offset:offset + request.rows] for output in result])
-                answered.append(seconds)
-            offset += request.rows
-        self._stats.record_batch(size, answered, assembled - started, ended - assembled,
-                                 time.monotonic() - splitting)
+        self._stats.record_batch(rows, answered, assembled - started, ended - assembled,
+                                 output_s)

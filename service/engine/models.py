@@ -10,12 +10,16 @@ import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 from contract.metadata import OnnxModelMetadata
 from contract.repository import (
     FP16_MODEL_FILE,
     MODEL_FILE,
+    NUMPY_DTYPES,
     ModelConfig,
     RepositoryError,
     TensorSpec,
@@ -37,6 +41,25 @@ log = logging.getLogger(__name__)
 
 class ModelNotFoundError(LookupError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class InputLayout:
+    """One input as a request must send it, worked out once per model version."""
+
+    spec: TensorSpec
+    batched: bool
+    """Requests send rows of it: its first dimension is the batch's."""
+    shape: tuple[int, ...]
+    """Its whole shape: -1 first for the batch dimension where the model batches, and -1
+    where any size goes."""
+    dtype: np.dtype
+    """The little-endian numpy type its raw bytes hold."""
+    tail: tuple[int, ...] | None
+    """The dims past the batch dimension (all of them, if the model does not batch) when
+    none is -1: a request's shape is then checked by one comparison."""
+    row_bytes: int
+    """Bytes per row (per request, if the model does not batch) when `tail` is set."""
 
 
 @dataclass
@@ -66,6 +89,20 @@ class ServedModel:
     @property
     def max_batch_size(self) -> int:
         return self.policy.max_batch_size
+
+    @cached_property
+    def inputs(self) -> dict[str, InputLayout]:
+        """Its inputs by name, in the configured order (read once it serves)."""
+        layouts = {}
+        batched = self.config.batched
+        for spec in self.config.inputs:
+            dtype = np.dtype(NUMPY_DTYPES.get(spec.datatype, "V1"))
+            fixed = -1 not in spec.shape
+            row = int(np.prod(spec.shape)) * dtype.itemsize
+            layouts[spec.name] = InputLayout(
+                spec, batched, ((-1,) if batched else ()) + spec.shape, dtype,
+                spec.shape if fixed else None, row if fixed else 0)
+        return layouts
 
 
 class ModelSet:

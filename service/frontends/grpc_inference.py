@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from grpc.aio import EOF
 from grpc.aio import ServicerContext as Context
 
 from protos import grpc_service_pb2 as pb
 from protos import model_config_pb2 as mc
 from service.core.admission import Call
+from service.core.inference import Job
 from service.core.oip import InputTensor, OipRequest, OipResponse, OpenInference, Parameter
 from service.core.oip import RequestedOutput as Wanted
-from service.status import ServingError
+from service.status import ServingError, Status, outcome
 
 log = logging.getLogger(__name__)
 STREAM_IN_FLIGHT = 64
@@ -72,6 +76,144 @@ def message(doc: dict[str, Any] | list[Any], into: M) -> M:
     return json_format.ParseDict(doc, into)
 
 
+class Stream:
+    """One ModelStreamInfer stream. Its requests are read in turn; each is admitted as a
+    call of its own and submitted to the core without awaiting anything, and its answer
+    is written as soon as it exists: at once for a request that ran at once, else from
+    its batch's callback. So a request costs no task and no queue hand-off of its own.
+
+    At most STREAM_IN_FLIGHT requests are running or waiting to be written at once: past
+    it the stream is not read, and HTTP/2 flow control holds the client (one that reads
+    no answers holds 64). When the client half-closes, the stream ends once every
+    answer is written; when it goes away, what is still queued is cancelled.
+    """
+
+    def __init__(self, oip: OpenInference, context: Context, call: Call) -> None:
+        self.oip = oip
+        self.context = context
+        self.call = call
+        self.in_progress = 0
+        """Requests read whose answer is not written yet."""
+        self.waiting: dict[Job, None] = {}
+        """Requests in their model's queue."""
+        self.unwritten: deque[pb.ModelStreamInferResponse] = deque()
+        self.writing = False
+        self.writer: asyncio.Task[None] | None = None
+        self.moved = asyncio.Event()
+        """Set when an answer was written (the reader may be waiting for room)."""
+        self.reader: asyncio.Task[Any] | None = None
+
+    async def serve(self) -> None:
+        context = self.context
+        self.reader = asyncio.current_task()
+        try:
+            while True:
+                while self.in_progress >= STREAM_IN_FLIGHT:
+                    await self._moved()
+                request = await context.read()
+                if request is EOF:
+                    break
+                self.in_progress += 1
+                response = self.answer(request)
+                if response is not None:
+                    await self.send(response)
+            while self.in_progress:
+                await self._moved()
+        finally:
+            for job in list(self.waiting):  # the client went away: nobody to answer
+                assert job.future is not None
+                job.future.cancel()
+            if self.writer is not None:
+                self.writer.cancel()
+
+    def answer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse | None:
+        """The answer to `request` if it is ready at once; else None, and its batch's
+        callback sends it."""
+        try:
+            call = self.call.sibling("oip_stream")
+        except ServingError as exc:
+            return _stream_error(request, exc)
+        try:
+            call.charge(2 * request.ByteSize(), "the request message")
+            message = oip_request(request)
+            answer = self.oip.submit(message, "oip_stream", self.context.time_remaining(),
+                                     call)
+        except Exception as exc:  # noqa: BLE001 - the stream goes on; its client is told
+            call.end(outcome(exc))
+            return _stream_error(request, exc)
+        if isinstance(answer, Job):
+            self.waiting[answer] = None
+            assert answer.future is not None
+            answer.future.add_done_callback(partial(self._finished, answer, message, call))
+            return None
+        call.end(Status.OK)
+        return pb.ModelStreamInferResponse(infer_response=infer_response(answer))
+
+    def _finished(self, job: Job, message: OipRequest, call: Call,
+                  future: asyncio.Future[Any]) -> None:
+        del self.waiting[job]
+        try:
+            response = pb.ModelStreamInferResponse(
+                infer_response=infer_response(self.oip.respond(message, job.result())))
+        except asyncio.CancelledError:
+            call.end(Status.CANCELLED)  # the stream is closing: nobody to answer
+            return
+        except Exception as exc:  # noqa: BLE001 - the stream goes on; its client is told
+            call.end(outcome(exc))
+            response = _stream_error(message, exc)
+        else:
+            call.end(Status.OK)
+        if self.writing:
+            self.unwritten.append(response)
+        else:
+            self.writer = asyncio.create_task(self.send(response))
+            self.writer.add_done_callback(self._writer_done)
+
+    def _writer_done(self, writer: asyncio.Task[None]) -> None:
+        """A write that failed ends the stream (the reader would wait for it forever)."""
+        if not writer.cancelled() and writer.exception() is not None and self.reader:
+            self.reader.cancel()
+
+    async def send(self, response: pb.ModelStreamInferResponse) -> None:
+        """Write `response`, then whatever was answered meanwhile: one write at a time."""
+        if self.writing:
+            self.unwritten.append(response)
+            return
+        self.writing = True
+        try:
+            await self.context.write(response)
+            self._written()
+            while self.unwritten:
+                await self.context.write(self.unwritten.popleft())
+                self._written()
+        finally:
+            self.writing = False
+
+    def _written(self) -> None:
+        self.in_progress -= 1
+        self.moved.set()
+
+    async def _moved(self) -> None:
+        self.moved.clear()
+        await self.moved.wait()
+
+
+def _stream_error(request: pb.ModelInferRequest | OipRequest, exc: Exception
+                  ) -> pb.ModelStreamInferResponse:
+    """The stream's way of refusing one request: its error text, and its id."""
+    if isinstance(exc, ServingError):
+        error = f"{exc.status.name}: {exc}"
+    else:
+        log.error("a ModelStreamInfer request failed", exc_info=exc)
+        error = f"INTERNAL: internal error ({type(exc).__name__})"
+    if isinstance(request, OipRequest):
+        model, version, id_ = request.model, request.version, request.id
+    else:
+        model, version, id_ = request.model_name, request.model_version, request.id
+    return pb.ModelStreamInferResponse(error_message=error, infer_response=pb.ModelInferResponse(
+        model_name=model, model_version=version, id=id_))
+
+
 class InferenceServicer:
     """Registered with the generated `add_GRPCInferenceServiceServicer_to_server`; the
     edge hands each method the call it admitted."""
@@ -106,56 +248,10 @@ class InferenceServicer:
                                                    context.time_remaining(), call))
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
-                               context: Context, call: Call
-                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+                               context: Context, call: Call) -> None:
         """Each request runs as a call of its own, batched with every other; answers go
-        back as they finish, each with its request's id. At most STREAM_IN_FLIGHT are
-        running or waiting to be written at once: past it the stream is not read, and
-        HTTP/2 flow control holds the client (one that reads no answers holds 64)."""
-        stream = call
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
-        running: set[asyncio.Task[None]] = set()
-
-        async def answer(request: pb.ModelInferRequest) -> None:
-            try:
-                with stream.sibling("oip_stream") as call:
-                    call.charge(2 * request.ByteSize(), "the request message")
-                    response = infer_response(await self.oip.infer(
-                        oip_request(request), "oip_stream", context.time_remaining(), call))
-                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
-            except Exception as exc:  # noqa: BLE001 - the stream goes on; its client is told
-                if isinstance(exc, ServingError):
-                    error = f"{exc.status.name}: {exc}"
-                else:
-                    log.exception("a ModelStreamInfer request failed")
-                    error = f"INTERNAL: internal error ({type(exc).__name__})"
-                answers.put_nowait(pb.ModelStreamInferResponse(
-                    error_message=error, infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version,
-                        id=request.id)))
-
-        async def read() -> None:
-            try:
-                async for request in requests:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer(request))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                await asyncio.gather(*running)
-            finally:
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await answers.get()) is not None:
-                yield item  # returns once written
-                slots.release()
-            await reader  # a request message that was not valid protobuf: the stream's error
-        finally:
-            reader.cancel()
-            for task in list(running):
-                task.cancel()
+        back as they finish, each with its request's id (see `Stream`)."""
+        await Stream(self.oip, context, call).serve()
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context, call: Call
                           ) -> pb.ModelConfigResponse:

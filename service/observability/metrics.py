@@ -21,7 +21,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import onnxruntime
@@ -178,8 +178,8 @@ class Metrics:
         for api, n in list(self.in_flight.items()):
             self._in_flight.labels(api).set(n)
         self._held_bytes.set(self.held_bytes)
-        for (model, version, api, status), buckets in self.latency.items():
-            _add(self._latency.labels(model, str(version), api, status.name), buckets)
+        for (model, number, api, status), buckets in self.latency.items():
+            _add(self._latency.labels(model, str(number), api, status.name), buckets)
         for (name, version), tally in self._models.items():
             _add(self._queue_wait.labels(name, version), tally.queue_wait)
             _add(self._compute.labels(name, version), tally.compute)
@@ -241,14 +241,21 @@ class _FlushFirst(Collector):
         return ()
 
 
-@dataclass
+@dataclass(slots=True)
 class Duration:
+    """How many of a thing, and their time in all."""
+
     count: int = 0
-    ns: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ns(self) -> int:
+        return int(self.seconds * 1e9)
 
     def add(self, seconds: float, n: int = 1) -> None:
+        """`n` of them, each taking `seconds`."""
         self.count += n
-        self.ns += int(seconds * 1e9)
+        self.seconds += seconds * n
 
 
 @dataclass
@@ -281,13 +288,14 @@ class ModelStats:
     compute: Compute = field(default_factory=Compute)
     batches: dict[int, Compute] = field(default_factory=lambda: defaultdict(Compute))
 
-    def record_batch(self, size: int, queued_s: list[float], input_s: float, infer_s: float,
-                     output_s: float) -> None:
+    def record_batch(self, size: int, queued_s: Sequence[float], input_s: float,
+                     infer_s: float, output_s: float) -> None:
         """A batch of `size` rows that answered requests which waited `queued_s`."""
+        answered = len(queued_s)
         self.inference_count += size
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1000)
-        for waited in queued_s:
-            self.queue.add(waited)
-        self.compute.add(input_s, infer_s, output_s, len(queued_s))
+        self.queue.count += answered
+        self.queue.seconds += sum(queued_s)
+        self.compute.add(input_s, infer_s, output_s, answered)
         self.batches[size].add(input_s, infer_s, output_s)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
+import asyncio
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service.core.admission import Admission, AdmissionLimits, Kind
+from service.core.admission import Admission, AdmissionLimits, Call, Kind
 from service.observability.metrics import Metrics
 from service.status import ServingError, Status, bounded
 
@@ -94,35 +94,81 @@ def test_error_texts_are_bounded_and_hold_no_reprs() -> None:
     assert len(str(ServingError(Status.NOT_FOUND, "y" * 20000))) < 450
 
 
+def waiting(a: Admission, client: str) -> tuple[Call, asyncio.Task[None]]:
+    """A call whose request has not arrived: its task reads it (here, sleeps)."""
+    call = a.open("oip", client, Kind.WORK)
+    task = asyncio.get_running_loop().create_task(asyncio.sleep(60))
+    call.wait_for_request(task)
+    return call, task
+
+
+async def settled(tasks: list[asyncio.Task[None]]) -> list[bool]:
+    """Which of `tasks` were cancelled, once those that were have ended."""
+    await asyncio.sleep(0)
+    return [t.cancelled() for t in tasks]
+
+
 def test_at_the_cap_a_light_client_takes_a_waiting_slot_of_the_heaviest() -> None:
-    a = admission(max_calls=4)
-    evicted: list[str] = []
-    flood = [a.open("oip", "flood", Kind.WORK) for _ in range(3)]
-    for i, call in enumerate(flood):
-        a.awaiting_request(call, functools.partial(evicted.append, f"flood {i}"))
-    working = a.open("oip", "light", Kind.WORK)
-    a.awaiting_request(working, lambda: evicted.append("light"))
-    a.request_arrived(working)  # its request came: it is working, never evicted
-    newcomer = a.open("oip", "other", Kind.WORK)  # holds 0 < its share: takes flood's oldest
-    assert evicted == ["flood 0"] and flood[0].evicted and a.calls == 4
-    a.close(flood[0])  # the evicted call ends later; its slot was already given back
-    assert a.calls == 4
-    # The flood, at its share or above, gets no slot of anyone's.
-    assert "limit of 4 calls" in refused(lambda: a.open("oip", "flood", Kind.WORK))
-    # Nor does a client that would hold as many as the heaviest after taking one.
-    assert "limit of 4 calls" in refused(lambda: a.open("oip", "light", Kind.WORK))
-    for call in (*flood[1:], working, newcomer):
-        a.close(call)
-    assert a.calls == 0 and evicted == ["flood 0"]
+    async def scenario() -> None:
+        a = admission(max_calls=4)
+        flood, tasks = zip(*(waiting(a, "flood") for _ in range(3)), strict=True)
+        working, task = waiting(a, "light")
+        working.request_arrived()  # its request came: it is working, never evicted
+        newcomer = a.open("oip", "other", Kind.WORK)  # holds 0 < its share: flood's oldest
+        assert await settled([*tasks, task]) == [True, False, False, False]
+        assert flood[0].refusal is not None and "went to a client holding fewer" in str(
+            flood[0].refusal) and a.calls == 4
+        a.close(flood[0])  # the evicted call ends later; its slot was already given back
+        assert a.calls == 4
+        # The flood, at its share or above, gets no slot of anyone's.
+        assert "limit of 4 calls" in refused(lambda: a.open("oip", "flood", Kind.WORK))
+        # Nor does a client that would hold as many as the heaviest after taking one.
+        assert "limit of 4 calls" in refused(lambda: a.open("oip", "light", Kind.WORK))
+        for call in (*flood[1:], working, newcomer):
+            a.close(call)
+        assert a.calls == 0 and await settled([*tasks, task]) == [True, False, False, False]
+        for t in (*tasks, task):
+            t.cancel()
+
+    asyncio.run(scenario())
 
 
 def test_calls_whose_request_arrived_are_never_evicted() -> None:
-    a = admission(max_calls=2)
-    calls = [a.open("oip", "busy", Kind.WORK) for _ in range(2)]
-    for call in calls:
-        a.awaiting_request(call, lambda: pytest.fail("evicted a working call"))
-        a.request_arrived(call)
-    assert "limit of 2 calls" in refused(lambda: a.open("oip", "other", Kind.WORK))
+    async def scenario() -> None:
+        a = admission(max_calls=2)
+        calls = [waiting(a, "busy") for _ in range(2)]
+        for call, _ in calls:
+            call.request_arrived()
+        assert "limit of 2 calls" in refused(lambda: a.open("oip", "other", Kind.WORK))
+        assert await settled([t for _, t in calls]) == [False, False]
+        for _, t in calls:
+            t.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_does_not_arrive_in_time_ends_its_call() -> None:
+    """Each sweep ages the calls still waiting; one that waited `after` sweeps is ended
+    with DEADLINE_EXCEEDED and its slot given back, and one whose request came is not."""
+    async def scenario() -> None:
+        a = admission(max_calls=4)
+        slow, slow_task = waiting(a, "slowloris")
+        a.expire_waiting(3, 5.0)
+        late, late_task = waiting(a, "slowloris")
+        prompt, prompt_task = waiting(a, "ok")
+        prompt.request_arrived()
+        assert [a.expire_waiting(3, 5.0) for _ in range(2)] == [0, 1]
+        assert await settled([slow_task, late_task, prompt_task]) == [True, False, False]
+        assert slow.refusal is not None and slow.refusal.status is Status.DEADLINE_EXCEEDED
+        assert "within 5s" in str(slow.refusal) and a.calls == 2
+        assert a.expire_waiting(3, 5.0) == 1 and late.refusal is not None
+        a.close(slow)
+        a.close(late)
+        a.close(prompt)
+        assert a.calls == 0
+        prompt_task.cancel()
+
+    asyncio.run(scenario())
 
 
 def requests_counted(a: Admission, model: str, api: str, code: str) -> float:
