@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import grpc
+
 from contract.repository import latest_model_file, list_versions
 from contract.table import format_table
 from loadtests.bench import in_process
@@ -108,6 +110,33 @@ class Row:
     images_per_request: int
     client: Measured
     perf_analyzer: Measured | None
+    mean_batch: float | None = None
+    """Images per executed batch during the asyncio client's run, from the server's own
+    ModelStatistics (inference_count / execution_count); None where it keeps none."""
+
+
+def executed(address: str, model: str) -> tuple[int, int] | None:
+    """The server's (inference_count, execution_count) for `model`, as Triton's
+    ModelStatistics reports them; None where the server answers no statistics."""
+    from protos import grpc_service_pb2 as pb  # not at import: tests load tritonclient's
+    from protos import grpc_service_pb2_grpc as pb_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+                pb.ModelStatisticsRequest(name=model), timeout=10)
+    except grpc.RpcError:
+        return None
+    found = [m for m in stats.model_stats if m.name == model]
+    return (sum(m.inference_count for m in found), sum(m.execution_count for m in found)) \
+        if found else None
+
+
+def mean_batch(before: tuple[int, int] | None, after: tuple[int, int] | None
+               ) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def drive(server: Server, launched_server: Launched, repo: Path, models: Sequence[str],
@@ -120,14 +149,18 @@ def drive(server: Server, launched_server: Launched, repo: Path, models: Sequenc
         version = "1" if server.name == "echo" else str(max(list_versions(repo, model)))
         for c in concurrency:
             load = Load(model, c, 1, seconds, version)
+            counts = executed(launched_server.address, model) if server.name != "echo" else None
             client = measured_with_cpu(launched_server.proc.pid, closed_loop,
                                        launched_server.address, inputs, load)
+            batch = mean_batch(counts, executed(launched_server.address, model)
+                               if counts is not None else None)
             pa = None
             if server.perf_analyzer and perf_analyzer_installed():
                 pa = perf_analyzer(launched_server.address, inputs, load, work / "perf")
-            rows.append(Row(server.name, model, c, 1, client, pa))
+            rows.append(Row(server.name, model, c, 1, client, pa, batch))
             print(f"  {server.name} {model} c{c}: {client.requests_per_s:.0f} req/s, p50 "
                   f"{client.p50_ms:.2f} ms, {client.server_cpu_us:.0f} us CPU/request"
+                  + (f", mean batch {batch:.1f}" if batch is not None else "")
                   + (f"; perf_analyzer {pa.requests_per_s:.0f} req/s" if pa else ""), flush=True)
     return rows
 
@@ -162,10 +195,11 @@ def cpu_table(rows: list[Row], names: Sequence[str]) -> str:
         out.append([r.server, r.model, str(r.concurrency), f"{r.client.requests_per_s:,.0f}",
                     f"{r.client.p50_ms:.2f}", f"{r.client.p99_ms:.2f}",
                     us_cell(r.client.server_cpu_us), us_cell(r.client.client_cpu_us),
+                    "" if r.mean_batch is None else f"{r.mean_batch:.1f}",
                     "" if pa is None else f"{pa.requests_per_s:,.0f} ({pa.p50_ms:.2f} ms)"])
     return format_table(("server", "model", "clients", "req/s", "p50 ms", "p99 ms",
-                         "server CPU us/req", "client CPU us/req", "perf_analyzer req/s (p50)"),
-                        out)
+                         "server CPU us/req", "client CPU us/req", "mean batch",
+                         "perf_analyzer req/s (p50)"), out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,10 @@ class Status(enum.Enum):
         8, 9, 12, 13, 14)
     UNAUTHENTICATED = 16
 
+    # Members are singletons: hashed by identity, in C. Enum's own __hash__ is a Python
+    # call, and every call's count is keyed by its status.
+    __hash__ = object.__hash__
+
 
 def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """`text` without Python object reprs, cut to `limit` characters (saying how long it was)."""

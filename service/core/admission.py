@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import threading
-from collections import Counter
 from dataclasses import dataclass
 
 from service.observability.metrics import Metrics
@@ -141,8 +140,8 @@ class Admission:
         self.held = 0
         self.sweeps = 0
         """How often `expire_waiting` ran: the clock of calls waiting for their request."""
-        self._calls_by_client: Counter[str] = Counter()
-        self._bytes_by_client: Counter[str] = Counter()
+        self._calls_by_client: dict[str, int] = {}
+        self._bytes_by_client: dict[str, int] = {}
         self._open: dict[Call, None] = {}
         """Calls of kind WORK in progress, oldest first."""
         self._lock = threading.Lock()  # charges come from decode threads too
@@ -169,7 +168,7 @@ class Admission:
                                    f"the server is at its limit of {self.limits.max_calls} "
                                    "calls in progress; retry with backoff")
             self.calls += 1
-            self._calls_by_client[client] += 1
+            self._calls_by_client[client] = self._calls_by_client.get(client, 0) + 1
             self._open[call] = None
         elif kind is Kind.STREAM:
             if self.streams >= self.limits.max_streams:
@@ -247,7 +246,7 @@ class Admission:
     def charge(self, call: Call, nbytes: int, what: str) -> None:
         limits = self.limits
         with self._lock:
-            client_held = self._bytes_by_client[call.client] + nbytes
+            client_held = self._bytes_by_client.get(call.client, 0) + nbytes
             if self.held + nbytes > limits.memory_budget_bytes:
                 raise ServingError(Status.RESOURCE_EXHAUSTED,
                                    f"{what} needs {nbytes} bytes; the server's memory "

@@ -185,12 +185,13 @@ class InferenceCore:
         result if it ran at once, else the `Job` its batch will answer (`Job.wait`, or
         `Job.result` once its future is done). ServingError if it cannot run."""
         job = self._open(request)
+        rows = request.payload.rows
         try:
             while True:
-                self._check_rows(job.model, request.payload.rows)
+                self._check_rows(job.model, rows)
                 inputs = request.payload.tensors(job.model, job.call)
                 try:
-                    return self._enqueue(job, request, inputs)
+                    return self._enqueue(job, rows, inputs)
                 except BatcherClosedError:
                     self._move_to_successor(job)
         except BaseException as exc:
@@ -208,7 +209,7 @@ class InferenceCore:
             while True:
                 inputs = await self._decode(request.payload, job)
                 try:
-                    answer = self._enqueue(job, request, inputs)
+                    answer = self._enqueue(job, request.payload.rows, inputs)
                     break
                 except BatcherClosedError:
                     self._move_to_successor(job)
@@ -252,8 +253,7 @@ class InferenceCore:
         self.in_flight += 1
         return Job(self, call, model, now, now + timeout)
 
-    def _enqueue(self, job: Job, request: InferRequest, inputs: Tensors
-                 ) -> InferResult | Job:
+    def _enqueue(self, job: Job, rows: int, inputs: Tensors) -> InferResult | Job:
         """Charge what the request will hold, then hand it to its model's batcher."""
         model, call = job.model, job.call
         nbytes = 0
@@ -264,8 +264,8 @@ class InferenceCore:
         assert batcher is not None  # a ready model has one
         admission = call.admission
         alone = self.in_flight == 1 and (admission is None or admission.calls <= 1)
-        rows = request.payload.rows if model.config.batched else 1
-        answer = batcher.submit(inputs, rows, job.started, job.deadline, alone)
+        answer = batcher.submit(inputs, rows if model.policy.max_batch_size else 1,
+                                job.started, job.deadline, alone)
         if isinstance(answer, list):
             return job.done(answer)
         job.future = answer
@@ -303,10 +303,11 @@ class InferenceCore:
         return model
 
     def _check_rows(self, model: ServedModel, rows: int) -> None:
-        if not model.config.batched:
-            return  # its tensors' shapes are checked whole by the payload
-        limit = min(model.policy.max_batch_size, self.limits.max_images_per_request)
-        if rows > limit:
+        """A batching model's limit on images per request (the server's, if lower); a
+        model without a batch dimension has its tensors' shapes checked whole."""
+        batch = model.policy.max_batch_size
+        if batch and (rows > batch or rows > self.limits.max_images_per_request):
+            limit = min(batch, self.limits.max_images_per_request)
             invalid(f"model {model.name!r} takes at most {limit} images per request (its "
                     f"max_batch_size {model.max_batch_size}, server max_images_per_request "
                     f"{self.limits.max_images_per_request}), got {rows}")

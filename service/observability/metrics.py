@@ -297,5 +297,11 @@ class ModelStats:
         self.last_inference_ms = int(time.time() * 1000)
         self.queue.count += answered
         self.queue.seconds += sum(queued_s)
-        self.compute.add(input_s, infer_s, output_s, answered)
-        self.batches[size].add(input_s, infer_s, output_s)
+        compute, batch = self.compute, self.batches[size]
+        for phase, batch_phase, seconds in ((compute.input, batch.input, input_s),
+                                            (compute.infer, batch.infer, infer_s),
+                                            (compute.output, batch.output, output_s)):
+            phase.count += answered  # each request, with its batch's time
+            phase.seconds += seconds * answered
+            batch_phase.count += 1
+            batch_phase.seconds += seconds
