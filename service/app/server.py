@@ -8,14 +8,13 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from contract.repository import RepositoryError
@@ -58,23 +57,6 @@ DRAIN_QUIET_S = 0.2
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 SERVER_SERVICES = ("", OIP_SERVICE, CLASSIFIER_SERVICE)
 """Health service names that stand for the whole server: SERVING once every model is."""
-
-
-class GenericOnly:
-    """Where the generated `add_*_to_server` functions register a service: its methods are
-    served through its generic handler only, never as registered methods. grpc.aio's
-    server waits on one future per registered method each time it accepts a call, which
-    cost every call about six Python calls per method the server has (24 here)."""
-
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self._server = server
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(handlers)
-
-    def add_registered_method_handlers(self, service: str,
-                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        """Served by the generic handler the same function added."""
 
 
 class Announcer:
@@ -243,17 +225,15 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     announcer = Announcer(models, health_servicer, probes)
     control = ModelControl(settings, models, executor, metrics, on_change=announcer.announce)
     oip = OpenInference(core, shm, control)
-    services = GenericOnly(server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(oip), services)
+        InferenceServicer(oip), server)
     classifier = Classifier(core, DecodeLimits(settings.max_image_pixels,
                                                settings.max_decode_cost))
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(classifier),
-                                                         services)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, services)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
-        (OIP_SERVICE, CLASSIFIER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)),
-        services)
+                                                         server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (OIP_SERVICE, CLASSIFIER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         address = f"{settings.host}:{settings.port}"
         try:
