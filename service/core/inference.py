@@ -258,8 +258,10 @@ class InferenceCore:
         model, call = job.model, job.call
         nbytes = 0
         for array in inputs.values():
-            nbytes += array.nbytes
-        call.charge(nbytes, "the request's tensors")
+            if array.base is None:  # made for it (not a view of bytes already charged)
+                nbytes += array.nbytes
+        if nbytes:
+            call.charge(nbytes, "the request's tensors")
         batcher = model.batcher
         assert batcher is not None  # a ready model has one
         admission = call.admission

@@ -134,10 +134,12 @@ def checked_inputs(request: OipRequest, shm: Regions, model: ServedModel) -> Ten
     layouts = model.inputs
     given = request.inputs
     raw = request.raw
+    sent_raw = len(raw)
     tensors: Tensors = {}
     rows = 0
     next_raw = 0
-    if len(given) != len(layouts):
+    inputs = len(layouts)
+    if len(given) != inputs:
         _wrong_names(model, given)
     for tensor in given:
         layout = layouts.get(tensor.name)
@@ -157,17 +159,17 @@ def checked_inputs(request: OipRequest, shm: Regions, model: ServedModel) -> Ten
         if window is not None:
             tensors[tensor.name] = shm.read(*window, layout.dtype, shape)
         elif raw:
-            if next_raw == len(raw):
+            if next_raw == sent_raw:
                 _wrong_raw_count(request)
             tensors[tensor.name] = _from_raw(raw[next_raw], layout, shape)
             next_raw += 1
         else:
             tensors[tensor.name] = _from_contents(tensor, layout.spec, shape)
-    if raw and next_raw != len(raw):
+    if next_raw != sent_raw:
         _wrong_raw_count(request)
     if request.outputs:
         _check_outputs(request, model, shm)
-    if len(tensors) > 1:
+    if inputs > 1:
         return {name: tensors[name] for name in layouts}
     return tensors
 
@@ -274,20 +276,24 @@ def _from_contents(tensor: InputTensor, spec: TensorSpec, shape: tuple[int, ...]
 
 
 def _check_outputs(request: OipRequest, model: ServedModel, shm: Regions) -> None:
-    if not request.outputs:
-        return  # every output
-    names = [t.name for t in model.config.outputs]
-    wanted = [o.name for o in request.outputs]
-    if any(name not in names for name in wanted) or len(set(wanted)) != len(wanted):
-        invalid(f"model {model.name!r} has outputs {names}; "
-                f"requested [{', '.join(shown(n, 64) for n in wanted[:16])}]")
+    """The outputs a request names exist, once each; shared memory regions it names are
+    registered (NOT_FOUND before the model runs, not after)."""
+    names = model.output_names
+    seen: set[str] = set()
     for output in request.outputs:
+        if output.name not in names or output.name in seen:
+            wanted = [o.name for o in request.outputs]
+            invalid(f"model {model.name!r} has outputs {list(names)}; "
+                    f"requested [{', '.join(shown(n, 64) for n in wanted[:16])}]")
+        seen.add(output.name)
+        if not output.parameters:
+            continue
         if "classification" in output.parameters:
             invalid("the classification extension is not supported; use the "
                     "cnnserve.v1.Classifier API for labels and probabilities")
         window = shm_window(output.parameters, f"output {shown(output.name)}")
         if window is not None:
-            shm.check(window[0])  # NOT_FOUND before the model runs, not after
+            shm.check(window[0])
 
 
 def _raw(array: np.ndarray, spec: TensorSpec) -> bytes:
@@ -375,11 +381,13 @@ class OpenInference:
                 outputs.append(OutputTensor(spec.name, spec.datatype, array.shape,
                                             _raw(array, spec)))
             return OipResponse(model.name, str(model.version), request.id, outputs)
-        wanted = {o.name: o for o in request.outputs}
+        wanted = {o.name: o.parameters for o in request.outputs}
         for spec, array in zip(model.config.outputs, result.outputs, strict=True):
             if spec.name not in wanted:
                 continue
-            window = shm_window(wanted[spec.name].parameters, f"output {shown(spec.name)}")
+            parameters = wanted[spec.name]
+            window = shm_window(parameters, f"output {shown(spec.name)}") if parameters \
+                else None
             if window is None:
                 outputs.append(OutputTensor(spec.name, spec.datatype, array.shape,
                                             _raw(array, spec)))

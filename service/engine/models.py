@@ -91,6 +91,11 @@ class ServedModel:
         return self.policy.max_batch_size
 
     @cached_property
+    def output_names(self) -> tuple[str, ...]:
+        """Its outputs' names, in the configured order (read once it serves)."""
+        return tuple(t.name for t in self.config.outputs)
+
+    @cached_property
     def inputs(self) -> dict[str, InputLayout]:
         """Its inputs by name, in the configured order (read once it serves)."""
         layouts = {}

@@ -97,10 +97,15 @@ class Stream:
         self.waiting: dict[Job, None] = {}
         """Requests in their model's queue."""
         self.unwritten: deque[pb.ModelStreamInferResponse] = deque()
+        """Answers from batches' callbacks, for the writer."""
         self.writing = False
+        """A write is in progress (the reader's or the writer's): one at a time."""
         self.writer: asyncio.Task[None] | None = None
-        self.moved = asyncio.Event()
-        """Set when an answer was written (the reader may be waiting for room)."""
+        """Writes what callbacks answer, started with the first of them."""
+        self.wake_writer = asyncio.Event()
+        self.written = asyncio.Event()
+        self.watching = False
+        """The reader waits for answers to be written (for room, or for the last)."""
         self.reader: asyncio.Task[Any] | None = None
 
     async def serve(self) -> None:
@@ -109,16 +114,20 @@ class Stream:
         try:
             while True:
                 while self.in_progress >= STREAM_IN_FLIGHT:
-                    await self._moved()
+                    await self._until_written()
                 request = await context.read()
                 if request is EOF:
                     break
                 self.in_progress += 1
                 response = self.answer(request)
-                if response is not None:
-                    await self.send(response)
+                if response is None:
+                    continue
+                if self.writing:
+                    self._to_writer(response)
+                else:
+                    await self._write(response)
             while self.in_progress:
-                await self._moved()
+                await self._until_written()
         finally:
             for job in list(self.waiting):  # the client went away: nobody to answer
                 assert job.future is not None
@@ -163,39 +172,48 @@ class Stream:
             response = _stream_error(message, exc)
         else:
             call.end(Status.OK)
-        if self.writing:
-            self.unwritten.append(response)
-        else:
-            self.writer = asyncio.create_task(self.send(response))
+        self._to_writer(response)
+
+    def _to_writer(self, response: pb.ModelStreamInferResponse) -> None:
+        self.unwritten.append(response)
+        if self.writer is None:
+            self.writer = asyncio.create_task(self._write_unwritten())
             self.writer.add_done_callback(self._writer_done)
+        elif not self.writing:
+            self.wake_writer.set()
+
+    async def _write_unwritten(self) -> None:
+        """The writer: what callbacks answered, in turn, for the stream's life."""
+        while True:
+            while self.unwritten and not self.writing:
+                await self._write(self.unwritten.popleft())
+            self.wake_writer.clear()
+            await self.wake_writer.wait()
+
+    async def _write(self, response: pb.ModelStreamInferResponse) -> None:
+        self.writing = True
+        try:
+            await self.context.write(response)
+        finally:
+            self.writing = False
+        self.in_progress -= 1
+        if self.watching:
+            self.written.set()
+        if self.unwritten:  # answered while this was written
+            self.wake_writer.set()
 
     def _writer_done(self, writer: asyncio.Task[None]) -> None:
         """A write that failed ends the stream (the reader would wait for it forever)."""
         if not writer.cancelled() and writer.exception() is not None and self.reader:
             self.reader.cancel()
 
-    async def send(self, response: pb.ModelStreamInferResponse) -> None:
-        """Write `response`, then whatever was answered meanwhile: one write at a time."""
-        if self.writing:
-            self.unwritten.append(response)
-            return
-        self.writing = True
+    async def _until_written(self) -> None:
+        self.watching = True
+        self.written.clear()
         try:
-            await self.context.write(response)
-            self._written()
-            while self.unwritten:
-                await self.context.write(self.unwritten.popleft())
-                self._written()
+            await self.written.wait()
         finally:
-            self.writing = False
-
-    def _written(self) -> None:
-        self.in_progress -= 1
-        self.moved.set()
-
-    async def _moved(self) -> None:
-        self.moved.clear()
-        await self.moved.wait()
+            self.watching = False
 
 
 def _stream_error(request: pb.ModelInferRequest | OipRequest, exc: Exception
