@@ -87,7 +87,8 @@ class ServiceSettings(BaseSettings, EngineOptions, SecurityOptions):
     """Client connections per process; gRPC closes new ones beyond it."""
     request_arrival_timeout_s: float = Field(default=5.0, gt=0)
     """A call whose request message has not arrived this long after its headers ends
-    with DEADLINE_EXCEEDED: a stream that sends headers only holds nothing for long."""
+    with DEADLINE_EXCEEDED (checked four times in that span, so at most a quarter later):
+    a stream that sends headers only holds nothing for long."""
     handshake_timeout_s: float = Field(default=10.0, gt=0)
     """A connection must finish its TLS and HTTP/2 handshake within this."""
     keepalive_time_s: float = Field(default=120.0, gt=0)

@@ -3,7 +3,8 @@
 Protocol-neutral, so every front-end's edge applies the same rules. The edge opens a
 `Call` before it reads a request (refused at once, never queued, when the server or this
 client is at its cap), and every layer charges the call for what it holds: the received
-message, decoded pixels, the tensors in the batcher's queue and the pending response. A
+message, decoded pixels, tensors made for the request (those read from the message are
+views of it, charged with it) and the pending response. A
 charge past the memory budget refuses the call before the allocation it stands for.
 Closing the call gives everything back. Probes are never refused: they hold nothing.
 

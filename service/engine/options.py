@@ -59,10 +59,11 @@ class EngineOptions(BaseModel):
     max_queue_size: int = Field(default=512, ge=1)
     """Requests waiting per model; beyond it a request is refused with RESOURCE_EXHAUSTED."""
     inline_compute_us: int = Field(default=250, ge=0, le=1000)
-    """A batch whose size recently ran in less than this runs on the event loop instead
-    of a compute thread: for a LeNet-sized model the two thread hand-offs cost more than
-    the run, while a long run on the loop would stall every other call (figures:
-    docs/results.md, "Figures behind the defaults"). 0: always a compute thread."""
+    """A lone caller's request (no other call in progress, the model idle) of a size that
+    recently ran in less than this runs in the caller's own step on the event loop: for a
+    LeNet-sized model a thread hand-off costs more than the run (figures:
+    docs/batching.md). Queued requests always run in a compute thread, so the loop goes
+    on accepting calls while the model runs. 0: every request is queued."""
     models: dict[str, ModelOverrides] = Field(default_factory=dict)
 
     model_control_mode: Literal["none", "poll", "explicit"] = "none"
