@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 
 PYTHON_IMAGE = "python:3.11-slim-bookworm"
+PROMETHEUS_IMAGE = "prom/prometheus:v3.5.0"
+"""What the compose file's monitoring profile runs; a stand-in of it is built here."""
 HOST_CAS = Path("/usr/local/share/ca-certificates")
 WHEELS = Path("/opt/wheels")
 
@@ -99,6 +101,35 @@ def standin_base(workdir: Path) -> float:
     result = _run("docker", "import",
                   "--change", "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt LANG=C.UTF-8",
                   "--change", 'CMD ["python3"]', str(rootfs), PYTHON_IMAGE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rootfs.unlink()
+    return time.monotonic() - started
+
+
+def standin_prometheus(workdir: Path) -> float:
+    """Where no registry can be reached, PROMETHEUS_IMAGE built from Debian bookworm's
+    `prometheus` package, laid out as the official image is (entrypoint the binary,
+    working directory /prometheus writable by `nobody`, who runs it), so that the compose
+    file's command and config run unchanged. Returns the seconds it took (0 when the
+    image is there already)."""
+    if _run("docker", "image", "inspect", PROMETHEUS_IMAGE, timeout=30).returncode == 0:
+        return 0.0
+    started = time.monotonic()
+    if not shutil.which("mmdebstrap"):
+        _apt_install("mmdebstrap")
+    rootfs = workdir / "prometheus.tar"
+    # Debian's build stores its data under /var/lib/prometheus (the official binary: data/
+    # in its working directory): both writable by the user that runs it.
+    result = _run("mmdebstrap", "--variant=minbase", "--include=prometheus",
+                  '--customize-hook=chroot "$1" install -d -o nobody -g nogroup /prometheus',
+                  '--customize-hook=chroot "$1" chown -R nobody:nogroup /var/lib/prometheus',
+                  "bookworm", str(rootfs), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run("docker", "import",
+                  "--change", 'ENTRYPOINT ["/usr/bin/prometheus"]',
+                  "--change", 'CMD ["--config.file=/etc/prometheus/prometheus.yml"]',
+                  "--change", "WORKDIR /prometheus", "--change", "USER nobody",
+                  "--change", "EXPOSE 9090", str(rootfs), PROMETHEUS_IMAGE, timeout=300)
     assert result.returncode == 0, result.stderr
     rootfs.unlink()
     return time.monotonic() - started

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -26,7 +27,14 @@ import tritonclient.http as triton_http
 
 from contract.datasets import load_dataset
 from loadtests.perf import real_inputs
-from tests.deploy.engine import compose_plugin, engine, scratch, standin_base, torch_index
+from tests.deploy.engine import (
+    compose_plugin,
+    engine,
+    scratch,
+    standin_base,
+    standin_prometheus,
+    torch_index,
+)
 from tests.servers import ROOT
 from tests.service.oip import metric, wait_until
 
@@ -39,6 +47,7 @@ BUILD_ON_HOST = """services:
   locust-master: {build: {network: host}}
 """
 DIGITS = 100
+MONITORING = ("--profile", "monitoring")
 
 
 class Stack:
@@ -92,9 +101,9 @@ def stack() -> Iterator[Stack]:
         finally:
             (ROOT / "runs").mkdir(exist_ok=True)
             (ROOT / "runs" / "stack-times.json").write_text(json.dumps(s.times, indent=1))
-            subprocess.run(["docker", "compose", "-p", PROJECT, *s.files, "down", "-v",
-                            "--remove-orphans"], cwd=ROOT, env=env, capture_output=True,
-                           timeout=300)
+            subprocess.run(["docker", "compose", "-p", PROJECT, *s.files, *MONITORING, "down",
+                            "-v", "--remove-orphans"], cwd=ROOT, env=env,
+                           capture_output=True, timeout=300)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -158,6 +167,32 @@ def test_the_locust_master_ui_swarms_on_its_worker_without_failures(stack: Stack
     assert aggregated["num_failures"] == 0, aggregated
 
 
+def test_the_monitoring_profiles_prometheus_scrapes_the_server(stack: Stack) -> None:
+    """Prometheus runs with deploy/prometheus/prometheus.yml and scrapes the server over
+    the compose network. Its image is a stand-in built from Debian's package (no
+    registry here), and Grafana, the profile's other service, cannot be had at all."""
+    stack.times["standin_prometheus_s"] = round(standin_prometheus(stack.workdir), 1)
+    stack.timed("monitoring_up_s", *MONITORING, "up", "-d", "--no-deps", "prometheus")
+    prometheus = "http://127.0.0.1:9090/api/v1"
+    targets: list[dict] = []  # type: ignore[type-arg]
+
+    def scraped() -> bool:
+        nonlocal targets
+        try:
+            with urllib.request.urlopen(f"{prometheus}/targets", timeout=5) as answer:
+                targets = json.loads(answer.read())["data"]["activeTargets"]
+        except OSError:
+            return False  # not listening yet
+        return any(t["labels"]["job"] == "cnnserve" and t["health"] == "up" for t in targets)
+
+    wait_until(scraped, timeout=90)
+    assert [t["scrapeUrl"] for t in targets] == ["http://server:8002/metrics"], targets
+    query = urllib.parse.quote('sum(cnnserve_requests_total{model="lenet"})')
+    with urllib.request.urlopen(f"{prometheus}/query?query={query}", timeout=10) as answer:
+        result = json.loads(answer.read())["data"]["result"]
+    assert result and float(result[0]["value"][1]) >= 2, result  # the classify test's calls
+
+
 def test_second_up_reuses_the_models_and_stop_drains_at_once(stack: Stack) -> None:
     stack.timed("second_up_s", "up", "-d", "--wait", "--wait-timeout", "300")
     trainer = stack.container("trainer")["State"]
@@ -198,7 +233,7 @@ def test_second_up_reuses_the_models_and_stop_drains_at_once(stack: Stack) -> No
                                       "waited for its 10 s grace period"
     assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
     channel.close()
-    stack.timed("down_s", "down", "-v", "--remove-orphans")
+    stack.timed("down_s", *MONITORING, "down", "-v", "--remove-orphans")
     for kind in ("ps -a", "network ls", "volume ls"):
         left = subprocess.run(["docker", *kind.split(), "-q", "--filter",
                                f"label=com.docker.compose.project={PROJECT}"],
