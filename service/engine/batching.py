@@ -33,7 +33,9 @@ class BatchPolicy:
     """An idle instance runs what is queued at once; requests batch while instances are
     busy. False: Triton's rule, the head waits up to max_queue_delay_s for company."""
     inline_compute_s: float = 0.0
-    """Batches of a size that recently ran faster than this run on the event loop."""
+    """A lone caller's request of a size that recently ran faster than this runs in the
+    caller's step on the event loop (work-conserving only); everything queued runs in a
+    compute thread."""
 
 
 T = TypeVar("T")
