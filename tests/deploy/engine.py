@@ -54,7 +54,7 @@ def engine(workdir: Path) -> Iterator[dict[str, float]]:
         yield {"engine_start_s": 0.0}
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("no container engine runs, and starting one needs root and apt-get")
+        pytest.skip("no Docker engine runs, and starting one needs root and apt-get")
     if not shutil.which("dockerd"):
         _apt_install("docker.io")
     pidfile = workdir / "dockerd.pid"
