@@ -79,8 +79,9 @@ def message(doc: dict[str, Any] | list[Any], into: M) -> M:
 class Stream:
     """One ModelStreamInfer stream. Its requests are read in turn; each is admitted as a
     call of its own and submitted to the core without awaiting anything, and its answer
-    is written as soon as it exists: at once for a request that ran at once, else from
-    its batch's callback. So a request costs no task and no queue hand-off of its own.
+    is written as soon as it exists: by the reader for a request that ran at once, else
+    from its batch's callback through the stream's one writer task. So a request costs
+    no task of its own.
 
     At most STREAM_IN_FLIGHT requests are running or waiting to be written at once: past
     it the stream is not read, and HTTP/2 flow control holds the client (one that reads
