@@ -61,11 +61,6 @@ class Buckets:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
-    def observe_many(self, value: float, n: int) -> None:
-        """`n` observations of `value` (requests that waited as long as each other)."""
-        self.counts[bisect_left(self.bounds, value)] += n
-        self.total += value * n
-
 
 class ModelTally:
     """What one model version's batcher adds up between flushes."""
@@ -252,11 +247,6 @@ class Duration:
     def ns(self) -> int:
         return int(self.seconds * 1e9)
 
-    def add(self, seconds: float, n: int = 1) -> None:
-        """`n` of them, each taking `seconds`."""
-        self.count += n
-        self.seconds += seconds * n
-
 
 @dataclass
 class Compute:
@@ -266,11 +256,6 @@ class Compute:
     input: Duration = field(default_factory=Duration)
     infer: Duration = field(default_factory=Duration)
     output: Duration = field(default_factory=Duration)
-
-    def add(self, input_s: float, infer_s: float, output_s: float, n: int = 1) -> None:
-        self.input.add(input_s, n)
-        self.infer.add(infer_s, n)
-        self.output.add(output_s, n)
 
 
 @dataclass

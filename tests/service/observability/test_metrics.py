@@ -47,7 +47,8 @@ def test_a_scrape_sees_every_call_counted_before_it() -> None:
     metrics.held_bytes = 1234
     tally = metrics.model("lenet", "1")
     tally.inferences, tally.executions, tally.depth = 96, 3, 5
-    tally.batch_size.observe_many(32, 3)
+    for _ in range(3):
+        tally.batch_size.observe(32)
     metrics.latency["lenet", 1, "oip", Status.OK].observe(0.001)
 
     def sample(name: str, **labels: str) -> float | None:
