@@ -151,7 +151,7 @@ def checked_inputs(request: OipRequest, shm: Regions, model: ServedModel) -> Ten
         if layout.batched:
             if rows and shape[0] != rows:
                 invalid("every input's first (batch) dimension must be the same, got "
-                        f"{sorted({tuple(t.shape)[0] for t in given})}")
+                        f"{sorted({d for t in given for d in tuple(t.shape)[:1]})}")
             rows = shape[0]
         if (raw or window) and tensor.contents is not None:
             invalid(f"input {layout.spec.name!r}: send its data in one place (contents, "

@@ -109,6 +109,12 @@ def test_inputs_of_one_batch_share_its_first_dimension(shm: Regions) -> None:
                                       InputTensor("a", "FP32", (3, 1))],
                          raw=[b"\0" * 8, b"\0" * 12])
     assert "must be the same, got [2, 3]" in refusal(request, shm, two)
+    three = model(*(TensorSpec(name=n, shape=(1,)) for n in "abc"))
+    scalar_last = OipRequest("m", inputs=[InputTensor("a", "FP32", (2, 1)),
+                                          InputTensor("b", "FP32", (3, 1)),
+                                          InputTensor("c", "FP32", ())],
+                             raw=[b"\0" * 8, b"\0" * 12, b""])
+    assert "must be the same, got [2, 3]" in refusal(scalar_last, shm, three)
     ordered = OipRequest("m", inputs=[InputTensor("b", "FP32", (1, 1)),
                                       InputTensor("a", "FP32", (1, 1))],
                          raw=[np.float32(2).tobytes(), np.float32(1).tobytes()])
