@@ -86,6 +86,9 @@ class Metrics:
         registry.register(_FlushFirst(self))  # before the metrics: collected in this order
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        self._scrape_lock = threading.Lock()
+        self._pending: threading.Event | None = None
+        """The flush scrapes wait for, while one is scheduled on the loop."""
 
         # The tallies: written on the event loop's thread only.
         self.requests: defaultdict[tuple[str, str, Status], int] = defaultdict(int)
@@ -186,23 +189,31 @@ class Metrics:
                 tally.inferences = tally.executions = 0
 
     def _flush_for_scrape(self) -> None:
+        """Flush on the loop and wait for it (at most SCRAPE_WAIT_S). Scrapes that arrive
+        while a flush is pending wait for that one: a flood of scrapes costs the loop one
+        flush at a time, not one each."""
         loop = self._loop
         if loop is None or threading.get_ident() == self._loop_thread or loop.is_closed():
             self.flush()
             return
-        done = threading.Event()
-
-        def flush() -> None:
-            try:
-                self.flush()
-            finally:
-                done.set()
-
-        try:
-            loop.call_soon_threadsafe(flush)
-        except RuntimeError:  # the loop closed meanwhile
-            return
+        with self._scrape_lock:
+            done = self._pending
+            if done is None:
+                done = self._pending = threading.Event()
+                try:
+                    loop.call_soon_threadsafe(self._flush_pending, done)
+                except RuntimeError:  # the loop closed meanwhile
+                    self._pending = None
+                    return
         done.wait(SCRAPE_WAIT_S)
+
+    def _flush_pending(self, done: threading.Event) -> None:
+        with self._scrape_lock:
+            self._pending = None
+        try:
+            self.flush()
+        finally:
+            done.set()
 
 
 def _add(child: Histogram, buckets: Buckets) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -97,3 +98,47 @@ def test_a_scrape_from_another_thread_is_flushed_on_the_loop_that_counts() -> No
 
     value, on_loop = asyncio.run(main())
     assert value == 7 and on_loop
+
+
+def test_scrapes_that_arrive_together_cost_the_loop_one_flush() -> None:
+    """A flood of scrapes while the loop is busy waits for one flush, not one each."""
+    async def main() -> tuple[int, list[float | None]]:
+        registry = CollectorRegistry()
+        metrics = Metrics(registry)
+        metrics.serve_from(asyncio.get_running_loop())
+        flushes: list[int] = []
+        real_flush = metrics.flush
+
+        def flush() -> None:
+            flushes.append(1)
+            real_flush()
+
+        metrics.flush = flush  # type: ignore[method-assign]
+        metrics.requests["lenet", "oip", Status.OK] += 5
+        values: list[float | None] = []
+
+        def scrape() -> None:
+            values.append(registry.get_sample_value(
+                "cnnserve_requests_total", {"model": "lenet", "api": "oip", "code": "OK"}))
+
+        arrived: list[int] = []
+        real_scrape = metrics._flush_for_scrape  # noqa: SLF001
+
+        def counted() -> None:
+            arrived.append(1)
+            real_scrape()
+
+        metrics._flush_for_scrape = counted  # type: ignore[method-assign]  # noqa: SLF001
+        scrapers = [threading.Thread(target=scrape) for _ in range(20)]
+        for thread in scrapers:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(arrived) < 20 and time.monotonic() < deadline:
+            time.sleep(0.001)  # holds the loop: the scrapes pile up behind one flush
+        time.sleep(0.05)
+        await asyncio.to_thread(lambda: [t.join(10) for t in scrapers])
+        return len(flushes), values
+
+    flushed, values = asyncio.run(main())
+    assert values == [5.0] * 20
+    assert flushed == 1
