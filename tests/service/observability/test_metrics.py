@@ -136,7 +136,12 @@ def test_scrapes_that_arrive_together_cost_the_loop_one_flush() -> None:
         while len(arrived) < 20 and time.monotonic() < deadline:
             time.sleep(0.001)  # holds the loop: the scrapes pile up behind one flush
         time.sleep(0.05)
-        await asyncio.to_thread(lambda: [t.join(10) for t in scrapers])
+
+        def join() -> None:
+            for thread in scrapers:
+                thread.join(10)
+
+        await asyncio.to_thread(join)
         return len(flushes), values
 
     flushed, values = asyncio.run(main())
