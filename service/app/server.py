@@ -8,13 +8,14 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from contract.repository import RepositoryError
@@ -57,6 +58,36 @@ DRAIN_QUIET_S = 0.2
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 SERVER_SERVICES = ("", OIP_SERVICE, CLASSIFIER_SERVICE)
 """Health service names that stand for the whole server: SERVING once every model is."""
+LANES = frozenset({
+    f"/{OIP_SERVICE}/ModelInfer", f"/{OIP_SERVICE}/ModelStreamInfer",
+    f"/{OIP_SERVICE}/ServerLive", f"/{OIP_SERVICE}/ServerReady", f"/{OIP_SERVICE}/ModelReady",
+    f"/{CLASSIFIER_SERVICE}/Predict", f"/{health.SERVICE_NAME}/Check",
+    f"/{health.SERVICE_NAME}/Watch"})
+"""Methods that gRPC accepts in a lane of their own (registered methods): inference and
+health, so a flood of one (Watch streams, headers that never send a body) leaves the others
+accepted at their own pace. Every other method shares the generic lane."""
+
+
+class Lanes:
+    """Where the generated `add_*_to_server` functions register a service: the methods in
+    `lanes` become registered methods, the rest are served by the service's generic
+    handler only. grpc.aio's server waits on one future per registered method each time
+    it accepts a call, so each method registered costs every call of every method about
+    seven Python calls."""
+
+    def __init__(self, server: grpc.aio.Server, lanes: frozenset[str] = LANES) -> None:
+        self._server = server
+        self._lanes = lanes
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        own = {name: handler for name, handler in handlers.items()
+               if f"/{service}/{name}" in self._lanes}
+        if own:
+            self._server.add_registered_method_handlers(service, own)
 
 
 class Announcer:
@@ -225,15 +256,17 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     announcer = Announcer(models, health_servicer, probes)
     control = ModelControl(settings, models, executor, metrics, on_change=announcer.announce)
     oip = OpenInference(core, shm, control)
+    services = Lanes(server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(oip), server)
+        InferenceServicer(oip), services)
     classifier = Classifier(core, DecodeLimits(settings.max_image_pixels,
                                                settings.max_decode_cost))
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(classifier),
-                                                         server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (OIP_SERVICE, CLASSIFIER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+                                                         services)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, services)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
+        (OIP_SERVICE, CLASSIFIER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)),
+        services)
     try:
         address = f"{settings.host}:{settings.port}"
         try:

@@ -34,3 +34,23 @@ def test_a_port_in_use_is_one_line_naming_it_and_exit_1(served_repo: Path,
     assert len(errors) == 1, result.stderr
     assert errors[0].startswith("error: ") and str(busy) in errors[0], errors
     assert "Traceback" not in result.stderr
+
+
+LANE_CHECK = """
+from grpc_health.v1 import health_pb2
+from protos import classifier_pb2, grpc_service_pb2
+from service.app.server import LANES
+served = {f"/{service.full_name}/{method.name}"
+          for module in (grpc_service_pb2, classifier_pb2, health_pb2)
+          for service in module.DESCRIPTOR.services_by_name.values()
+          for method in service.methods}
+print(sorted(LANES - served), "/inference.GRPCInferenceService/ModelInfer" in LANES)
+"""
+
+
+def test_every_lane_names_a_method_the_server_serves() -> None:
+    """A misspelt lane would silently leave its method in the shared generic lane. (In a
+    process of its own: tritonclient's protos, loaded here, define the same messages.)"""
+    result = subprocess.run([sys.executable, "-c", LANE_CHECK], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout.split() == ["[]", "True"], result.stdout + result.stderr
