@@ -12,8 +12,10 @@ rules); this module applies it. Where the compute runs:
   the event loop goes on accepting calls while the model runs and the requests that
   arrive meanwhile form the next batch. When a batch ends and the next is ready, the
   compute thread takes and runs it at once: a busy model never idles while the loop gets
-  round to it. The queue is shared with those threads under a lock; futures are only
-  ever resolved on the loop.
+  round to it. If fewer images are queued than the batch that just ended ran, a slow
+  model's thread first waits a tenth of that batch's time for the callers it answered
+  to send again (COMPANY_WAIT), so batches under load keep their size. The queue is
+  shared with those threads under a lock; futures are only ever resolved on the loop.
 
 `submit` is synchronous, so a caller can answer without a task of its own (a stream's
 requests); `infer` awaits it.
@@ -38,6 +40,12 @@ from service.observability.metrics import Metrics, ModelStats
 from service.status import ServingError, Status, bounded
 
 log = logging.getLogger(__name__)
+COMPANY_WAIT = 0.1
+"""Under load (a batch just ended and requests are queued), the longest a compute thread
+waits for the queue to hold as many images as the batch it just ran, as a fraction of
+that batch's compute time: the requests its answers set free are on their way back."""
+MIN_COMPANY_WAIT_S = 50e-6
+"""A shorter wait is not worth a thread's sleep and wake-up (a LeNet-sized model)."""
 
 
 class BatcherClosedError(ServingError):
@@ -79,6 +87,10 @@ class DynamicBatcher:
         """Requests may differ in shape past the batch dimension: only equal ones batch."""
         self._queue: deque[_Request] = deque()
         self._lock = threading.Lock()  # guards _queue: the loop adds, compute threads take
+        self._company = threading.Condition(self._lock)
+        self._queued_rows = 0
+        self._rows_wanted = 0
+        """Nonzero while a compute thread waits for this many rows to be queued."""
         self._arrived = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
@@ -130,7 +142,10 @@ class DynamicBatcher:
                                    f"model {self.name!r} has {len(self._queue)} requests "
                                    f"queued (limit {policy.max_queue_size}); retry later")
             self._queue.append(request)
+            self._queued_rows += rows
             self._tally.depth += 1
+            if self._rows_wanted and self._queued_rows >= self._rows_wanted:
+                self._company.notify()
         if self._sleeping:
             self._arrived.set()
         return future
@@ -155,6 +170,8 @@ class DynamicBatcher:
         """Run everything already queued, then stop the workers."""
         self._closing = True
         self._arrived.set()
+        with self._lock:
+            self._company.notify_all()
         await asyncio.gather(*self._workers)
 
     def _take(self) -> Selection[_Request]:
@@ -164,6 +181,7 @@ class DynamicBatcher:
             removed = len(self._queue) - len(selection.waiting)
             if removed:
                 self._queue = deque(selection.waiting)
+                self._queued_rows = sum(r.rows for r in selection.waiting)
                 self._tally.depth -= removed
         return selection
 
@@ -229,12 +247,36 @@ class DynamicBatcher:
             started = time.monotonic()
             inputs = batch[0].inputs if len(batch) == 1 else {
                 name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
-            loop.call_soon_threadsafe(self._finish, batch, rows, started,
-                                      *self._run(runner, inputs, rows))
+            assembled, ended, result = self._run(runner, inputs, rows)
+            loop.call_soon_threadsafe(self._finish, batch, rows, started, assembled, ended,
+                                      result)
+            self._await_company(rows, ended - assembled)
             selection = self._take()
             batch, rows = selection.batch, selection.rows
             if selection.expired:
                 loop.call_soon_threadsafe(self._fail_expired, selection.expired)
+
+    def _await_company(self, ran: int, compute_s: float) -> None:
+        """In a compute thread, after a batch of `ran` rows that took `compute_s`: if
+        requests are queued but fewer rows than it ran, wait up to COMPANY_WAIT of
+        `compute_s` for that many (work-conserving only: `delay` has its own rule)."""
+        wait = COMPANY_WAIT * compute_s
+        want = min(ran, self.policy.max_batch_size or 1)
+        if want <= 1 or wait < MIN_COMPANY_WAIT_S or not self.policy.work_conserving:
+            return
+        deadline = time.monotonic() + wait
+        with self._lock:
+            if not self._queue or self._queued_rows >= want:
+                return
+            self._rows_wanted = want
+            try:
+                while self._queued_rows < want and not self._closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._company.wait(left)
+            finally:
+                self._rows_wanted = 0
 
     def _finish(self, batch: list[_Request], rows: int, started: float, assembled: float,
                 ended: float, result: list[np.ndarray] | ServingError) -> None:

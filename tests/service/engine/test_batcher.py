@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -321,3 +322,59 @@ async def _until_idle(batcher: DynamicBatcher, timeout_s: float = 10.0) -> None:
     while batcher.idle_instances < batcher.policy.instances:
         assert loop.time() < give_up, "the batcher's workers never went idle"
         await asyncio.sleep(0.001)
+
+
+class _SlowRunner(ModelRunner):
+    """A real runner whose batches take at least `seconds`: a model far slower than the
+    event loop, as AlexNet is at 32 clients. Notes each batch's size."""
+
+    def __init__(self, *args: object, seconds: float) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.seconds = seconds
+        self.sizes: list[int] = []
+
+    def run(self, inputs: Tensors) -> list[np.ndarray]:
+        self.sizes.append(len(inputs["input"]))
+        time.sleep(self.seconds)
+        return super().run(inputs)
+
+
+@pytest.mark.parametrize("returns", [True, False])
+def test_a_busy_model_waits_briefly_for_the_callers_its_batch_set_free(
+        served_repo: Path, returns: bool) -> None:
+    """Work-conserving, model-bound: when a batch ends with fewer images queued than it
+    ran, its thread waits (a tenth of that batch's compute time) for the callers it just
+    answered to send again, so batches keep their size rather than splitting into a
+    small one and a straggler; a caller that does not come back costs only that wait."""
+    path = latest_model_file(served_repo, "lenet")
+    config = serving_config(served_repo, "lenet", path)
+    runner = _SlowRunner(path, EngineOptions(repo=served_repo), config, seconds=1.0)
+    images = np.random.default_rng(3).standard_normal((4, 1, 1, 28, 28)).astype(np.float32)
+
+    async def scenario() -> list[list[np.ndarray]]:
+        with ThreadPoolExecutor(1) as executor:
+            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=0.0,
+                                 preferred_batch_sizes=frozenset(), max_queue_size=8,
+                                 instances=1, work_conserving=True, inline_compute_s=0.0)
+            batcher = DynamicBatcher("lenet", [runner], executor, policy,
+                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
+            batcher.start()
+            first = [asyncio.create_task(batcher.infer({"input": x})) for x in images[:2]]
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + 10
+            while not runner.sizes:  # the batch of two is running
+                assert loop.time() < give_up
+                await asyncio.sleep(0.001)
+            queued = asyncio.create_task(batcher.infer({"input": images[2]}))
+            answers = await asyncio.gather(*first)
+            if returns:  # a caller it answered sends again at once
+                answers.append(await batcher.infer({"input": images[3]}))
+            answers.insert(2, await queued)
+            await batcher.close()
+            return answers
+
+    answers = asyncio.run(scenario())
+    assert runner.sizes == ([2, 2] if returns else [2, 1])
+    for x, answer in zip(images, answers, strict=False):
+        np.testing.assert_allclose(answer[0], ModelRunner.run(runner, {"input": x})[0],
+                                   atol=1e-6)
