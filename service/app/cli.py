@@ -94,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.app.workers import supervise
 
         return supervise(settings)
+    if args.settings_json:
+        from service.app.workers import follow_supervisor
+
+        follow_supervisor()
     from service.app.server import run
 
     return run(settings, reuse_port=args.settings_json is not None)

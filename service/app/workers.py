@@ -3,11 +3,14 @@
 One Python process tops out at a few thousand calls per second (the GIL); several
 processes, each with its own sessions and batchers, use a many-core GPU host. The
 kernel spreads connections across them. This parent only supervises: it forwards
-SIGTERM/SIGINT, serves the merged Prometheus metrics, and exits when they have.
+SIGTERM/SIGINT, serves the merged Prometheus metrics, and exits when they have. A worker
+whose parent dies some other way (SIGKILL, the OOM killer) gets SIGTERM from the kernel
+and shuts down gracefully: none goes on holding the port alone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -21,6 +24,8 @@ from types import FrameType
 from service.app.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+SUPERVISOR_ENV = "CNNSERVE_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
 
 
 def supervise(settings: ServiceSettings) -> int:
@@ -62,7 +67,8 @@ def _run_workers(settings: ServiceSettings, settings_file: Path) -> int:
     signal.signal(signal.SIGINT, forward)
     for _ in range(settings.workers):
         procs.append(subprocess.Popen([sys.executable, "-m", "service", "--settings-json",
-                                       str(settings_file)]))
+                                       str(settings_file)],
+                                      env={**os.environ, SUPERVISOR_ENV: str(os.getpid())}))
     log.info("started %d workers: pids %s", len(procs), [p.pid for p in procs])
     codes = []
     for proc in procs:
@@ -70,3 +76,17 @@ def _run_workers(settings: ServiceSettings, settings_file: Path) -> int:
         multiprocess.mark_process_dead(proc.pid)
     log.info("workers exited with %s", codes)
     return 0 if all(code == 0 for code in codes) else 1
+
+
+def follow_supervisor() -> None:
+    """In a worker (Linux): SIGTERM when the supervisor that started it dies, or at once
+    if it died before this ran."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if supervisor is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("could not ask for SIGTERM when the supervisor dies (errno %d)",
+                    ctypes.get_errno())
+    if os.getppid() != int(supervisor):
+        os.kill(os.getpid(), signal.SIGTERM)
