@@ -78,19 +78,25 @@ def test_a_model_exports_zeros_before_its_first_request() -> None:
                                      {"model": "vgg", "version": "2"}) == 0
 
 
+def _serving_from_this_loop() -> tuple[CollectorRegistry, Metrics, list[int]]:
+    """Metrics flushed on the running loop, and the thread of each flush, as it happens."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.serve_from(asyncio.get_running_loop())
+    flushed_on: list[int] = []
+    real_flush = metrics.flush
+
+    def flush() -> None:
+        flushed_on.append(threading.get_ident())
+        real_flush()
+
+    metrics.flush = flush  # type: ignore[method-assign]
+    return registry, metrics, flushed_on
+
+
 def test_a_scrape_from_another_thread_is_flushed_on_the_loop_that_counts() -> None:
     async def main() -> tuple[float | None, bool]:
-        registry = CollectorRegistry()
-        metrics = Metrics(registry)
-        metrics.serve_from(asyncio.get_running_loop())
-        flushed_on: list[int] = []
-        real_flush = metrics.flush
-
-        def flush() -> None:
-            flushed_on.append(threading.get_ident())
-            real_flush()
-
-        metrics.flush = flush  # type: ignore[method-assign]
+        registry, metrics, flushed_on = _serving_from_this_loop()
         metrics.requests["lenet", "http", Status.OK] += 7
         value = await asyncio.to_thread(registry.get_sample_value, "cnnserve_requests_total",
                                         {"model": "lenet", "api": "http", "code": "OK"})
@@ -103,17 +109,7 @@ def test_a_scrape_from_another_thread_is_flushed_on_the_loop_that_counts() -> No
 def test_scrapes_that_arrive_together_cost_the_loop_one_flush() -> None:
     """A flood of scrapes while the loop is busy waits for one flush, not one each."""
     async def main() -> tuple[int, list[float | None]]:
-        registry = CollectorRegistry()
-        metrics = Metrics(registry)
-        metrics.serve_from(asyncio.get_running_loop())
-        flushes: list[int] = []
-        real_flush = metrics.flush
-
-        def flush() -> None:
-            flushes.append(1)
-            real_flush()
-
-        metrics.flush = flush  # type: ignore[method-assign]
+        registry, metrics, flushes = _serving_from_this_loop()
         metrics.requests["lenet", "oip", Status.OK] += 5
         values: list[float | None] = []
 
