@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtests.launch import ROOT, Launched, free_port, launch
+from loadtests.launch import ROOT, Launched, free_port, free_ports, launch
 
 __all__ = ["ROOT", "ServerProcess", "free_port", "start_server"]
 START_TIMEOUT_S = 120
@@ -29,7 +29,7 @@ class ServerProcess(Launched):
 def start_server(repo: Path, *args: str, env: dict[str, str] | None = None, port: int = 0,
                  processes: int = 1) -> ServerProcess:
     """Start `python -m service` and wait (bounded) for each process's ready line."""
-    metrics_port, probe_port, http_port = free_port(), free_port(), free_port()
+    metrics_port, probe_port, http_port = free_ports(3)
     started = launch(
         [sys.executable, "-m", "service", "--repo", str(repo), "--host", "127.0.0.1",
          "--port", str(port), "--metrics-port", str(metrics_port),
