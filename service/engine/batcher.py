@@ -160,7 +160,7 @@ class DynamicBatcher:
 
     def _run_alone(self, inputs: Tensors, rows: int, now: float) -> list[np.ndarray]:
         """Run one request in its caller's step, recorded as a batch of its own."""
-        assembled, ended, result = self._run(self._runners[0], inputs, rows)
+        assembled, ended, result = self._run(self._runners[0], inputs, rows, lone=True)
         self._record(rows, (0.0,), now, assembled, ended, 0.0, result)
         if isinstance(result, ServingError):
             raise result
@@ -223,14 +223,14 @@ class DynamicBatcher:
             await loop.run_in_executor(self._executor, self._compute_while_ready, runner,
                                        selection.batch, selection.rows)
 
-    def _run(self, runner: ModelRunner, inputs: Tensors, rows: int
+    def _run(self, runner: ModelRunner, inputs: Tensors, rows: int, lone: bool = False
              ) -> tuple[float, float, list[np.ndarray] | ServingError]:
-        """Run one batch: when its input was assembled and onnxruntime returned, and the
-        outputs or the error to answer with."""
+        """Run one batch (`lone`: a lone caller's request): when its input was assembled
+        and onnxruntime returned, and the outputs or the error to answer with."""
         assembled = time.monotonic()
         result: list[np.ndarray] | ServingError
         try:
-            result = runner.run(inputs)
+            result = runner.run(inputs, lone)
         except Exception as exc:  # onnxruntime errors: fail this batch, keep serving
             log.exception("model %s: batch of %d failed", self.name, rows)
             result = ServingError(Status.INTERNAL, f"model {self.name!r} failed on a batch "

@@ -209,8 +209,8 @@ def load_model(settings: EngineOptions, name: str, executor: Executor,
     served.batcher = DynamicBatcher(name, runners, executor, policy, metrics, served.stats,
                                     str(version))
     served.provider, served.file = runners[0].provider, path.name
-    log.info("model %s version %s ready: %s on %s, %d instance(s), %s, delay %dus",
-             name, version, path.name, served.provider, len(runners),
+    log.info("model %s version %s ready: %s on %s, %d instance(s), %s, %s, delay %dus",
+             name, version, path.name, served.provider, len(runners), runners[0].intra_op_summary,
              f"max batch {policy.max_batch_size}" if config.batched else "no batching",
              round(policy.max_queue_delay_s * 1e6))
     return served

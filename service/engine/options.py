@@ -34,7 +34,8 @@ class EngineOptions(BaseModel):
     precision: Literal["fp32", "fp16"] = "fp32"
     """fp16 serves model.fp16.onnx where a model has one and the device is CUDA."""
     intra_op_threads: int = Field(default=0, ge=0)
-    """onnxruntime threads per session; 0 lets onnxruntime choose (one per core)."""
+    """onnxruntime threads per session; 0: one per core, except that a small model runs
+    its batches on one thread where the pool does not earn its CPU (`engine.threads`)."""
     inter_op_threads: int = Field(default=1, ge=0)
     allow_spinning: bool = False
     """Let idle onnxruntime threads spin: lower latency on a dedicated host, but they take

@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from contract.repository import NUMPY_DTYPES, ModelConfig
 from service.engine.options import EngineOptions
+from service.engine.threads import cpu_sessions
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
@@ -68,19 +69,24 @@ class ModelRunner:
     `outputs`."""
 
     def __init__(self, path: Path, settings: EngineOptions, config: ModelConfig) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = settings.intra_op_threads
-        opts.inter_op_num_threads = settings.inter_op_threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        spin = str(int(settings.allow_spinning))
-        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        def session(intra_op_threads: int) -> ort.InferenceSession:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = intra_op_threads
+            opts.inter_op_num_threads = settings.inter_op_threads
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            spin = str(int(settings.allow_spinning))
+            opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+            return ort.InferenceSession(str(path), opts, providers=providers)
+
         providers: list[str | tuple[str, dict[str, str]]] = [CPU]
         if wants_cuda(settings.device):
             preload_cuda_libraries()
             providers = [(CUDA, {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
                                  "use_tf32": str(int(settings.allow_tf32))}), CPU]
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            self.session = self.lone_session = session(settings.intra_op_threads)
+        else:
+            self.session, self.lone_session = cpu_sessions(session, settings.intra_op_threads)
         self.provider = self.session.get_providers()[0]
         if settings.device == "cuda" and self.provider != CUDA:
             raise RuntimeError(f"{path}: asked for CUDA, onnxruntime applied {self.provider}")
@@ -89,12 +95,24 @@ class ModelRunner:
         self.path = path
 
     @property
+    def intra_op_summary(self) -> str:
+        """The intra-op threads in words, for the log."""
+        def said(session: ort.InferenceSession) -> str:
+            n = session.get_session_options().intra_op_num_threads
+            return f"{n} intra-op thread{'s' * (n != 1)}" if n else "intra-op threads one per core"
+        if self.lone_session is self.session:
+            return said(self.session)
+        return f"batches on {said(self.session)}, a lone caller on {said(self.lone_session)}"
+
+    @property
     def on_gpu(self) -> bool:
         return self.provider == CUDA
 
-    def run(self, inputs: Tensors) -> list[np.ndarray]:
+    def run(self, inputs: Tensors, lone: bool = False) -> list[np.ndarray]:
+        """`lone`: a lone caller's request, run on the event loop (`threads.cpu_sessions`)."""
         if not self.on_gpu:
-            out: list[np.ndarray] = self.session.run(self.output_names, inputs)
+            session = self.lone_session if lone else self.session
+            out: list[np.ndarray] = session.run(self.output_names, inputs)
             return out
         # IOBinding: each input is copied to the device once and the outputs land directly
         # in host memory that onnxruntime allocates, with no per-run name lookups or staging.
@@ -114,5 +132,8 @@ class ModelRunner:
             return
         for size in batch_sizes if self.config.batched else [0]:
             lead = (size,) if self.config.batched else ()
-            self.run({t.name: np.zeros((*lead, *t.shape), NUMPY_DTYPES[t.datatype])
-                      for t in specs})
+            feeds = {t.name: np.zeros((*lead, *t.shape), NUMPY_DTYPES[t.datatype])
+                     for t in specs}
+            self.run(feeds)
+            if self.lone_session is not self.session:
+                self.run(feeds, lone=True)

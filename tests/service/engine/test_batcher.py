@@ -175,12 +175,12 @@ class _GatedRunner(ModelRunner):
         self.started = [threading.Event(), threading.Event()]
         self.calls = 0
 
-    def run(self, inputs: Tensors) -> list[np.ndarray]:
+    def run(self, inputs: Tensors, lone: bool = False) -> list[np.ndarray]:
         self.calls += 1
         self.started[min(self.calls, 2) - 1].set()
         if self.calls == 1:
             assert self.loop_blocked.wait(10), "the test never blocked its loop"
-        return super().run(inputs)
+        return super().run(inputs, lone)
 
 
 def test_a_ready_batch_runs_without_waiting_for_the_event_loop(served_repo: Path) -> None:
@@ -225,9 +225,9 @@ class _ThreadRecordingRunner(ModelRunner):
         super().__init__(*args)  # type: ignore[arg-type]
         self.threads: list[int] = []
 
-    def run(self, inputs: Tensors) -> list[np.ndarray]:
+    def run(self, inputs: Tensors, lone: bool = False) -> list[np.ndarray]:
         self.threads.append(threading.get_ident())
-        return super().run(inputs)
+        return super().run(inputs, lone)
 
 
 @pytest.mark.parametrize("inline_below_s", [1.0, 0.0])
@@ -333,10 +333,10 @@ class _SlowRunner(ModelRunner):
         self.seconds = seconds
         self.sizes: list[int] = []
 
-    def run(self, inputs: Tensors) -> list[np.ndarray]:
+    def run(self, inputs: Tensors, lone: bool = False) -> list[np.ndarray]:
         self.sizes.append(len(inputs["input"]))
         time.sleep(self.seconds)
-        return super().run(inputs)
+        return super().run(inputs, lone)
 
 
 @pytest.mark.parametrize("returns", [True, False])
