@@ -11,7 +11,10 @@ every front-end, the edge, the core and the batcher run). Calls:
 - `stream`: one request after another on one `ModelStreamInfer` stream;
 - `rest`: a REST infer with the image as binary tensor data (Triton's extension);
 - `classify`: a real digit as a PNG, to REST `/classify` (no echo counterpart; its
-  decode runs in the decode pool, whose calls are not counted).
+  decode runs in the decode pool, whose calls are not counted);
+- with `--clients N`, also `unary, N clients`: unary calls from N closed-loop clients
+  for `--seconds` per window (`loadtests.perf`'s client), where batches form and the
+  compute runs off the loop.
 
 The report gives both counts, their ratio, CPU per request, and the functions the
 service calls most per unary request, which is where a request's cost goes.
@@ -39,7 +42,7 @@ import numpy as np
 import orjson
 
 from loadtests.launch import Launched, free_port, launch
-from loadtests.perf import real_inputs, tree_cpu_s
+from loadtests.perf import Inputs, Load, closed_loop, real_inputs, tree_cpu_s
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -115,6 +118,27 @@ def measure(server: Server, call: str, send: Send, requests: int, warmup: int
     _signal_and_wait(server, signal.SIGUSR2, Path(f"{server.profile}.done"))
     stats = pstats.Stats(str(server.profile))
     return Cost(call, stats.total_calls / requests, cpu / requests * 1e6), stats  # type: ignore[attr-defined]
+
+
+def measure_under_load(server: Server, clients: int, seconds: float, inputs: Inputs
+                       ) -> Cost:
+    """`measure`, with `clients` callers at once for `seconds` per window."""
+    load = Load(MODEL, clients, 1, seconds)
+    closed_loop(server.grpc_address, inputs, Load(MODEL, clients, 1, min(seconds, 1.0)))
+    pid = server.program.proc.pid
+    cpu = tree_cpu_s(pid)
+    unprofiled = closed_loop(server.grpc_address, inputs, load)
+    cpu = tree_cpu_s(pid) - cpu
+    _signal_and_wait(server, signal.SIGUSR1, Path(f"{server.profile}.on"))
+    profiled = closed_loop(server.grpc_address, inputs, load)
+    _signal_and_wait(server, signal.SIGUSR2, Path(f"{server.profile}.done"))
+    stats = pstats.Stats(str(server.profile))
+    if profiled.errors or unprofiled.errors or not profiled.requests:
+        raise RuntimeError(f"{server.name}: {profiled.errors + unprofiled.errors} of the "
+                           f"requests under load failed")
+    return Cost(f"unary, {clients} clients",
+                stats.total_calls / profiled.requests,  # type: ignore[attr-defined]
+                cpu / max(unprofiled.requests, 1) * 1e6)
 
 
 def _infer_request(name: str, image: np.ndarray) -> pb.ModelInferRequest:
@@ -206,8 +230,8 @@ def digit_png() -> bytes:
     return buffer.getvalue()
 
 
-def run(repo: Path, requests: int, warmup: int) -> tuple[list[tuple[str, Cost, Cost | None]],
-                                                        pstats.Stats]:
+def run(repo: Path, requests: int, warmup: int, clients: int = 0, seconds: float = 5.0
+        ) -> tuple[list[tuple[str, Cost, Cost | None]], pstats.Stats]:
     inputs = real_inputs(repo, MODEL)
     image = inputs.images[0]
     request = _infer_request(inputs.name, image)
@@ -235,6 +259,9 @@ def run(repo: Path, requests: int, warmup: int) -> tuple[list[tuple[str, Cost, C
                     results[name][call] = cost
                     if name == "service" and call == "unary":
                         unary_stats = stats
+                if clients:
+                    cost = measure_under_load(server, clients, seconds, inputs)
+                    results[name][cost.call] = cost
             finally:
                 server.program.stop()
     assert unary_stats is not None
@@ -250,7 +277,8 @@ def _ratio(ours: float, theirs: float) -> str:
 def report(rows: list[tuple[str, Cost, Cost | None]], stats: pstats.Stats, requests: int,
            top: int = 25) -> str:
     lines = [f"Python calls per request on the event loop's thread and server CPU per request "
-             f"(process tree), one client, {requests} requests per window.", "",
+             f"(process tree), one client, {requests} requests per window (under load: "
+             "the requests answered in each window).", "",
              "| call | service calls | echo calls | ratio | service CPU (us) | echo CPU (us) "
              "| ratio |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for call, ours, echo in rows:
@@ -280,10 +308,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="a model repository with a model named lenet (make demo's)")
     p.add_argument("--requests", type=int, default=2000, help="requests per window")
     p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--clients", type=int, default=0,
+                   help="also count unary calls from this many clients at once")
+    p.add_argument("--seconds", type=float, default=5.0,
+                   help="each window under load (with --clients)")
     p.add_argument("--out", type=Path, help="also write the report to this file")
     args = p.parse_args(argv)
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    rows, stats = run(args.repo, args.requests, args.warmup)
+    rows, stats = run(args.repo, args.requests, args.warmup, args.clients, args.seconds)
     text = report(rows, stats, args.requests)
     print(text)
     if args.out is not None:
