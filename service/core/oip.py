@@ -421,8 +421,7 @@ class OpenInference:
         if config.batched:
             doc["dynamic_batching"] = {
                 "preferred_batch_size": sorted(policy.preferred_batch_sizes),
-                "max_queue_delay_microseconds": 0 if policy.work_conserving
-                else round(policy.max_queue_delay_s * 1e6),
+                "max_queue_delay_microseconds": round(policy.max_queue_delay_s * 1e6),
                 "preserve_ordering": False}
         doc["backend"] = "onnxruntime"
         return doc

@@ -12,10 +12,11 @@ rules); this module applies it. Where the compute runs:
   the event loop goes on accepting calls while the model runs and the requests that
   arrive meanwhile form the next batch. When a batch ends and the next is ready, the
   compute thread takes and runs it at once: a busy model never idles while the loop gets
-  round to it. If fewer images are queued than the batch that just ended ran, a slow
-  model's thread first waits a tenth of that batch's time for the callers it answered
-  to send again (COMPANY_WAIT), so batches under load keep their size. The queue is
-  shared with those threads under a lock; futures are only ever resolved on the loop.
+  round to it. After a batch of two or more, the thread first waits (up to the model's
+  `max_queue_delay_s`) until as many images are queued as that batch ran: the callers it
+  answered are on their way back, so batches under load keep their size rather than
+  splitting into stragglers. The queue is shared with those threads under a lock;
+  futures are only ever resolved on the loop.
 
 `submit` is synchronous, so a caller can answer without a task of its own (a stream's
 requests); `infer` awaits it.
@@ -40,12 +41,6 @@ from service.observability.metrics import Metrics, ModelStats
 from service.status import ServingError, Status, bounded
 
 log = logging.getLogger(__name__)
-COMPANY_WAIT = 0.1
-"""Under load (a batch just ended and requests are queued), the longest a compute thread
-waits for the queue to hold as many images as the batch it just ran, as a fraction of
-that batch's compute time: the requests its answers set free are on their way back."""
-MIN_COMPANY_WAIT_S = 50e-6
-"""A shorter wait is not worth a thread's sleep and wake-up (a LeNet-sized model)."""
 
 
 class BatcherClosedError(ServingError):
@@ -250,23 +245,22 @@ class DynamicBatcher:
             assembled, ended, result = self._run(runner, inputs, rows)
             loop.call_soon_threadsafe(self._finish, batch, rows, started, assembled, ended,
                                       result)
-            self._await_company(rows, ended - assembled)
+            self._await_company(rows)
             selection = self._take()
             batch, rows = selection.batch, selection.rows
             if selection.expired:
                 loop.call_soon_threadsafe(self._fail_expired, selection.expired)
 
-    def _await_company(self, ran: int, compute_s: float) -> None:
-        """In a compute thread, after a batch of `ran` rows that took `compute_s`: if
-        requests are queued but fewer rows than it ran, wait up to COMPANY_WAIT of
-        `compute_s` for that many (work-conserving only: `delay` has its own rule)."""
-        wait = COMPANY_WAIT * compute_s
+    def _await_company(self, ran: int) -> None:
+        """In a compute thread, after a batch of `ran` rows (two or more): until that many
+        are queued, wait up to the model's `max_queue_delay_s` (work-conserving only:
+        `delay` has its own rule)."""
         want = min(ran, self.policy.max_batch_size or 1)
-        if want <= 1 or wait < MIN_COMPANY_WAIT_S or not self.policy.work_conserving:
+        if want <= 1 or not self.policy.work_conserving:
             return
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + self.policy.max_queue_delay_s
         with self._lock:
-            if not self._queue or self._queued_rows >= want:
+            if self._queued_rows >= want:
                 return
             self._rows_wanted = want
             try:

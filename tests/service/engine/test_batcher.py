@@ -339,11 +339,49 @@ class _SlowRunner(ModelRunner):
         return super().run(inputs, lone)
 
 
+def test_callers_that_come_back_one_by_one_find_their_batch_waiting_for_them(
+        served_repo: Path) -> None:
+    """A model the loop outpaces (LeNet): its batch ends with nothing queued, and its
+    callers send again one after another. The thread waits for them (up to the model's
+    max_queue_delay_s) rather than running the first to come back alone and leaving the
+    rest to batches of their own."""
+    path = latest_model_file(served_repo, "lenet")
+    config = serving_config(served_repo, "lenet", path)
+    runner = _SlowRunner(path, EngineOptions(repo=served_repo), config, seconds=0.01)
+    images = np.random.default_rng(4).standard_normal((4, 1, 1, 28, 28)).astype(np.float32)
+
+    async def scenario() -> list[list[np.ndarray]]:
+        with ThreadPoolExecutor(1) as executor:
+            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=1.0,
+                                 preferred_batch_sizes=frozenset(), max_queue_size=8,
+                                 instances=1, work_conserving=True, inline_compute_s=0.0)
+            batcher = DynamicBatcher("lenet", [runner], executor, policy,
+                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
+            batcher.start()
+
+            async def caller(first: np.ndarray, then: np.ndarray, after_s: float
+                             ) -> list[list[np.ndarray]]:
+                answer = await batcher.infer({"input": first})
+                await asyncio.sleep(after_s)  # the loop reads this caller's next request
+                return [answer, await batcher.infer({"input": then})]
+
+            answers = await asyncio.gather(caller(images[0], images[2], 0.05),
+                                           caller(images[1], images[3], 0.2))
+            await batcher.close()
+            return [answers[0][0], answers[1][0], answers[0][1], answers[1][1]]
+
+    answers = asyncio.run(scenario())
+    assert runner.sizes == [2, 2]
+    for x, answer in zip(images, answers, strict=True):
+        np.testing.assert_allclose(answer[0], ModelRunner.run(runner, {"input": x})[0],
+                                   atol=1e-6)
+
+
 @pytest.mark.parametrize("returns", [True, False])
 def test_a_busy_model_waits_briefly_for_the_callers_its_batch_set_free(
         served_repo: Path, returns: bool) -> None:
-    """Work-conserving, model-bound: when a batch ends with fewer images queued than it
-    ran, its thread waits (a tenth of that batch's compute time) for the callers it just
+    """Work-conserving: when a batch of two or more ends with fewer images queued than it
+    ran, its thread waits (up to the model's max_queue_delay_s) for the callers it just
     answered to send again, so batches keep their size rather than splitting into a
     small one and a straggler; a caller that does not come back costs only that wait."""
     path = latest_model_file(served_repo, "lenet")
@@ -353,7 +391,7 @@ def test_a_busy_model_waits_briefly_for_the_callers_its_batch_set_free(
 
     async def scenario() -> list[list[np.ndarray]]:
         with ThreadPoolExecutor(1) as executor:
-            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=0.0,
+            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=0.5,
                                  preferred_batch_sizes=frozenset(), max_queue_size=8,
                                  instances=1, work_conserving=True, inline_compute_s=0.0)
             batcher = DynamicBatcher("lenet", [runner], executor, policy,

@@ -74,8 +74,9 @@ def test_model_config_through_tritonclient_is_the_served_configuration(
         assert tensor_in.data_type == tensor_out.data_type == 11  # TYPE_FP32
         assert list(config.dynamic_batching.preferred_batch_size) == sorted(
             declared["preferred_batch_sizes"])
-        # Work-conserving (the default): no request waits for company, as Triton's 0 says.
-        assert config.dynamic_batching.max_queue_delay_microseconds == 0
+        # Work-conserving (the default): a lone request never waits, but under load a batch
+        # waits up to this long for its callers to come back.
+        assert config.dynamic_batching.max_queue_delay_microseconds == 2000
         (group,) = config.instance_group
         assert (group.count, group.kind) == (1, 2)  # one instance, KIND_CPU
         assert config.version_policy.latest.num_versions == 1
