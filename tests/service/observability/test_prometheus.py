@@ -205,10 +205,14 @@ def test_the_compute_histogram_resolves_lenet(loaded: tuple[ServerProcess, str |
     buckets = _buckets(text, "cnnserve_compute_seconds", "lenet")
     assert [b for b, _ in buckets][:-1] == list(LATENCY_BUCKETS)
     counts = np.diff([0.0] + [c for _, c in buckets])
-    # Not lumped into one bucket. Steady batches compute in a narrow band, so a third
-    # bucket may hold under 1% (2 / 1,272 / 135 / 9 in one CI run): the median check
-    # below is what measures the resolution.
-    assert (counts > 0.01 * counts.sum()).sum() >= 2, counts
+    # Fine steps where LeNet's batches run: the bucket holding the median spans at most a
+    # third of its upper edge (Prometheus' default buckets would put them all in 0-5 ms).
+    # Steady batches may all fall in that one bucket (98% in 150-200 us in one run); the
+    # median read from the buckets, against the mean below, measures the rest.
+    median_at = next(i for i, (_, c) in enumerate(buckets) if c >= buckets[-1][1] / 2)
+    upper = buckets[median_at][0]
+    lower = buckets[median_at - 1][0] if median_at else 0.0
+    assert upper - lower <= upper / 3, (lower, upper, counts)
     stats = triton_http.InferenceServerClient(f"127.0.0.1:{server.http_port}"
                                               ).get_inference_statistics("lenet")
     batches = stats["model_stats"][0]["batch_stats"]
