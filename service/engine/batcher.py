@@ -12,11 +12,11 @@ rules); this module applies it. Where the compute runs:
   the event loop goes on accepting calls while the model runs and the requests that
   arrive meanwhile form the next batch. When a batch ends and the next is ready, the
   compute thread takes and runs it at once: a busy model never idles while the loop gets
-  round to it. After a batch of two or more, the thread first waits (up to the model's
-  `max_queue_delay_s`) until as many images are queued as that batch ran: the callers it
-  answered are on their way back, so batches under load keep their size rather than
-  splitting into stragglers. The queue is shared with those threads under a lock;
-  futures are only ever resolved on the loop.
+  round to it. After a batch of two requests or more, the thread first waits (up to the
+  model's `max_queue_delay_s`) until as many are queued as that batch answered, or a
+  full batch: its callers are on their way back, so batches under load keep their size
+  rather than splitting into stragglers. The queue is shared with those threads under a
+  lock; futures are only ever resolved on the loop.
 
 `submit` is synchronous, so a caller can answer without a task of its own (a stream's
 requests); `infer` awaits it.
@@ -84,8 +84,8 @@ class DynamicBatcher:
         self._lock = threading.Lock()  # guards _queue: the loop adds, compute threads take
         self._company = threading.Condition(self._lock)
         self._queued_rows = 0
-        self._rows_wanted = 0
-        """Nonzero while a compute thread waits for this many rows to be queued."""
+        self._callers_wanted = 0
+        """Nonzero while a compute thread waits for this many requests to be queued."""
         self._arrived = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
@@ -139,7 +139,7 @@ class DynamicBatcher:
             self._queue.append(request)
             self._queued_rows += rows
             self._tally.depth += 1
-            if self._rows_wanted and self._queued_rows >= self._rows_wanted:
+            if self._callers_wanted and self._has_company(self._callers_wanted):
                 self._company.notify()
         if self._sleeping:
             self._arrived.set()
@@ -245,32 +245,36 @@ class DynamicBatcher:
             assembled, ended, result = self._run(runner, inputs, rows)
             loop.call_soon_threadsafe(self._finish, batch, rows, started, assembled, ended,
                                       result)
-            self._await_company(rows)
+            self._await_company(len(batch))
             selection = self._take()
             batch, rows = selection.batch, selection.rows
             if selection.expired:
                 loop.call_soon_threadsafe(self._fail_expired, selection.expired)
 
-    def _await_company(self, ran: int) -> None:
-        """In a compute thread, after a batch of `ran` rows (two or more): until that many
-        are queued, wait up to the model's `max_queue_delay_s` (work-conserving only:
-        `delay` has its own rule)."""
-        want = min(ran, self.policy.max_batch_size or 1)
-        if want <= 1 or not self.policy.work_conserving:
+    def _await_company(self, callers: int) -> None:
+        """In a compute thread, after a batch that answered `callers` requests (two or
+        more): until as many are queued, or a full batch, wait up to the model's
+        `max_queue_delay_s` (work-conserving only: `delay` has its own rule)."""
+        if callers <= 1 or not self.policy.work_conserving:
             return
         deadline = time.monotonic() + self.policy.max_queue_delay_s
         with self._lock:
-            if self._queued_rows >= want:
+            if self._has_company(callers):
                 return
-            self._rows_wanted = want
+            self._callers_wanted = callers
             try:
-                while self._queued_rows < want and not self._closing:
+                while not self._has_company(callers) and not self._closing:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return
                     self._company.wait(left)
             finally:
-                self._rows_wanted = 0
+                self._callers_wanted = 0
+
+    def _has_company(self, callers: int) -> bool:
+        """Under the lock: `callers` requests are queued, or a full batch."""
+        return (len(self._queue) >= callers
+                or self._queued_rows >= (self.policy.max_batch_size or 1))
 
     def _finish(self, batch: list[_Request], rows: int, started: float, assembled: float,
                 ended: float, result: list[np.ndarray] | ServingError) -> None:

@@ -377,6 +377,35 @@ def test_callers_that_come_back_one_by_one_find_their_batch_waiting_for_them(
                                    atol=1e-6)
 
 
+def test_a_lone_caller_of_several_images_at_a_time_never_waits_for_company(
+        served_repo: Path) -> None:
+    """The wait after a batch counts callers, not images: one client whose requests hold
+    two images, then one, is alone, and nobody is waited for on its behalf."""
+    path = latest_model_file(served_repo, "lenet")
+    config = serving_config(served_repo, "lenet", path)
+    runner = _SlowRunner(path, EngineOptions(repo=served_repo), config, seconds=0.01)
+    images = np.random.default_rng(5).standard_normal((4, 1, 28, 28)).astype(np.float32)
+
+    async def scenario() -> float:
+        with ThreadPoolExecutor(1) as executor:
+            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=5.0,
+                                 preferred_batch_sizes=frozenset(), max_queue_size=8,
+                                 instances=1, work_conserving=True, inline_compute_s=0.0)
+            batcher = DynamicBatcher("lenet", [runner], executor, policy,
+                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
+            batcher.start()
+            started = time.monotonic()
+            for rows in (images[:2], images[2:3], images[3:4]):
+                await batcher.infer({"input": rows})
+            elapsed = time.monotonic() - started
+            await batcher.close()
+            return elapsed
+
+    elapsed = asyncio.run(scenario())
+    assert runner.sizes == [2, 1, 1]
+    assert elapsed < 2.5, f"{elapsed:.1f}s: a lone caller's request waited for company"
+
+
 @pytest.mark.parametrize("returns", [True, False])
 def test_a_busy_model_waits_briefly_for_the_callers_its_batch_set_free(
         served_repo: Path, returns: bool) -> None:
