@@ -9,6 +9,7 @@ model only somewhat larger (the quick VGG) runs its batches far faster on the po
 where the thread count is left to the service (0), a small model's batch is timed both
 ways, and the pool is kept for batches only where it earns the CPU it takes
 (docs/results.md has the figures).
+
 Imports only onnxruntime and numpy: the peers' harness applies the same rule, so every
 server compared runs the same sessions.
 """
