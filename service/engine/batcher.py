@@ -12,11 +12,12 @@ rules); this module applies it. Where the compute runs:
   the event loop goes on accepting calls while the model runs and the requests that
   arrive meanwhile form the next batch. When a batch ends and the next is ready, the
   compute thread takes and runs it at once: a busy model never idles while the loop gets
-  round to it. After a batch of two requests or more, the thread first waits (up to the
-  model's `max_queue_delay_s`) until as many are queued as that batch answered, or a
-  full batch: its callers are on their way back, so batches under load keep their size
-  rather than splitting into stragglers. The queue is shared with those threads under a
-  lock; futures are only ever resolved on the loop.
+  round to it. After a batch, the thread first waits (up to the model's
+  `max_queue_delay_s`) until the callers it answered are queued again beside those that
+  queued while it ran, or a full batch: they are on their way back, so a round of
+  callers runs as one batch rather than splitting into stragglers. A lone caller never
+  waits. The queue is shared with those threads under a lock; futures are only ever
+  resolved on the loop.
 
 `submit` is synchronous, so a caller can answer without a task of its own (a stream's
 requests); `infer` awaits it.
@@ -251,15 +252,17 @@ class DynamicBatcher:
             if selection.expired:
                 loop.call_soon_threadsafe(self._fail_expired, selection.expired)
 
-    def _await_company(self, callers: int) -> None:
-        """In a compute thread, after a batch that answered `callers` requests (two or
-        more): until as many are queued, or a full batch, wait up to the model's
-        `max_queue_delay_s` (work-conserving only: `delay` has its own rule)."""
-        if callers <= 1 or not self.policy.work_conserving:
+    def _await_company(self, answered: int) -> None:
+        """In a compute thread, after a batch that answered `answered` requests: wait up
+        to the model's `max_queue_delay_s` until they are queued again beside what queued
+        while it ran, or a full batch, so this round's callers run as one batch
+        (work-conserving only: `delay` has its own rule). A lone caller never waits."""
+        if not self.policy.work_conserving:
             return
         deadline = time.monotonic() + self.policy.max_queue_delay_s
         with self._lock:
-            if self._has_company(callers):
+            callers = answered + len(self._queue)
+            if callers <= 1 or self._has_company(callers):
                 return
             self._callers_wanted = callers
             try:

@@ -377,6 +377,49 @@ def test_callers_that_come_back_one_by_one_find_their_batch_waiting_for_them(
                                    atol=1e-6)
 
 
+def test_a_round_of_callers_runs_as_one_batch(served_repo: Path) -> None:
+    """Two callers' batch runs while two more queue; when it ends, the thread waits for
+    the two it answered to come back and runs all four together, rather than the two
+    queued now and the two returning next (two batches a round, each half full)."""
+    path = latest_model_file(served_repo, "lenet")
+    config = serving_config(served_repo, "lenet", path)
+    runner = _SlowRunner(path, EngineOptions(repo=served_repo), config, seconds=0.2)
+    images = np.random.default_rng(6).standard_normal((6, 1, 1, 28, 28)).astype(np.float32)
+
+    async def scenario() -> list[list[np.ndarray]]:
+        with ThreadPoolExecutor(1) as executor:
+            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=1.0,
+                                 preferred_batch_sizes=frozenset(), max_queue_size=8,
+                                 instances=1, work_conserving=True, inline_compute_s=0.0)
+            batcher = DynamicBatcher("lenet", [runner], executor, policy,
+                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
+            batcher.start()
+
+            async def caller(first: np.ndarray, then: np.ndarray) -> list[list[np.ndarray]]:
+                answer = await batcher.infer({"input": first})
+                await asyncio.sleep(0.05)  # the loop reads this caller's next request
+                return [answer, await batcher.infer({"input": then})]
+
+            returning = [asyncio.create_task(caller(images[i], images[i + 4]))
+                         for i in (0, 1)]
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + 10
+            while not runner.sizes:  # the first two are running
+                assert loop.time() < give_up
+                await asyncio.sleep(0.001)
+            queued = [asyncio.create_task(batcher.infer({"input": images[i]})) for i in (2, 3)]
+            first, second = await asyncio.gather(*returning)
+            answers = [first[0], second[0], *await asyncio.gather(*queued), first[1], second[1]]
+            await batcher.close()
+            return answers
+
+    answers = asyncio.run(scenario())
+    assert runner.sizes == [2, 4]
+    for x, answer in zip(images, answers, strict=True):
+        np.testing.assert_allclose(answer[0], ModelRunner.run(runner, {"input": x})[0],
+                                   atol=1e-6)
+
+
 def test_a_lone_caller_of_several_images_at_a_time_never_waits_for_company(
         served_repo: Path) -> None:
     """The wait after a batch counts callers, not images: one client whose requests hold
