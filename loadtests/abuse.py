@@ -41,7 +41,7 @@ import numpy as np
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtests.launch import ROOT, Launched, free_port, launch
+from loadtests.launch import ROOT, Launched, free_ports, launch
 from protos import classifier_pb2 as cpb
 from protos import classifier_pb2_grpc as cpb_grpc
 from protos import grpc_service_pb2 as pb
@@ -460,8 +460,10 @@ class Result:
 
 
 def _server(repo: Path, env: dict[str, str]) -> tuple[Launched, int, int, int]:
-    metrics_port, probe_port, http_port = free_port(), free_port(), free_port()
-    server = launch([sys.executable, "-m", "service", "--repo", str(repo), "--port", "0",
+    # Picked together, the gRPC port too: a port 0 could land on one picked for REST.
+    grpc_port, metrics_port, probe_port, http_port = free_ports(4)
+    server = launch([sys.executable, "-m", "service", "--repo", str(repo),
+                     "--port", str(grpc_port),
                      "--metrics-port", str(metrics_port), "--probe-port", str(probe_port),
                      "--http-port", str(http_port), "--device", "cpu"], env=env)
     return server, metrics_port, probe_port, http_port

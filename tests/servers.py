@@ -28,8 +28,11 @@ class ServerProcess(Launched):
 
 def start_server(repo: Path, *args: str, env: dict[str, str] | None = None, port: int = 0,
                  processes: int = 1) -> ServerProcess:
-    """Start `python -m service` and wait (bounded) for each process's ready line."""
-    metrics_port, probe_port, http_port = free_ports(3)
+    """Start `python -m service` and wait (bounded) for each process's ready line. Its
+    ports are picked together (the gRPC port too, unless given), so that none is the port
+    another of them took: a gRPC port 0 could land on one picked for REST."""
+    picked, metrics_port, probe_port, http_port = free_ports(4)
+    port = port or picked
     started = launch(
         [sys.executable, "-m", "service", "--repo", str(repo), "--host", "127.0.0.1",
          "--port", str(port), "--metrics-port", str(metrics_port),
