@@ -339,25 +339,36 @@ class _SlowRunner(ModelRunner):
         return super().run(inputs, lone)
 
 
+def _slow_lenet(served_repo: Path, seconds: float) -> _SlowRunner:
+    path = latest_model_file(served_repo, "lenet")
+    return _SlowRunner(path, EngineOptions(repo=served_repo),
+                       serving_config(served_repo, "lenet", path), seconds=seconds)
+
+
+def _started(runner: ModelRunner, executor: ThreadPoolExecutor, max_queue_delay_s: float
+             ) -> DynamicBatcher:
+    """A work-conserving batcher of up to 4 images over `runner`, started (on the loop)."""
+    policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=max_queue_delay_s,
+                         preferred_batch_sizes=frozenset(), max_queue_size=8, instances=1,
+                         work_conserving=True, inline_compute_s=0.0)
+    batcher = DynamicBatcher("lenet", [runner], executor, policy,
+                             metrics=Metrics(CollectorRegistry()), stats=ModelStats())
+    batcher.start()
+    return batcher
+
+
 def test_callers_that_come_back_one_by_one_find_their_batch_waiting_for_them(
         served_repo: Path) -> None:
     """A model the loop outpaces (LeNet): its batch ends with nothing queued, and its
     callers send again one after another. The thread waits for them (up to the model's
     max_queue_delay_s) rather than running the first to come back alone and leaving the
     rest to batches of their own."""
-    path = latest_model_file(served_repo, "lenet")
-    config = serving_config(served_repo, "lenet", path)
-    runner = _SlowRunner(path, EngineOptions(repo=served_repo), config, seconds=0.01)
+    runner = _slow_lenet(served_repo, seconds=0.01)
     images = np.random.default_rng(4).standard_normal((4, 1, 1, 28, 28)).astype(np.float32)
 
     async def scenario() -> list[list[np.ndarray]]:
         with ThreadPoolExecutor(1) as executor:
-            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=1.0,
-                                 preferred_batch_sizes=frozenset(), max_queue_size=8,
-                                 instances=1, work_conserving=True, inline_compute_s=0.0)
-            batcher = DynamicBatcher("lenet", [runner], executor, policy,
-                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
-            batcher.start()
+            batcher = _started(runner, executor, max_queue_delay_s=1.0)
 
             async def caller(first: np.ndarray, then: np.ndarray, after_s: float
                              ) -> list[list[np.ndarray]]:
@@ -381,19 +392,12 @@ def test_a_round_of_callers_runs_as_one_batch(served_repo: Path) -> None:
     """Two callers' batch runs while two more queue; when it ends, the thread waits for
     the two it answered to come back and runs all four together, rather than the two
     queued now and the two returning next (two batches a round, each half full)."""
-    path = latest_model_file(served_repo, "lenet")
-    config = serving_config(served_repo, "lenet", path)
-    runner = _SlowRunner(path, EngineOptions(repo=served_repo), config, seconds=0.2)
+    runner = _slow_lenet(served_repo, seconds=0.2)
     images = np.random.default_rng(6).standard_normal((6, 1, 1, 28, 28)).astype(np.float32)
 
     async def scenario() -> list[list[np.ndarray]]:
         with ThreadPoolExecutor(1) as executor:
-            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=1.0,
-                                 preferred_batch_sizes=frozenset(), max_queue_size=8,
-                                 instances=1, work_conserving=True, inline_compute_s=0.0)
-            batcher = DynamicBatcher("lenet", [runner], executor, policy,
-                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
-            batcher.start()
+            batcher = _started(runner, executor, max_queue_delay_s=1.0)
 
             async def caller(first: np.ndarray, then: np.ndarray) -> list[list[np.ndarray]]:
                 answer = await batcher.infer({"input": first})
@@ -424,19 +428,12 @@ def test_a_lone_caller_of_several_images_at_a_time_never_waits_for_company(
         served_repo: Path) -> None:
     """The wait after a batch counts callers, not images: one client whose requests hold
     two images, then one, is alone, and nobody is waited for on its behalf."""
-    path = latest_model_file(served_repo, "lenet")
-    config = serving_config(served_repo, "lenet", path)
-    runner = _SlowRunner(path, EngineOptions(repo=served_repo), config, seconds=0.01)
+    runner = _slow_lenet(served_repo, seconds=0.01)
     images = np.random.default_rng(5).standard_normal((4, 1, 28, 28)).astype(np.float32)
 
     async def scenario() -> float:
         with ThreadPoolExecutor(1) as executor:
-            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=5.0,
-                                 preferred_batch_sizes=frozenset(), max_queue_size=8,
-                                 instances=1, work_conserving=True, inline_compute_s=0.0)
-            batcher = DynamicBatcher("lenet", [runner], executor, policy,
-                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
-            batcher.start()
+            batcher = _started(runner, executor, max_queue_delay_s=5.0)
             started = time.monotonic()
             for rows in (images[:2], images[2:3], images[3:4]):
                 await batcher.infer({"input": rows})
@@ -456,19 +453,12 @@ def test_a_busy_model_waits_briefly_for_the_callers_its_batch_set_free(
     ran, its thread waits (up to the model's max_queue_delay_s) for the callers it just
     answered to send again, so batches keep their size rather than splitting into a
     small one and a straggler; a caller that does not come back costs only that wait."""
-    path = latest_model_file(served_repo, "lenet")
-    config = serving_config(served_repo, "lenet", path)
-    runner = _SlowRunner(path, EngineOptions(repo=served_repo), config, seconds=1.0)
+    runner = _slow_lenet(served_repo, seconds=1.0)
     images = np.random.default_rng(3).standard_normal((4, 1, 1, 28, 28)).astype(np.float32)
 
     async def scenario() -> list[list[np.ndarray]]:
         with ThreadPoolExecutor(1) as executor:
-            policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=0.5,
-                                 preferred_batch_sizes=frozenset(), max_queue_size=8,
-                                 instances=1, work_conserving=True, inline_compute_s=0.0)
-            batcher = DynamicBatcher("lenet", [runner], executor, policy,
-                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
-            batcher.start()
+            batcher = _started(runner, executor, max_queue_delay_s=0.5)
             first = [asyncio.create_task(batcher.infer({"input": x})) for x in images[:2]]
             loop = asyncio.get_running_loop()
             give_up = loop.time() + 10
