@@ -160,23 +160,21 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
     def _streaming(self, route: Route, handler: grpc.RpcMethodHandler) -> Behaviour:
         target = handler.stream_stream or handler.stream_unary
         with_call = _takes_call(target)
+        if not inspect.isasyncgenfunction(target):
+            # The handler's own coroutine, awaited by `behaviour` with no frame between:
+            # a stream's every read and write resumes each frame of the chain.
+            def started(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+                        call: Call) -> Awaitable[Any]:
+                return target(requests, context, call) if with_call \
+                    else target(requests, context)
+
+            return self._admitted(route, started, with_call)
 
         async def serve(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
-                        call: Call) -> Any:
+                        call: Call) -> None:
             args = (requests, context, call) if with_call else (requests, context)
-            try:
-                if inspect.isasyncgenfunction(target):
-                    async for response in target(*args):
-                        await context.write(response)
-                elif handler.response_streaming:
-                    await target(*args)  # writes through context itself
-                else:
-                    return await target(*args)
-            except DecodeError:
-                raise ServingError(Status.INVALID_ARGUMENT,
-                                   "a request message on this stream is not valid "
-                                   "protobuf") from None
-            return None
+            async for response in target(*args):
+                await context.write(response)
 
         return self._admitted(route, serve, with_call)
 
@@ -197,6 +195,10 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     except grpc.aio.AbortError:
                         call.status = _status_set(context)
                         raise
+                    except DecodeError:  # gRPC parses a stream's messages as they are read
+                        raise ServingError(Status.INVALID_ARGUMENT,
+                                           "a request message on this stream is not valid "
+                                           "protobuf") from None
                     if not ours:
                         call.status = _status_set(context)
                     return answer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from functools import partial
 from typing import Any, TypeVar
 
@@ -266,11 +266,12 @@ class InferenceServicer:
         return infer_response(await self.oip.infer(oip_request(request), "oip",
                                                    context.time_remaining(), call))
 
-    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
-                               context: Context, call: Call) -> None:
+    def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
+                         context: Context, call: Call) -> Coroutine[Any, Any, None]:
         """Each request runs as a call of its own, batched with every other; answers go
-        back as they finish, each with its request's id (see `Stream`)."""
-        await Stream(self.oip, context, call).serve()
+        back as they finish, each with its request's id (see `Stream`). The stream's own
+        coroutine, for the edge to await: no frame of this method's between them."""
+        return Stream(self.oip, context, call).serve()
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context, call: Call
                           ) -> pb.ModelConfigResponse:

@@ -110,3 +110,37 @@ def test_a_stream_cut_off_mid_flight_leaves_nothing_held(
 def _gauge(text: str, name: str, labels: str = "") -> float:
     found = re.findall(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M)
     return sum(float(value) for got, value in found if labels in got)
+
+
+def test_bytes_that_are_not_a_request_end_the_stream_invalid_argument(
+        served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    """A stream whose second message is not protobuf gets its first answer, then
+    INVALID_ARGUMENT naming the cause, counted as such; the server serves on."""
+    server = server_factory(served_repo)
+    good = requests(1)[0].SerializeToString()
+    with grpc.insecure_channel(server.address) as channel:
+        raw = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                    request_serializer=None, response_deserializer=None)
+        outbox: queue.Queue[bytes | None] = queue.Queue()
+        outbox.put(good)
+        call = raw(iter(outbox.get, None), timeout=30)
+        answers: list[bytes] = []
+        try:
+            for answer in call:
+                answers.append(answer)
+                outbox.put(b"\xff\xff\xff\xff not protobuf")  # once the first is answered
+        except grpc.RpcError:
+            pass
+        outbox.put(None)
+        assert call.code() == grpc.StatusCode.INVALID_ARGUMENT, call.details()
+        assert "not valid protobuf" in (call.details() or "")
+        assert len(answers) == 1
+        assert not service_pb2.ModelStreamInferResponse.FromString(answers[0]).error_message
+    wait_until(lambda: re.search(r'^cnnserve_requests_total\{api="stream",'
+                                 r'code="INVALID_ARGUMENT",model="unknown"\} 1\.0$',
+                                 server.metrics(), re.M) is not None)
+    with grpc.insecure_channel(server.address) as again:
+        answered = list(service_pb2_grpc.GRPCInferenceServiceStub(again).ModelStreamInfer(
+            iter(requests(2)), timeout=30))
+    assert [a.error_message for a in answered] == [""] * 2
+    assert server.terminate() == 0
