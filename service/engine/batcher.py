@@ -13,11 +13,11 @@ rules); this module applies it. Where the compute runs:
   arrive meanwhile form the next batch. When a batch ends and the next is ready, the
   compute thread takes and runs it at once: a busy model never idles while the loop gets
   round to it. After a batch, the thread first waits (up to the model's
-  `max_queue_delay_s`) until the callers it answered are queued again beside those that
-  queued while it ran, or a full batch: they are on their way back, so a round of
-  callers runs as one batch rather than splitting into stragglers. A lone caller never
-  waits. The queue is shared with those threads under a lock; futures are only ever
-  resolved on the loop.
+  `max_queue_delay_s`, or the batch's own compute time if longer, up to four delays)
+  until the callers it answered are queued again beside those that queued while it ran,
+  or a full batch: they are on their way back, so a round of callers runs as one batch
+  rather than splitting into stragglers. A lone caller never waits. The queue is shared
+  with those threads under a lock; futures are only ever resolved on the loop.
 
 `submit` is synchronous, so a caller can answer without a task of its own (a stream's
 requests); `infer` awaits it.
@@ -66,6 +66,11 @@ class _Request:
     @property
     def cancelled(self) -> bool:
         return self.future.done()
+
+
+COMPANY_WAIT_DELAYS = 4
+"""The longest wait for a round of callers, in `max_queue_delay_s`: on 2 busy cores a
+round of 16-32 AlexNet callers takes 5-8 ms to come back (docs/results.md)."""
 
 
 class DynamicBatcher:
@@ -246,20 +251,26 @@ class DynamicBatcher:
             assembled, ended, result = self._run(runner, inputs, rows)
             loop.call_soon_threadsafe(self._finish, batch, rows, started, assembled, ended,
                                       result)
-            self._await_company(len(batch))
+            self._await_company(len(batch), ended - assembled)
             selection = self._take()
             batch, rows = selection.batch, selection.rows
             if selection.expired:
                 loop.call_soon_threadsafe(self._fail_expired, selection.expired)
 
-    def _await_company(self, answered: int) -> None:
-        """In a compute thread, after a batch that answered `answered` requests: wait up
-        to the model's `max_queue_delay_s` until they are queued again beside what queued
-        while it ran, or a full batch, so this round's callers run as one batch
-        (work-conserving only: `delay` has its own rule). A lone caller never waits."""
+    def _await_company(self, answered: int, compute_s: float) -> None:
+        """In a compute thread, after a batch that answered `answered` requests in
+        `compute_s`: wait until they are queued again beside what queued while it ran, or
+        a full batch, so this round's callers run as one batch (work-conserving only:
+        `delay` has its own rule). The wait lasts at most the model's `max_queue_delay_s`
+        or the batch's own compute time, whichever is longer, and never more than
+        COMPANY_WAIT_DELAYS delays: a model whose batches take longer than the delay gets
+        its rounds whole, waiting never idles a busy model more than half the time, and a
+        caller that does not come back costs its round a bounded wait. A lone caller never
+        waits."""
         if not self.policy.work_conserving:
             return
-        deadline = time.monotonic() + self.policy.max_queue_delay_s
+        delay = self.policy.max_queue_delay_s
+        deadline = time.monotonic() + max(delay, min(compute_s, COMPANY_WAIT_DELAYS * delay))
         with self._lock:
             callers = answered + len(self._queue)
             if callers <= 1 or self._has_company(callers):

@@ -388,6 +388,36 @@ def test_callers_that_come_back_one_by_one_find_their_batch_waiting_for_them(
                                    atol=1e-6)
 
 
+def test_a_slow_models_round_comes_back_whole_after_its_delay(served_repo: Path) -> None:
+    """A model whose batches take longer than its max_queue_delay_s (AlexNet on two busy
+    cores): callers that come back after the delay but within a batch's compute time
+    (up to four delays) still find their batch waiting, rather than the first running
+    alone."""
+    runner = _slow_lenet(served_repo, seconds=0.4)
+    images = np.random.default_rng(7).standard_normal((4, 1, 1, 28, 28)).astype(np.float32)
+
+    async def scenario() -> list[list[np.ndarray]]:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = _started(runner, executor, max_queue_delay_s=0.06)
+
+            async def caller(first: np.ndarray, then: np.ndarray, after_s: float
+                             ) -> list[list[np.ndarray]]:
+                answer = await batcher.infer({"input": first})
+                await asyncio.sleep(after_s)
+                return [answer, await batcher.infer({"input": then})]
+
+            answers = await asyncio.gather(caller(images[0], images[2], 0.09),
+                                           caller(images[1], images[3], 0.13))
+            await batcher.close()
+            return [answers[0][0], answers[1][0], answers[0][1], answers[1][1]]
+
+    answers = asyncio.run(scenario())
+    assert runner.sizes == [2, 2]
+    for x, answer in zip(images, answers, strict=True):
+        np.testing.assert_allclose(answer[0], ModelRunner.run(runner, {"input": x})[0],
+                                   atol=1e-6)
+
+
 def test_a_round_of_callers_runs_as_one_batch(served_repo: Path) -> None:
     """Two callers' batch runs while two more queue; when it ends, the thread waits for
     the two it answered to come back and runs all four together, rather than the two
@@ -450,9 +480,10 @@ def test_a_lone_caller_of_several_images_at_a_time_never_waits_for_company(
 def test_a_busy_model_waits_briefly_for_the_callers_its_batch_set_free(
         served_repo: Path, returns: bool) -> None:
     """Work-conserving: when a batch of two or more ends with fewer images queued than it
-    ran, its thread waits (up to the model's max_queue_delay_s) for the callers it just
-    answered to send again, so batches keep their size rather than splitting into a
-    small one and a straggler; a caller that does not come back costs only that wait."""
+    ran, its thread waits (up to the model's max_queue_delay_s or the batch's compute
+    time, if longer, up to four delays) for the callers it just answered to send again,
+    so batches keep their size rather than splitting into a small one and a straggler; a
+    caller that does not come back costs only that wait."""
     runner = _slow_lenet(served_repo, seconds=1.0)
     images = np.random.default_rng(3).standard_normal((4, 1, 1, 28, 28)).astype(np.float32)
 
