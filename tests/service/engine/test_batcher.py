@@ -357,18 +357,23 @@ def _started(runner: ModelRunner, executor: ThreadPoolExecutor, max_queue_delay_
     return batcher
 
 
+@pytest.mark.parametrize(("compute_s", "delay_s", "back_after_s"), [
+    (0.01, 1.0, (0.05, 0.2)),  # the loop outpaces the model (LeNet): back within the delay
+    (0.4, 0.06, (0.09, 0.13)),  # a slow model: back after the delay, within its compute
+], ids=["within-the-delay", "within-a-slow-batch"])
 def test_callers_that_come_back_one_by_one_find_their_batch_waiting_for_them(
-        served_repo: Path) -> None:
-    """A model the loop outpaces (LeNet): its batch ends with nothing queued, and its
-    callers send again one after another. The thread waits for them (up to the model's
-    max_queue_delay_s) rather than running the first to come back alone and leaving the
-    rest to batches of their own."""
-    runner = _slow_lenet(served_repo, seconds=0.01)
+        served_repo: Path, compute_s: float, delay_s: float,
+        back_after_s: tuple[float, float]) -> None:
+    """A batch ends with nothing queued, and its callers send again one after another.
+    The thread waits for them (up to the model's max_queue_delay_s, or a batch's compute
+    time if longer, up to four delays: AlexNet on two busy cores) rather than running
+    the first to come back alone and leaving the rest to batches of their own."""
+    runner = _slow_lenet(served_repo, seconds=compute_s)
     images = np.random.default_rng(4).standard_normal((4, 1, 1, 28, 28)).astype(np.float32)
 
     async def scenario() -> list[list[np.ndarray]]:
         with ThreadPoolExecutor(1) as executor:
-            batcher = _started(runner, executor, max_queue_delay_s=1.0)
+            batcher = _started(runner, executor, max_queue_delay_s=delay_s)
 
             async def caller(first: np.ndarray, then: np.ndarray, after_s: float
                              ) -> list[list[np.ndarray]]:
@@ -376,38 +381,8 @@ def test_callers_that_come_back_one_by_one_find_their_batch_waiting_for_them(
                 await asyncio.sleep(after_s)  # the loop reads this caller's next request
                 return [answer, await batcher.infer({"input": then})]
 
-            answers = await asyncio.gather(caller(images[0], images[2], 0.05),
-                                           caller(images[1], images[3], 0.2))
-            await batcher.close()
-            return [answers[0][0], answers[1][0], answers[0][1], answers[1][1]]
-
-    answers = asyncio.run(scenario())
-    assert runner.sizes == [2, 2]
-    for x, answer in zip(images, answers, strict=True):
-        np.testing.assert_allclose(answer[0], ModelRunner.run(runner, {"input": x})[0],
-                                   atol=1e-6)
-
-
-def test_a_slow_models_round_comes_back_whole_after_its_delay(served_repo: Path) -> None:
-    """A model whose batches take longer than its max_queue_delay_s (AlexNet on two busy
-    cores): callers that come back after the delay but within a batch's compute time
-    (up to four delays) still find their batch waiting, rather than the first running
-    alone."""
-    runner = _slow_lenet(served_repo, seconds=0.4)
-    images = np.random.default_rng(7).standard_normal((4, 1, 1, 28, 28)).astype(np.float32)
-
-    async def scenario() -> list[list[np.ndarray]]:
-        with ThreadPoolExecutor(1) as executor:
-            batcher = _started(runner, executor, max_queue_delay_s=0.06)
-
-            async def caller(first: np.ndarray, then: np.ndarray, after_s: float
-                             ) -> list[list[np.ndarray]]:
-                answer = await batcher.infer({"input": first})
-                await asyncio.sleep(after_s)
-                return [answer, await batcher.infer({"input": then})]
-
-            answers = await asyncio.gather(caller(images[0], images[2], 0.09),
-                                           caller(images[1], images[3], 0.13))
+            answers = await asyncio.gather(caller(images[0], images[2], back_after_s[0]),
+                                           caller(images[1], images[3], back_after_s[1]))
             await batcher.close()
             return [answers[0][0], answers[1][0], answers[0][1], answers[1][1]]
 
