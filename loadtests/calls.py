@@ -14,7 +14,8 @@ every front-end, the edge, the core and the batcher run). Calls:
   decode runs in the decode pool, whose calls are not counted);
 - with `--clients N`, also `unary, N clients`: unary calls from N closed-loop clients
   for `--seconds` per window (`loadtests.perf`'s client), where batches form and the
-  compute runs off the loop.
+  compute runs off the loop; and `stream, N streams`: the same callers, each over a
+  ModelStreamInfer stream of its own.
 
 The report gives both counts, their ratio, CPU per request, and the functions the
 service calls most per unary request, which is where a request's cost goes.
@@ -41,7 +42,7 @@ import grpc
 import numpy as np
 import orjson
 
-from loadtests.launch import Launched, free_port, launch
+from loadtests.launch import Launched, free_ports, launch
 from loadtests.perf import Inputs, Load, closed_loop, real_inputs, tree_cpu_s
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -78,18 +79,18 @@ def _start(name: str, module_args: list[str], workdir: Path, http_port: int) -> 
 
 
 def start_service(repo: Path, workdir: Path) -> Server:
-    http_port = free_port()
+    grpc_port, http_port, metrics_port, probe_port = free_ports(4)
     return _start("service", [
-        "service", "--repo", str(repo), "--host", "127.0.0.1", "--port", "0",
-        "--http-port", str(http_port), "--metrics-port", str(free_port()),
-        "--probe-port", str(free_port()), "--device", "cpu", "--log-level", "WARNING"],
+        "service", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(grpc_port),
+        "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+        "--probe-port", str(probe_port), "--device", "cpu", "--log-level", "WARNING"],
         workdir, http_port)
 
 
 def start_echo(workdir: Path) -> Server:
-    http_port = free_port()
-    return _start("echo", ["loadtests.echo", "--port", "0", "--http-port", str(http_port)],
-                  workdir, http_port)
+    grpc_port, http_port = free_ports(2)
+    return _start("echo", ["loadtests.echo", "--port", str(grpc_port),
+                           "--http-port", str(http_port)], workdir, http_port)
 
 
 def _signal_and_wait(server: Server, signum: int, marker: Path) -> None:
@@ -120,11 +121,13 @@ def measure(server: Server, call: str, send: Send, requests: int, warmup: int
     return Cost(call, stats.total_calls / requests, cpu / requests * 1e6), stats  # type: ignore[attr-defined]
 
 
-def measure_under_load(server: Server, clients: int, seconds: float, inputs: Inputs
-                       ) -> Cost:
-    """`measure`, with `clients` callers at once for `seconds` per window."""
-    load = Load(MODEL, clients, 1, seconds)
-    closed_loop(server.grpc_address, inputs, Load(MODEL, clients, 1, min(seconds, 1.0)))
+def measure_under_load(server: Server, clients: int, seconds: float, inputs: Inputs,
+                       streaming: bool = False) -> Cost:
+    """`measure`, with `clients` callers at once for `seconds` per window (`streaming`:
+    each over a ModelStreamInfer stream of its own)."""
+    load = Load(MODEL, clients, 1, seconds, streaming=streaming)
+    closed_loop(server.grpc_address, inputs,
+                Load(MODEL, clients, 1, min(seconds, 1.0), streaming=streaming))
     pid = server.program.proc.pid
     cpu = tree_cpu_s(pid)
     unprofiled = closed_loop(server.grpc_address, inputs, load)
@@ -136,7 +139,7 @@ def measure_under_load(server: Server, clients: int, seconds: float, inputs: Inp
     if profiled.errors or unprofiled.errors or not profiled.requests:
         raise RuntimeError(f"{server.name}: {profiled.errors + unprofiled.errors} of the "
                            f"requests under load failed")
-    return Cost(f"unary, {clients} clients",
+    return Cost(f"stream, {clients} streams" if streaming else f"unary, {clients} clients",
                 stats.total_calls / profiled.requests,  # type: ignore[attr-defined]
                 cpu / max(unprofiled.requests, 1) * 1e6)
 
@@ -259,8 +262,8 @@ def run(repo: Path, requests: int, warmup: int, clients: int = 0, seconds: float
                     results[name][call] = cost
                     if name == "service" and call == "unary":
                         unary_stats = stats
-                if clients:
-                    cost = measure_under_load(server, clients, seconds, inputs)
+                for streaming in (False, True) if clients else ():
+                    cost = measure_under_load(server, clients, seconds, inputs, streaming)
                     results[name][cost.call] = cost
             finally:
                 server.program.stop()
@@ -309,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=2000, help="requests per window")
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--clients", type=int, default=0,
-                   help="also count unary calls from this many clients at once")
+                   help="also count calls from this many clients at once, unary and over "
+                        "streams")
     p.add_argument("--seconds", type=float, default=5.0,
                    help="each window under load (with --clients)")
     p.add_argument("--out", type=Path, help="also write the report to this file")

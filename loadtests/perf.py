@@ -38,6 +38,10 @@ PERF_ANALYZER = ROOT / "loadtests" / "perf_analyzer.sh"
 IMAGES = 256
 """Distinct test digits cycled through by each client."""
 _INFER = "/inference.GRPCInferenceService/ModelInfer"
+_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+_STREAM_ERROR = b"\n"
+"""A ModelStreamInferResponse whose first field is `error_message` (field 1, a string):
+protobuf writes fields in number order, so an answer that starts with its tag failed."""
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -57,8 +61,8 @@ class Load:
     """perf_analyzer gives each caller a connection of its own (it shares one among a few
     by default), so the kernel spreads them over a server's `--workers` processes."""
     streaming: bool = False
-    """perf_analyzer sends each caller's requests over a ModelStreamInfer stream: gRPC's
-    per-call work (a call set up and torn down for each request) is paid once."""
+    """Each caller sends its requests over one ModelStreamInfer stream: gRPC's per-call
+    work (a call set up and torn down for each request) is paid once."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,8 @@ def _children_cpu_s() -> float:
 
 def closed_loop(address: str, inputs: Inputs, load: Load) -> Measured:
     """`load.concurrency` callers on one channel, each sending its next request as its
-    answer arrives, for `load.seconds`; answers are checked for status, not parsed."""
+    answer arrives, for `load.seconds` (with `load.streaming`, each over a stream of its
+    own); answers are checked for status, not parsed."""
     from protos import grpc_service_pb2 as pb  # not at import: tests load tritonclient's
 
     n = load.images_per_request
@@ -207,10 +212,30 @@ async def _closed_loop(address: str, requests: list[bytes], load: Load) -> Measu
                 latencies.append(time.perf_counter() - sent)
                 k += load.concurrency
 
-        await asyncio.gather(*(caller(k) for k in range(load.concurrency)))
+        async def streamer(k: int) -> None:
+            nonlocal errors
+            stream = channel.stream_stream(_STREAM_INFER)(timeout=load.seconds + 30)
+            try:
+                while (sent := time.perf_counter()) < stop:
+                    await stream.write(requests[k % len(requests)])
+                    answer = await stream.read()
+                    if answer is grpc.aio.EOF:
+                        raise RuntimeError("the server ended a ModelStreamInfer stream")
+                    if answer.startswith(_STREAM_ERROR):
+                        errors += 1
+                    else:
+                        latencies.append(time.perf_counter() - sent)
+                    k += load.concurrency
+                await stream.done_writing()
+            except grpc.aio.AioRpcError:
+                errors += 1
+
+        await asyncio.gather(*((streamer if load.streaming else caller)(k)
+                               for k in range(load.concurrency)))
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     ms = np.percentile(np.asarray(latencies or [np.nan]) * 1e3, [50, 95, 99])
-    return Measured("asyncio gRPC", len(latencies), errors, len(latencies) / elapsed,
+    return Measured("asyncio gRPC" + " streams" * load.streaming, len(latencies), errors,
+                    len(latencies) / elapsed,
                     float(ms[0]), float(ms[1]), float(ms[2]), float("nan"),
                     load.images_per_request, cpu / max(len(latencies), 1) * 1e6)
 
@@ -239,13 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--client", choices=("closed-loop", "perf_analyzer"), default="closed-loop")
     p.add_argument("--streaming", action="store_true",
-                   help="perf_analyzer only: each caller's requests over one ModelStreamInfer")
+                   help="each caller's requests over one ModelStreamInfer stream")
     p.add_argument("--server-pid", type=int, help="account this process tree's CPU")
     p.add_argument("--workdir", type=Path, default=Path("reports/perf"),
                    help="perf_analyzer's input and report files")
     args = p.parse_args(argv)
-    if args.streaming and args.client != "perf_analyzer":
-        p.error("--streaming needs --client perf_analyzer")
     inputs = real_inputs(args.repo, args.model)
     load = Load(args.model, args.concurrency, args.images_per_request, args.seconds,
                 args.version, streaming=args.streaming)

@@ -27,8 +27,9 @@ def test_counts_the_python_calls_each_request_costs_in_the_service_and_the_echo_
     rows = {cells[0]: cells[1:] for line in out.read_text().splitlines()
             if line.startswith("| ") and len(cells := [c.strip() for c in
                                                        line.strip("|").split("|")]) == 7}
-    assert {"unary", "stream", "rest", "classify", "unary, 4 clients"} <= rows.keys(), rows
-    for call in ("unary", "stream", "rest", "unary, 4 clients"):
+    assert {"unary", "stream", "rest", "classify", "unary, 4 clients",
+            "stream, 4 streams"} <= rows.keys(), rows
+    for call in ("unary", "stream", "rest", "unary, 4 clients", "stream, 4 streams"):
         ours, echo = float(rows[call][0]), float(rows[call][1])
         assert 0 < echo < ours, (call, rows[call])  # the echo server does nothing but answer
     assert float(rows["classify"][0]) > 10 and rows["classify"][1] == "-"

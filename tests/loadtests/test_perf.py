@@ -54,11 +54,12 @@ def test_the_in_process_reference_runs_the_served_model(served_repo: Path) -> No
     assert reference.images_per_s > 100
 
 
-def test_closed_loop_client_measures_the_service(server: ServerProcess,
-                                                 served_repo: Path) -> None:
+@pytest.mark.parametrize("streams", [(), ("--streaming",)], ids=["unary", "streams"])
+def test_closed_loop_client_measures_the_service(server: ServerProcess, served_repo: Path,
+                                                 streams: tuple[str, ...]) -> None:
     result = measure(server.address, "--repo", str(served_repo), "--concurrency", "2",
                      "--images-per-request", "3", "--seconds", "1",
-                     "--server-pid", str(server.proc.pid))
+                     "--server-pid", str(server.proc.pid), *streams)
     assert result["errors"] == 0 and result["requests"] > 10
     assert result["images_per_s"] == pytest.approx(3 * result["requests_per_s"])
     assert 0 < result["p50_ms"] <= result["p99_ms"]
@@ -66,10 +67,13 @@ def test_closed_loop_client_measures_the_service(server: ServerProcess,
     assert 0 < result["client_cpu_us"] < 1e6
 
 
-def test_closed_loop_client_counts_refusals_as_errors(server: ServerProcess,
-                                                      served_repo: Path) -> None:
+@pytest.mark.parametrize("streams", [(), ("--streaming",)], ids=["unary", "streams"])
+def test_closed_loop_client_counts_refusals_as_errors(server: ServerProcess, served_repo: Path,
+                                                      streams: tuple[str, ...]) -> None:
+    """Refused calls, and on a stream the answers that carry an error, are errors."""
     result = measure(server.address, "--repo", str(served_repo), "--model", "lenet",
-                     "--seconds", "0.3", "--concurrency", "1", "--images-per-request", "64")
+                     "--seconds", "0.3", "--concurrency", "1", "--images-per-request", "64",
+                     *streams)
     assert result["requests"] == 0 and result["errors"] > 0  # over max_batch_size
 
 
