@@ -163,12 +163,10 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         if not inspect.isasyncgenfunction(target):
             # The handler's own coroutine, awaited by `behaviour` with no frame between:
             # a stream's every read and write resumes each frame of the chain.
-            def started(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
-                        call: Call) -> Awaitable[Any]:
-                return target(requests, context, call) if with_call \
-                    else target(requests, context)
-
-            return self._admitted(route, started, with_call)
+            if with_call:
+                return self._admitted(route, target, True)
+            return self._admitted(
+                route, lambda requests, context, call: target(requests, context), False)
 
         async def serve(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
                         call: Call) -> None:

@@ -42,6 +42,9 @@ from service.observability.metrics import Metrics, ModelStats
 from service.status import ServingError, Status, bounded
 
 log = logging.getLogger(__name__)
+COMPANY_WAIT_DELAYS = 4
+"""The longest wait for a round of callers, in `max_queue_delay_s`: on 2 busy cores a
+round of 16-32 AlexNet callers takes 5-8 ms to come back (docs/results.md)."""
 
 
 class BatcherClosedError(ServingError):
@@ -66,11 +69,6 @@ class _Request:
     @property
     def cancelled(self) -> bool:
         return self.future.done()
-
-
-COMPANY_WAIT_DELAYS = 4
-"""The longest wait for a round of callers, in `max_queue_delay_s`: on 2 busy cores a
-round of 16-32 AlexNet callers takes 5-8 ms to come back (docs/results.md)."""
 
 
 class DynamicBatcher:
@@ -251,28 +249,30 @@ class DynamicBatcher:
             assembled, ended, result = self._run(runner, inputs, rows)
             loop.call_soon_threadsafe(self._finish, batch, rows, started, assembled, ended,
                                       result)
-            self._await_company(len(batch), ended - assembled)
+            self._await_company(len(batch), assembled, ended)
             selection = self._take()
             batch, rows = selection.batch, selection.rows
             if selection.expired:
                 loop.call_soon_threadsafe(self._fail_expired, selection.expired)
 
-    def _await_company(self, answered: int, compute_s: float) -> None:
-        """In a compute thread, after a batch that answered `answered` requests in
-        `compute_s`: wait until they are queued again beside what queued while it ran, or
-        a full batch, so this round's callers run as one batch (work-conserving only:
-        `delay` has its own rule). The wait lasts at most the model's `max_queue_delay_s`
-        or the batch's own compute time, whichever is longer, and never more than
-        COMPANY_WAIT_DELAYS delays: a model whose batches take longer than the delay gets
-        its rounds whole, waiting never idles a busy model more than half the time, and a
-        caller that does not come back costs its round a bounded wait. A lone caller never
-        waits."""
+    def _await_company(self, answered: int, assembled: float, ended: float) -> None:
+        """In a compute thread, after a batch that answered `answered` requests and
+        computed from `assembled` to `ended`: wait until they are queued again beside
+        what queued while it ran, or a full batch, so this round's callers run as one
+        batch (work-conserving only: `delay` has its own rule). The wait lasts at most the
+        model's `max_queue_delay_s` or the batch's own compute time, whichever is longer,
+        and never more than COMPANY_WAIT_DELAYS delays: a model whose batches take longer
+        than the delay gets its rounds whole, waiting never idles a busy model more than
+        half the time, and a caller that does not come back costs its round a bounded
+        wait. A lone caller never waits: a request that arrived after the batch ended is
+        one of its callers back already, not company to wait for."""
         if not self.policy.work_conserving:
             return
         delay = self.policy.max_queue_delay_s
-        deadline = time.monotonic() + max(delay, min(compute_s, COMPANY_WAIT_DELAYS * delay))
+        deadline = time.monotonic() + max(delay, min(ended - assembled,
+                                                      COMPANY_WAIT_DELAYS * delay))
         with self._lock:
-            callers = answered + len(self._queue)
+            callers = answered + sum(r.enqueued < ended for r in self._queue)
             if callers <= 1 or self._has_company(callers):
                 return
             self._callers_wanted = callers
