@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -180,10 +182,12 @@ class InferenceCore:
     def drain(self) -> None:
         self.draining = True
 
-    def submit(self, request: InferRequest) -> InferResult | Job:
+    def submit(self, request: InferRequest, then: Callable[[Job], None] | None = None
+               ) -> InferResult | Job:
         """Run `request` (a payload that needs no decoding) on the model it names: its
         result if it ran at once, else the `Job` its batch will answer (`Job.wait`, or
-        `Job.result` once its future is done). ServingError if it cannot run."""
+        `Job.result` once its future is done: `then(job)` is called on the loop then,
+        unless the job's future was cancelled). ServingError if it cannot run."""
         job = self._open(request)
         rows = request.payload.rows
         try:
@@ -191,7 +195,7 @@ class InferenceCore:
                 self._check_rows(job.model, rows)
                 inputs = request.payload.tensors(job.model, job.call)
                 try:
-                    return self._enqueue(job, rows, inputs)
+                    return self._enqueue(job, rows, inputs, then)
                 except BatcherClosedError:
                     self._move_to_successor(job)
         except BaseException as exc:
@@ -253,7 +257,8 @@ class InferenceCore:
         self.in_flight += 1
         return Job(self, call, model, now, now + timeout)
 
-    def _enqueue(self, job: Job, rows: int, inputs: Tensors) -> InferResult | Job:
+    def _enqueue(self, job: Job, rows: int, inputs: Tensors,
+                 then: Callable[[Job], None] | None = None) -> InferResult | Job:
         """Charge what the request will hold, then hand it to its model's batcher."""
         model, call = job.model, job.call
         nbytes = 0
@@ -267,7 +272,8 @@ class InferenceCore:
         admission = call.admission
         alone = self.in_flight == 1 and (admission is None or admission.calls <= 1)
         answer = batcher.submit(inputs, rows if model.policy.max_batch_size else 1,
-                                job.started, job.deadline, alone)
+                                job.started, job.deadline, alone,
+                                None if then is None else partial(then, job))
         if isinstance(answer, list):
             return job.done(answer)
         job.future = answer

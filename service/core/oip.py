@@ -14,7 +14,7 @@ them into the protocol's messages, whose fields have the same names.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -354,12 +354,14 @@ class OpenInference:
                              "shape": _shape(t, batched)} for t in model.config.outputs]}
 
     def submit(self, request: OipRequest, api: str, timeout_s: float | None,
-               call: Call | None = None) -> OipResponse | Job:
+               call: Call | None = None, then: Callable[[Job], None] | None = None
+               ) -> OipResponse | Job:
         """One inference, without awaiting: the response if it ran at once, else the core's
-        `Job` (`respond` turns its result into the response)."""
+        `Job` (`respond` turns its result into the response; `then(job)` is called once
+        there is one, see `InferenceCore.submit`)."""
         answer = self.core.submit(InferRequest(api, request.model, request.version,
                                                TensorPayload(request, self.shm), timeout_s,
-                                               call))
+                                               call), then)
         return self.respond(request, answer) if isinstance(answer, InferResult) else answer
 
     async def infer(self, request: OipRequest, api: str, timeout_s: float | None,

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -65,6 +65,8 @@ class _Request:
     future: asyncio.Future[list[np.ndarray]]
     enqueued: float
     deadline: float | None
+    then: Callable[[], None] | None
+    """Called on the loop once `future` holds the answer (not if it was cancelled)."""
 
     @property
     def cancelled(self) -> bool:
@@ -110,7 +112,8 @@ class DynamicBatcher:
         return 0 if self._queue else self._sleeping
 
     def submit(self, inputs: Tensors, rows: int, now: float, deadline: float | None = None,
-               alone: bool = False) -> list[np.ndarray] | asyncio.Future[list[np.ndarray]]:
+               alone: bool = False, then: Callable[[], None] | None = None
+               ) -> list[np.ndarray] | asyncio.Future[list[np.ndarray]]:
         """The model's outputs for `inputs` (`rows` of them, first in each input if the
         model batches), in its configured order: at once for a lone caller (see the
         module's doc), else a future that the batch's run resolves.
@@ -118,8 +121,11 @@ class DynamicBatcher:
         `now` is `time.monotonic()` as the caller read it; `deadline` an instant on the
         same clock: a request still queued then fails DEADLINE_EXCEEDED. Cancelling the
         future removes the request before it reaches the model. `alone`: no other call
-        is in progress, so none would join this request's batch. The caller has checked
-        `rows` against the policy; a larger one is a programming error.
+        is in progress, so none would join this request's batch. `then`: called on the
+        loop as soon as the future holds the answer, in the batch's own callback, rather
+        than scheduled as a callback of the future's (a step per request saved for a
+        caller that awaits nothing). The caller has checked `rows` against the policy; a
+        larger one is a programming error.
         """
         if self._closing:
             raise BatcherClosedError(self.name)
@@ -134,7 +140,7 @@ class DynamicBatcher:
                 return self._run_alone(inputs, rows, now)
         shapes = tuple(a.shape[1:] for a in inputs.values()) if self._varying else None
         future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()  # type: ignore[union-attr]
-        request = _Request(inputs, rows, shapes, future, now, deadline)
+        request = _Request(inputs, rows, shapes, future, now, deadline, then)
         with self._lock:
             if len(self._queue) >= policy.max_queue_size:
                 raise ServingError(Status.RESOURCE_EXHAUSTED,
@@ -192,6 +198,8 @@ class DynamicBatcher:
                     Status.DEADLINE_EXCEEDED,
                     f"deadline passed after {now - request.enqueued:.3f}s in the queue of "
                     f"model {self.name!r}, before compute"))
+                if request.then is not None:
+                    request.then()
 
     async def _next_batch(self) -> Selection[_Request] | None:
         while True:
@@ -305,11 +313,15 @@ class DynamicBatcher:
                 if not request.future.done():
                     request.future.set_exception(result)
                     answered.append(started - request.enqueued)
+                    if request.then is not None:
+                        request.then()
         elif len(batch) == 1:  # also every request of a model without a batch dimension
             request = batch[0]
             if not request.future.done():  # cancelled while computing: nobody to tell
                 request.future.set_result(result)
                 answered.append(started - request.enqueued)
+                if request.then is not None:
+                    request.then()
         else:
             offset = 0
             for request in batch:
@@ -317,6 +329,8 @@ class DynamicBatcher:
                     request.future.set_result([output[offset:offset + request.rows]
                                                for output in result])
                     answered.append(started - request.enqueued)
+                    if request.then is not None:
+                        request.then()
                 offset += request.rows
         self._record(rows, answered, started, assembled, ended, time.monotonic() - splitting,
                      result)

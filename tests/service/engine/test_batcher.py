@@ -22,6 +22,7 @@ from service.engine.batching import BatchPolicy
 from service.engine.options import EngineOptions
 from service.engine.runtime import ModelRunner, Tensors
 from service.observability.metrics import Metrics, ModelStats
+from service.status import ServingError, Status
 from tests.servers import ServerProcess, start_server
 from tests.service.oip import logits, metric, request, stub_for, wait_until
 
@@ -484,3 +485,56 @@ def test_a_busy_model_waits_briefly_for_the_callers_its_batch_set_free(
     for x, answer in zip(images, answers, strict=False):
         np.testing.assert_allclose(answer[0], ModelRunner.run(runner, {"input": x})[0],
                                    atol=1e-6)
+
+
+def test_then_is_told_in_the_batchs_own_callback_and_never_for_a_cancelled_request(
+        served_repo: Path) -> None:
+    """A caller that awaits nothing (a stream's request) passes `then`: it is called once
+    its future holds the answer (outputs, or the deadline's error), before any callback
+    of the future's runs, so the answer costs the loop no step of its own; a request
+    cancelled in the queue is never run and its `then` never called."""
+    runner = _slow_lenet(served_repo, seconds=0.2)
+    images = np.random.default_rng(7).standard_normal((3, 1, 1, 28, 28)).astype(np.float32)
+    events: list[tuple[str, str, bool]] = []
+
+    async def scenario() -> dict[str, asyncio.Future[list[np.ndarray]]]:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = _started(runner, executor, max_queue_delay_s=0.0)
+            futures: dict[str, asyncio.Future[list[np.ndarray]]] = {}
+
+            def submit(name: str, x: np.ndarray, deadline: float | None = None) -> None:
+                future = batcher.submit(
+                    {"input": x}, 1, time.monotonic(), deadline,
+                    then=lambda: events.append(("then", name, futures[name].done())))
+                assert isinstance(future, asyncio.Future)
+                future.add_done_callback(lambda f: events.append(("callback", name, True)))
+                futures[name] = future
+
+            submit("first", images[0])
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + 10
+            while not runner.sizes:  # the model is busy: the rest queue
+                assert loop.time() < give_up
+                await asyncio.sleep(0.001)
+            submit("second", images[1])
+            submit("cancelled", images[2])
+            submit("late", images[2], deadline=time.monotonic() - 1.0)
+            futures["cancelled"].cancel()
+            while sum(kind == "callback" for kind, _, _ in events) < 4:
+                assert loop.time() < give_up, events
+                await asyncio.sleep(0.001)
+            await batcher.close()
+            return futures
+
+    futures = asyncio.run(scenario())
+    told = [(name, done) for kind, name, done in events if kind == "then"]
+    assert sorted(told) == [("first", True), ("late", True), ("second", True)]
+    for name in ("first", "second", "late"):
+        assert events.index(("then", name, True)) < events.index(("callback", name, True))
+    assert runner.sizes == [1, 1]
+    for name, x in (("first", images[0]), ("second", images[1])):
+        np.testing.assert_allclose(futures[name].result()[0],
+                                   ModelRunner.run(runner, {"input": x})[0], atol=1e-6)
+    error = futures["late"].exception()
+    assert isinstance(error, ServingError) and error.status is Status.DEADLINE_EXCEEDED
+    assert futures["cancelled"].cancelled()
