@@ -57,7 +57,7 @@ def main() -> None:
     import time
     import urllib.request
 
-    from service.app.ready import ready_line
+    from service.app.ready import announce, ready_line
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("models", nargs="+", help="name=path/to/model.onnx")
@@ -78,7 +78,7 @@ def main() -> None:
             with urllib.request.urlopen(
                     f"http://127.0.0.1:{args.http_port}/v2/health/ready", timeout=2) as r:
                 if r.status == 200:
-                    print(ready_line("mlserver", "127.0.0.1", args.grpc_port), flush=True)
+                    announce(ready_line("mlserver", "127.0.0.1", args.grpc_port))
                     break
         except OSError:
             time.sleep(0.5)

@@ -15,7 +15,7 @@ from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
 from loadtests.peer_servers.onnx_session import session
-from service.app.ready import ready_line
+from service.app.ready import announce, ready_line
 
 
 def bind(triton: Triton, name: str, path: Path, args: argparse.Namespace) -> None:
@@ -57,7 +57,7 @@ def main() -> None:
             name, path = spec.split("=", 1)
             bind(triton, name, Path(path), args)
         triton.run()
-        print(ready_line("pytriton", "127.0.0.1", args.grpc_port), flush=True)
+        announce(ready_line("pytriton", "127.0.0.1", args.grpc_port))
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

@@ -6,7 +6,9 @@ server's protocol stubs (which would clash with tritonclient's in one descriptor
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 READY = re.compile(r"^(?P<program>\S+) (?:ready|listening) on (?P<host>\S+):(?P<port>\d+)"
                    r"(?:, not ready: .*)?$")
@@ -18,3 +20,11 @@ def ready_line(program: str, host: str, port: int, unready: str = "") -> str:
     if unready:
         return f"{program} listening on {host}:{port}, not ready: {unready}"
     return f"{program} ready on {host}:{port}"
+
+
+def announce(line: str) -> None:
+    """Print `line` on a line of its own, in one write (whole, on a pipe): for a server
+    whose child logs to the same pipe (Triton's under pytriton), which may be mid-line;
+    print() writes the newline separately, and a launcher missed a line split so."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), f"\n{line}\n".encode())
