@@ -199,7 +199,7 @@ class DynamicBatcher:
                     f"deadline passed after {now - request.enqueued:.3f}s in the queue of "
                     f"model {self.name!r}, before compute"))
                 if request.then is not None:
-                    request.then()
+                    self._tell(request.then)
 
     async def _next_batch(self) -> Selection[_Request] | None:
         while True:
@@ -314,14 +314,14 @@ class DynamicBatcher:
                     request.future.set_exception(result)
                     answered.append(started - request.enqueued)
                     if request.then is not None:
-                        request.then()
+                        self._tell(request.then)
         elif len(batch) == 1:  # also every request of a model without a batch dimension
             request = batch[0]
             if not request.future.done():  # cancelled while computing: nobody to tell
                 request.future.set_result(result)
                 answered.append(started - request.enqueued)
                 if request.then is not None:
-                    request.then()
+                    self._tell(request.then)
         else:
             offset = 0
             for request in batch:
@@ -330,10 +330,17 @@ class DynamicBatcher:
                                                for output in result])
                     answered.append(started - request.enqueued)
                     if request.then is not None:
-                        request.then()
+                        self._tell(request.then)
                 offset += request.rows
         self._record(rows, answered, started, assembled, ended, time.monotonic() - splitting,
                      result)
+
+    def _tell(self, then: Callable[[], None]) -> None:
+        """A caller's `then`: one that fails costs the batch's other callers nothing."""
+        try:
+            then()
+        except Exception:
+            log.exception("model %s: a request's answer could not be handed over", self.name)
 
     def _record(self, rows: int, answered: Sequence[float], started: float, assembled: float,
                 ended: float, output_s: float, result: list[np.ndarray] | ServingError

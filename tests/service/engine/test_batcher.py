@@ -492,7 +492,8 @@ def test_then_is_told_in_the_batchs_own_callback_and_never_for_a_cancelled_reque
     """A caller that awaits nothing (a stream's request) passes `then`: it is called once
     its future holds the answer (outputs, or the deadline's error), before any callback
     of the future's runs, so the answer costs the loop no step of its own; a request
-    cancelled in the queue is never run and its `then` never called."""
+    cancelled in the queue is never run and its `then` never called, and one whose
+    `then` fails keeps no other caller of its batch from its answer."""
     runner = _slow_lenet(served_repo, seconds=0.2)
     images = np.random.default_rng(7).standard_normal((3, 1, 1, 28, 28)).astype(np.float32)
     events: list[tuple[str, str, bool]] = []
@@ -502,10 +503,14 @@ def test_then_is_told_in_the_batchs_own_callback_and_never_for_a_cancelled_reque
             batcher = _started(runner, executor, max_queue_delay_s=0.0)
             futures: dict[str, asyncio.Future[list[np.ndarray]]] = {}
 
+            def tell(name: str) -> None:
+                events.append(("then", name, futures[name].done()))
+                if name == "broken":
+                    raise RuntimeError("a caller's callback failed")
+
             def submit(name: str, x: np.ndarray, deadline: float | None = None) -> None:
-                future = batcher.submit(
-                    {"input": x}, 1, time.monotonic(), deadline,
-                    then=lambda: events.append(("then", name, futures[name].done())))
+                future = batcher.submit({"input": x}, 1, time.monotonic(), deadline,
+                                        then=lambda: tell(name))
                 assert isinstance(future, asyncio.Future)
                 future.add_done_callback(lambda f: events.append(("callback", name, True)))
                 futures[name] = future
@@ -516,11 +521,12 @@ def test_then_is_told_in_the_batchs_own_callback_and_never_for_a_cancelled_reque
             while not runner.sizes:  # the model is busy: the rest queue
                 assert loop.time() < give_up
                 await asyncio.sleep(0.001)
+            submit("broken", images[2])
             submit("second", images[1])
             submit("cancelled", images[2])
             submit("late", images[2], deadline=time.monotonic() - 1.0)
             futures["cancelled"].cancel()
-            while sum(kind == "callback" for kind, _, _ in events) < 4:
+            while sum(kind == "callback" for kind, _, _ in events) < 5:
                 assert loop.time() < give_up, events
                 await asyncio.sleep(0.001)
             await batcher.close()
@@ -528,11 +534,12 @@ def test_then_is_told_in_the_batchs_own_callback_and_never_for_a_cancelled_reque
 
     futures = asyncio.run(scenario())
     told = [(name, done) for kind, name, done in events if kind == "then"]
-    assert sorted(told) == [("first", True), ("late", True), ("second", True)]
-    for name in ("first", "second", "late"):
+    assert sorted(told) == [("broken", True), ("first", True), ("late", True),
+                            ("second", True)]
+    for name in ("first", "broken", "second", "late"):
         assert events.index(("then", name, True)) < events.index(("callback", name, True))
-    assert runner.sizes == [1, 1]
-    for name, x in (("first", images[0]), ("second", images[1])):
+    assert runner.sizes == [1, 2]
+    for name, x in (("first", images[0]), ("broken", images[2]), ("second", images[1])):
         np.testing.assert_allclose(futures[name].result()[0],
                                    ModelRunner.run(runner, {"input": x})[0], atol=1e-6)
     error = futures["late"].exception()
