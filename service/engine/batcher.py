@@ -308,30 +308,23 @@ class DynamicBatcher:
         """On the loop: answer the batch's requests (`rows` in all) and record it."""
         splitting = time.monotonic()
         answered = []  # how long each request still awaited waited in the queue
-        if isinstance(result, ServingError):
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(result)
-                    answered.append(started - request.enqueued)
-                    if request.then is not None:
-                        self._tell(request.then)
-        elif len(batch) == 1:  # also every request of a model without a batch dimension
-            request = batch[0]
-            if not request.future.done():  # cancelled while computing: nobody to tell
-                request.future.set_result(result)
+        error, outputs = (result, []) if isinstance(result, ServingError) else (None, result)
+        whole = len(batch) == 1  # also every request of a model without a batch dimension
+        offset = 0
+        for request in batch:
+            future = request.future
+            if not future.done():  # cancelled while computing: nobody to tell
+                if error is not None:
+                    future.set_exception(error)
+                elif whole:
+                    future.set_result(outputs)
+                else:
+                    future.set_result([output[offset:offset + request.rows]
+                                       for output in outputs])
                 answered.append(started - request.enqueued)
                 if request.then is not None:
                     self._tell(request.then)
-        else:
-            offset = 0
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_result([output[offset:offset + request.rows]
-                                               for output in result])
-                    answered.append(started - request.enqueued)
-                    if request.then is not None:
-                        self._tell(request.then)
-                offset += request.rows
+            offset += request.rows
         self._record(rows, answered, started, assembled, ended, time.monotonic() - splitting,
                      result)
 
