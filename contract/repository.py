@@ -84,6 +84,16 @@ class ModelConfig(BaseModel):
     preferred_batch_sizes: tuple[int, ...] = DEFAULT_PREFERRED_BATCH_SIZES
     """Left out: the defaults that fit under max_batch_size."""
     max_queue_delay_us: int = Field(default=2000, ge=0)
+    """Triton's delay, for the `delay` batching rule."""
+    latency_budget_ms: float | None = Field(default=None, gt=0, le=600_000)
+    """How long a request may take, queue and run; None: the server's default (derived
+    from the model's measured cost unless set)."""
+    platform: Literal["onnxruntime_onnx", "simulated_accelerator"] = "onnxruntime_onnx"
+    """simulated_accelerator: a test backend in the shape of a GPU (a fixed launch time
+    plus a small time per image, the GIL released), which answers zeros; for testing
+    the server, never chosen by default."""
+    simulated_launch_us: int = Field(default=10_000, ge=0, le=10_000_000)
+    simulated_per_image_us: int = Field(default=200, ge=0, le=10_000_000)
     inputs: tuple[TensorSpec, ...] = Field(min_length=1, max_length=64)
     outputs: tuple[TensorSpec, ...] = Field(min_length=1, max_length=64)
     labels: tuple[str, ...] = ()

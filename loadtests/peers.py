@@ -7,7 +7,7 @@ the server batches by delay), and drives each server in turn with the same close
 gRPC client (`loadtests.perf.closed_loop`), perf_analyzer beside it where the server
 answers Triton's ModelConfig. Writes `reports/peers-<timestamp>/peers.md`.
 
-- cnnserve: this service, default settings (work-conserving batching).
+- cnnserve: this service, default settings (the budget batching rule).
 - Triton + Python: Triton 2.5x as bundled in nvidia-pytriton 0.7, its dynamic batcher
   feeding a Python function that calls onnxruntime.
 - MLServer 1.7: a custom runtime calling onnxruntime, adaptive batching.

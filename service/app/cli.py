@@ -29,12 +29,15 @@ _FLAGS: dict[str, dict[str, object]] = {
     "instances": {"type": int, "help": "onnxruntime sessions per model"},
     "intra_op_threads": {"type": int},
     "max_batch_size": {"type": int, "help": "override every model's max batch size"},
-    "batching": {"choices": ("work-conserving", "delay"),
-                 "help": "work-conserving (default): an idle model runs what is queued at "
-                         "once; delay: Triton's, the oldest waits max_queue_delay_us"},
-    "max_queue_delay_us": {"type": int, "help": "override every model's batching delay"},
-    "inline_compute_us": {"type": int, "help": "batch sizes that recently ran faster than "
-                                               "this run on the event loop (0: never)"},
+    "batching": {"choices": ("budget", "delay"),
+                 "help": "budget (default): batches sized to the arrivals within each "
+                         "model's latency budget; delay: Triton's, the oldest waits "
+                         "max_queue_delay_us"},
+    "latency_budget_ms": {"type": float, "help": "default budget of models whose "
+                                                 "config.json sets none (default: derived "
+                                                 "from each model's measured cost)"},
+    "max_queue_delay_us": {"type": int, "help": "override every model's batching delay "
+                                                "(--batching delay)"},
     "max_queue_size": {"type": int},
     "max_images_per_request": {"type": int},
     "request_timeout_s": {"type": float, "help": "deadline for calls that set none"},

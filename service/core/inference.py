@@ -7,11 +7,8 @@ this order: resolve the model, check the payload against the model that will run
 (again for the new version if a hot reload retires that one), give it a deadline, batch
 and run it, record the outcome.
 
-`submit` does all of that without awaiting anything, for payloads that need no decoding:
-it returns the result when the request ran at once (a lone caller), else a `Job` whose
-future the batch resolves. A front-end that answers from a callback (a stream's
-requests) needs no task per request; `infer` awaits the same path, and decodes images in
-the decode pool first.
+`infer` is the one path: it awaits the decode pool for images, then the model's
+batcher, and records the outcome once.
 """
 
 from __future__ import annotations
@@ -19,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -90,7 +85,7 @@ class Job:
     """One inference call inside the core, from the model's lookup to its outcome: in
     flight (shutdown waits for it) until `end`, which records it once."""
 
-    __slots__ = ("core", "call", "model", "started", "deadline", "future", "ended")
+    __slots__ = ("core", "call", "model", "started", "deadline", "ended")
 
     def __init__(self, core: InferenceCore, call: Call, model: ServedModel, started: float,
                  deadline: float) -> None:
@@ -99,37 +94,7 @@ class Job:
         self.model = model
         self.started = started
         self.deadline = deadline
-        self.future: asyncio.Future[list[np.ndarray]] | None = None
-        """The batch's answer, while the request waits in its model's queue."""
         self.ended = False
-
-    def result(self) -> InferResult:
-        """Once `future` is done: the outputs, or the error it ended with. Ends the job."""
-        future = self.future
-        assert future is not None and future.done()
-        if future.cancelled():
-            self.end(Status.CANCELLED)
-            raise asyncio.CancelledError
-        error = future.exception()
-        if error is not None:
-            self.end(outcome(error))
-            raise error
-        return self.done(future.result())
-
-    async def wait(self) -> InferResult:
-        """The result, once the batch has run; cancelling the caller takes the request
-        out of the queue (its model never sees it)."""
-        future = self.future
-        assert future is not None
-        try:
-            await future
-        except asyncio.CancelledError:
-            future.cancel()  # the caller was cancelled: out of the queue, if still in it
-            self.end(Status.CANCELLED)
-            raise
-        except Exception:  # noqa: BLE001, S110 - the batch's error: result() raises it
-            pass
-        return self.result()
 
     def done(self, outputs: list[np.ndarray]) -> InferResult:
         """The outputs, charged to the call (RESOURCE_EXHAUSTED past its budget)."""
@@ -182,45 +147,25 @@ class InferenceCore:
     def drain(self) -> None:
         self.draining = True
 
-    def submit(self, request: InferRequest, then: Callable[[Job], None] | None = None
-               ) -> InferResult | Job:
-        """Run `request` (a payload that needs no decoding) on the model it names: its
-        result if it ran at once, else the `Job` its batch will answer (`Job.wait`, or
-        `Job.result` once its future is done: `then(job)` is called on the loop then,
-        unless the job's future was cancelled). ServingError if it cannot run."""
-        job = self._open(request)
-        rows = request.payload.rows
-        try:
-            while True:
-                self._check_rows(job.model, rows)
-                inputs = request.payload.tensors(job.model, job.call)
-                try:
-                    return self._enqueue(job, rows, inputs, then)
-                except BatcherClosedError:
-                    self._move_to_successor(job)
-        except BaseException as exc:
-            job.end(outcome(exc))
-            raise
-
     async def infer(self, request: InferRequest) -> InferResult:
-        """Run `request` on the model it names, batched with others; ServingError if not.
-        Images are decoded in the decode pool first."""
-        if not request.payload.offload:
-            answer = self.submit(request)
-            return answer if isinstance(answer, InferResult) else await answer.wait()
+        """Run `request` on the model it names, batched with others; ServingError if it
+        cannot run. Images are decoded in the decode pool first."""
         job = self._open(request)
+        payload = request.payload
         try:
             while True:
-                inputs = await self._decode(request.payload, job)
+                self._check_rows(job.model, payload.rows)
+                inputs = (await self._decode(payload, job) if payload.offload
+                          else payload.tensors(job.model, job.call))
                 try:
-                    answer = self._enqueue(job, request.payload.rows, inputs)
+                    outputs = await self._run(job, payload.rows, inputs)
                     break
                 except BatcherClosedError:
                     self._move_to_successor(job)
         except BaseException as exc:
             job.end(outcome(exc))
             raise
-        return answer if isinstance(answer, InferResult) else await answer.wait()
+        return job.done(outputs)
 
     def model(self, name: str, version: str = "", call: Call | None = None) -> ServedModel:
         """The ready model behind `name` (for metadata), labelling `call` with it; not in
@@ -257,9 +202,8 @@ class InferenceCore:
         self.in_flight += 1
         return Job(self, call, model, now, now + timeout)
 
-    def _enqueue(self, job: Job, rows: int, inputs: Tensors,
-                 then: Callable[[Job], None] | None = None) -> InferResult | Job:
-        """Charge what the request will hold, then hand it to its model's batcher."""
+    async def _run(self, job: Job, rows: int, inputs: Tensors) -> list[np.ndarray]:
+        """Charge what the request will hold, then await its model's batcher."""
         model, call = job.model, job.call
         nbytes = 0
         for array in inputs.values():
@@ -269,15 +213,8 @@ class InferenceCore:
             call.charge(nbytes, "the request's tensors")
         batcher = model.batcher
         assert batcher is not None  # a ready model has one
-        admission = call.admission
-        alone = self.in_flight == 1 and (admission is None or admission.calls <= 1)
-        answer = batcher.submit(inputs, rows if model.policy.max_batch_size else 1,
-                                job.started, job.deadline, alone,
-                                None if then is None else partial(then, job))
-        if isinstance(answer, list):
-            return job.done(answer)
-        job.future = answer
-        return job
+        return await batcher.infer(inputs, rows if model.policy.max_batch_size else 1,
+                                   job.started, job.deadline)
 
     def _move_to_successor(self, job: Job) -> None:
         """A hot reload retired the job's version after the request found it: the version
@@ -289,7 +226,6 @@ class InferenceCore:
 
     async def _decode(self, payload: Payload, job: Job) -> Tensors:
         call = job.call
-        self._check_rows(job.model, payload.rows)
         stop = call.stop = call.stop or threading.Event()  # kept if a hot reload retries
         work = asyncio.get_running_loop().run_in_executor(
             self.decoder, payload.tensors, job.model, call)

@@ -14,7 +14,7 @@ them into the protocol's messages, whose fields have the same names.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -23,7 +23,7 @@ import numpy as np
 from contract.repository import NUMPY_DTYPES, TensorSpec
 from service import __version__
 from service.core.admission import Call
-from service.core.inference import InferenceCore, InferRequest, InferResult, Job
+from service.core.inference import InferenceCore, InferRequest, InferResult
 from service.engine.models import InputLayout, ServedModel
 from service.engine.reload import ModelControl
 from service.engine.runtime import CUDA, Tensors, cuda_available
@@ -353,25 +353,14 @@ class OpenInference:
                 "outputs": [{"name": t.name, "datatype": t.datatype,
                              "shape": _shape(t, batched)} for t in model.config.outputs]}
 
-    def submit(self, request: OipRequest, api: str, timeout_s: float | None,
-               call: Call | None = None, then: Callable[[Job], None] | None = None
-               ) -> OipResponse | Job:
-        """One inference, without awaiting: the response if it ran at once, else the core's
-        `Job` (`respond` turns its result into the response; `then(job)` is called once
-        there is one, see `InferenceCore.submit`)."""
-        answer = self.core.submit(InferRequest(api, request.model, request.version,
-                                               TensorPayload(request, self.shm), timeout_s,
-                                               call), then)
-        return self.respond(request, answer) if isinstance(answer, InferResult) else answer
-
     async def infer(self, request: OipRequest, api: str, timeout_s: float | None,
                     call: Call | None = None) -> OipResponse:
         """One inference: the request checked against the model that runs it, batched
         with others; inputs and outputs in shared memory where it names regions."""
-        answer = self.submit(request, api, timeout_s, call)
-        if isinstance(answer, Job):
-            return self.respond(request, await answer.wait())
-        return answer
+        result = await self.core.infer(InferRequest(api, request.model, request.version,
+                                                    TensorPayload(request, self.shm),
+                                                    timeout_s, call))
+        return self.respond(request, result)
 
     def respond(self, request: OipRequest, result: InferResult) -> OipResponse:
         """The outputs the request asked for (all, if it named none), raw or written

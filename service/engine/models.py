@@ -32,7 +32,7 @@ from contract.repository import (
 from service.engine.batcher import DynamicBatcher
 from service.engine.batching import BatchPolicy, resolve_policy
 from service.engine.options import EngineOptions
-from service.engine.runtime import ModelRunner, wants_cuda
+from service.engine.runtime import make_runner, wants_cuda
 from service.observability.metrics import Metrics, ModelStats
 from service.status import shown
 
@@ -198,21 +198,25 @@ def load_model(settings: EngineOptions, name: str, executor: Executor,
         config, served.metadata = _served_config(repo, name, path)
         served.config = config
         policy = served.policy = resolve_policy(name, config, settings)
-        runners = [ModelRunner(path, settings, config) for _ in range(policy.instances)]
+        runners = [make_runner(path, settings, config) for _ in range(policy.instances)]
+        warmed: dict[int, float] = {}
         if settings.warmup:
             for runner in runners:
-                runner.warmup(list(range(1, policy.max_batch_size + 1)))
+                warmed = runner.warmup(list(range(1, policy.max_batch_size + 1))) or warmed
     except Exception as exc:  # any failure leaves this model unready, not the server down
         served.reason = str(exc)
         log.error("model %s version %s not served: %s", name, version, exc)
         return served
     served.batcher = DynamicBatcher(name, runners, executor, policy, metrics, served.stats,
-                                    str(version))
+                                    str(version), warmed)
     served.provider, served.file = runners[0].provider, path.name
-    log.info("model %s version %s ready: %s on %s, %d instance(s), %s, %s, delay %dus",
-             name, version, path.name, served.provider, len(runners), runners[0].intra_op_summary,
+    budget = served.batcher.budget_s
+    log.info("model %s version %s ready: %s on %s, %d instance(s), %s, %s, %s", name, version,
+             path.name, served.provider, len(runners), runners[0].intra_op_summary,
              f"max batch {policy.max_batch_size}" if config.batched else "no batching",
-             round(policy.max_queue_delay_s * 1e6))
+             f"delay {round(policy.max_queue_delay_s * 1e6)}us" if budget is None else
+             f"latency budget {budget * 1e3:.1f} ms"
+             + (" (derived from its cost)" if policy.budget_s is None else ""))
     return served
 
 

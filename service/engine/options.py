@@ -19,7 +19,8 @@ class ModelOverrides(BaseModel):
 
     max_batch_size: int | None = Field(default=None, ge=1)
     max_queue_delay_us: int | None = Field(default=None, ge=0)
-    batching: Literal["work-conserving", "delay"] | None = None
+    batching: Literal["budget", "delay"] | None = None
+    latency_budget_ms: float | None = Field(default=None, gt=0, le=600_000)
     preferred_batch_sizes: tuple[int, ...] | None = None
     max_queue_size: int | None = Field(default=None, ge=1)
     instances: int | None = Field(default=None, ge=1)
@@ -34,8 +35,7 @@ class EngineOptions(BaseModel):
     precision: Literal["fp32", "fp16"] = "fp32"
     """fp16 serves model.fp16.onnx where a model has one and the device is CUDA."""
     intra_op_threads: int = Field(default=0, ge=0)
-    """onnxruntime threads per session; 0: one per core, except that a small model runs
-    its batches on one thread where the pool does not earn its CPU (`engine.threads`)."""
+    """onnxruntime threads per session; 0: one per core."""
     inter_op_threads: int = Field(default=1, ge=0)
     allow_spinning: bool = False
     """Let idle onnxruntime threads spin: lower latency on a dedicated host, but they take
@@ -51,20 +51,17 @@ class EngineOptions(BaseModel):
 
     max_batch_size: int | None = Field(default=None, ge=1)
     max_queue_delay_us: int | None = Field(default=None, ge=0)
-    batching: Literal["work-conserving", "delay"] = "work-conserving"
-    """work-conserving: an idle model instance runs what is queued at once, and requests
-    that arrive meanwhile form the next batch while it is busy, so a lone request never
-    waits for company. delay: Triton's dynamic batcher, where the oldest request waits up
-    to max_queue_delay_us for a full or preferred batch (more images per batch when a fast
-    model would otherwise run small batches back to back)."""
+    batching: Literal["budget", "delay"] = "budget"
+    """budget: each batch leaves as soon as it keeps up with the arrivals, or when its
+    oldest request can wait no longer within its latency budget; a request that cannot be
+    answered within the budget is refused at once (docs/batching.md). delay: Triton's
+    dynamic batcher, where the oldest request waits up to max_queue_delay_us for a full
+    or preferred batch."""
+    latency_budget_ms: float | None = Field(default=None, gt=0, le=600_000)
+    """The default latency budget of a model whose config.json sets none; unset: derived
+    from each model's measured cost (four runs of its largest batch, at least 50 ms)."""
     max_queue_size: int = Field(default=512, ge=1)
     """Requests waiting per model; beyond it a request is refused with RESOURCE_EXHAUSTED."""
-    inline_compute_us: int = Field(default=250, ge=0, le=1000)
-    """A lone caller's request (no other call in progress, the model idle) of a size that
-    recently ran in less than this runs in the caller's own step on the event loop: for a
-    LeNet-sized model a thread hand-off costs more than the run (figures:
-    docs/batching.md). Queued requests always run in a compute thread, so the loop goes
-    on accepting calls while the model runs. 0: every request is queued."""
     models: dict[str, ModelOverrides] = Field(default_factory=dict)
 
     model_control_mode: Literal["none", "poll", "explicit"] = "none"
@@ -87,7 +84,7 @@ class EngineOptions(BaseModel):
     def overrides(self, model: str) -> ModelOverrides:
         """Server-wide batching flags, then the model's own entry, over config.json."""
         base = {"max_batch_size": self.max_batch_size,
-                "max_queue_delay_us": self.max_queue_delay_us}
+                "max_queue_delay_us": self.max_queue_delay_us}  # the rest resolve_policy reads
         specific = self.models.get(model, ModelOverrides()).model_dump(exclude_none=True)
         return ModelOverrides(**{**{k: v for k, v in base.items() if v is not None},
                                  **specific})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,6 @@ import onnxruntime as ort
 
 from contract.repository import NUMPY_DTYPES, ModelConfig
 from service.engine.options import EngineOptions
-from service.engine.threads import cpu_sessions
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
@@ -84,9 +84,7 @@ class ModelRunner:
             preload_cuda_libraries()
             providers = [(CUDA, {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
                                  "use_tf32": str(int(settings.allow_tf32))}), CPU]
-            self.session = self.lone_session = session(settings.intra_op_threads)
-        else:
-            self.session, self.lone_session = cpu_sessions(session, settings.intra_op_threads)
+        self.session = session(settings.intra_op_threads)
         self.provider = self.session.get_providers()[0]
         if settings.device == "cuda" and self.provider != CUDA:
             raise RuntimeError(f"{path}: asked for CUDA, onnxruntime applied {self.provider}")
@@ -97,22 +95,16 @@ class ModelRunner:
     @property
     def intra_op_summary(self) -> str:
         """The intra-op threads in words, for the log."""
-        def said(session: ort.InferenceSession) -> str:
-            n = session.get_session_options().intra_op_num_threads
-            return f"{n} intra-op thread{'s' * (n != 1)}" if n else "intra-op threads one per core"
-        if self.lone_session is self.session:
-            return said(self.session)
-        return f"batches on {said(self.session)}, a lone caller on {said(self.lone_session)}"
+        n = self.session.get_session_options().intra_op_num_threads
+        return f"{n} intra-op thread{'s' * (n != 1)}" if n else "intra-op threads one per core"
 
     @property
     def on_gpu(self) -> bool:
         return self.provider == CUDA
 
-    def run(self, inputs: Tensors, lone: bool = False) -> list[np.ndarray]:
-        """`lone`: a lone caller's request, run on the event loop (`threads.cpu_sessions`)."""
+    def run(self, inputs: Tensors) -> list[np.ndarray]:
         if not self.on_gpu:
-            session = self.lone_session if lone else self.session
-            out: list[np.ndarray] = session.run(self.output_names, inputs)
+            out: list[np.ndarray] = self.session.run(self.output_names, inputs)
             return out
         # IOBinding: each input is copied to the device once and the outputs land directly
         # in host memory that onnxruntime allocates, with no per-run name lookups or staging.
@@ -124,16 +116,63 @@ class ModelRunner:
         self.session.run_with_iobinding(binding)
         return [value.numpy() for value in binding.get_outputs()]
 
-    def warmup(self, batch_sizes: list[int]) -> None:
-        """Run each batch size once so no request pays for allocation or cuDNN tuning.
-        Inputs with a dimension of any size are left to the first request."""
-        specs = self.config.inputs
-        if any(-1 in t.shape for t in specs):
-            return
-        for size in batch_sizes if self.config.batched else [0]:
-            lead = (size,) if self.config.batched else ()
-            feeds = {t.name: np.zeros((*lead, *t.shape), NUMPY_DTYPES[t.datatype])
-                     for t in specs}
-            self.run(feeds)
-            if self.lone_session is not self.session:
-                self.run(feeds, lone=True)
+    def warmup(self, batch_sizes: list[int]) -> dict[int, float]:
+        """`warm_up` on this runner."""
+        return warm_up(self, batch_sizes)
+
+
+class SimulatedAccelerator:
+    """A test backend in the shape of a GPU, as Triton ships identity and repeat
+    backends: each run takes `simulated_launch_us` plus `simulated_per_image_us` per
+    image, sleeping (the GIL released, no CPU taken), and answers zeros of the outputs'
+    shapes. Chosen by `"platform": "simulated_accelerator"` in config.json, never by
+    default; the ONNX file only names the tensors."""
+
+    provider = "simulated_accelerator"
+    on_gpu = False
+    intra_op_summary = "no intra-op threads (simulated)"
+
+    def __init__(self, path: Path, config: ModelConfig) -> None:
+        self.path = path
+        self.config = config
+        self.launch_s = config.simulated_launch_us / 1e6
+        self.per_image_s = config.simulated_per_image_us / 1e6
+
+    def run(self, inputs: Tensors) -> list[np.ndarray]:
+        rows = len(next(iter(inputs.values()))) if self.config.batched else 1
+        time.sleep(self.launch_s + self.per_image_s * rows)
+        lead = (rows,) if self.config.batched else ()
+        return [np.zeros((*lead, *(max(d, 1) for d in t.shape)), NUMPY_DTYPES[t.datatype])
+                for t in self.config.outputs]
+
+    def warmup(self, batch_sizes: list[int]) -> dict[int, float]:
+        return warm_up(self, batch_sizes)
+
+
+Runner = ModelRunner | SimulatedAccelerator
+"""What a batcher runs its batches on."""
+
+
+def make_runner(path: Path, settings: EngineOptions, config: ModelConfig) -> Runner:
+    if config.platform == "simulated_accelerator":
+        return SimulatedAccelerator(path, config)
+    return ModelRunner(path, settings, config)
+
+
+def warm_up(runner: Runner, batch_sizes: list[int]) -> dict[int, float]:
+    """Run each batch size twice so no request pays for allocation or cuDNN tuning, and
+    time the second run: the first estimates of the model's cost. Inputs with a dimension
+    of any size are left to the first request (and the cost to the batches it runs)."""
+    config = runner.config
+    if any(-1 in t.shape for t in config.inputs):
+        return {}
+    timed = {}
+    for size in batch_sizes if config.batched else [1]:
+        lead = (size,) if config.batched else ()
+        feeds = {t.name: np.zeros((*lead, *t.shape), NUMPY_DTYPES[t.datatype])
+                 for t in config.inputs}
+        runner.run(feeds)
+        started = time.perf_counter()
+        runner.run(feeds)
+        timed[size] = time.perf_counter() - started
+    return timed

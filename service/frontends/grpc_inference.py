@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, TypeVar
 
@@ -21,7 +20,6 @@ from grpc.aio import ServicerContext as Context
 from protos import grpc_service_pb2 as pb
 from protos import model_config_pb2 as mc
 from service.core.admission import Call
-from service.core.inference import Job
 from service.core.oip import InputTensor, OipRequest, OipResponse, OpenInference, Parameter
 from service.core.oip import RequestedOutput as Wanted
 from service.status import ServingError, Status, outcome
@@ -77,151 +75,71 @@ def message(doc: dict[str, Any] | list[Any], into: M) -> M:
 
 class Stream:
     """One ModelStreamInfer stream. Its requests are read in turn; each is admitted as a
-    call of its own and submitted to the core without awaiting anything, and its answer
-    is written as soon as it exists: by the reader for a request that ran at once, else
-    from its batch's callback through the stream's one writer task. So a request costs
-    no task of its own.
+    call of its own and answered by a task of its own, which awaits the core and writes
+    the answer (one write at a time, in the order answers arrive).
 
     At most STREAM_IN_FLIGHT requests are running or waiting to be written at once: past
     it the stream is not read, and HTTP/2 flow control holds the client (one that reads
     no answers holds 64). When the client half-closes, the stream ends once every
-    answer is written; when it goes away, what is still queued is cancelled.
+    answer is written; when it goes away, what is still in progress is cancelled.
     """
 
     def __init__(self, oip: OpenInference, context: Context, call: Call) -> None:
         self.oip = oip
         self.context = context
         self.call = call
-        self.in_progress = 0
-        """Requests read whose answer is not written yet."""
-        self.waiting: dict[Job, OipRequest] = {}
-        """Requests in their model's queue."""
-        self.unwritten: deque[pb.ModelStreamInferResponse] = deque()
-        """Answers from batches' callbacks, for the writer."""
-        self.writing = False
-        """A write is in progress (the reader's or the writer's): one at a time."""
-        self.writer: asyncio.Task[None] | None = None
-        """Writes what callbacks answer, started with the first of them."""
-        self.wake: asyncio.Future[None] | None = None
-        """What the writer awaits while it has nothing to write: a bare future, which
-        costs a wake-up less than an Event."""
-        self.written = asyncio.Event()
-        self.watching = False
-        """The reader waits for answers to be written (for room, or for the last)."""
+        self.answering: set[asyncio.Task[None]] = set()
+        self.room = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        self.writing = asyncio.Lock()
         self.reader: asyncio.Task[Any] | None = None
 
     async def serve(self) -> None:
-        context = self.context
         self.reader = asyncio.current_task()
         try:
             while True:
-                while self.in_progress >= STREAM_IN_FLIGHT:
-                    await self._until_written()
-                request = await context.read()
+                await self.room.acquire()
+                request = await self.context.read()
                 if request is EOF:
                     break
-                self.in_progress += 1
-                response = self.answer(request)
-                if response is None:
-                    continue
-                if self.writing:
-                    self._to_writer(response)
-                else:
-                    await self._write(response)
-            while self.in_progress:
-                await self._until_written()
+                task = asyncio.create_task(self._answer(request))
+                self.answering.add(task)
+                task.add_done_callback(self._answered)
+            while self.answering:
+                await asyncio.wait(list(self.answering))
         finally:
-            for job in list(self.waiting):  # the client went away: nobody to answer
-                assert job.future is not None
-                job.future.cancel()  # out of its model's queue; the batch calls nothing
-                job.end(Status.CANCELLED)
-                job.call.end(Status.CANCELLED)
-            self.waiting.clear()
-            if self.writer is not None:
-                self.writer.cancel()
+            for task in self.answering:  # the client went away: nobody to answer
+                task.cancel()
 
-    def answer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse | None:
-        """The answer to `request` if it is ready at once; else None, and its batch's
-        callback sends it."""
+    async def _answer(self, request: pb.ModelInferRequest) -> None:
         try:
             call = self.call.sibling("oip_stream")
         except ServingError as exc:
-            return _stream_error(request, exc)
+            await self._write(_stream_error(request, exc))
+            return
         try:
             call.charge(2 * request.ByteSize(), "the request message")
-            message = oip_request(request)
-            answer = self.oip.submit(message, "oip_stream", self.context.time_remaining(),
-                                     call, self._finished)
-        except Exception as exc:  # noqa: BLE001 - the stream goes on; its client is told
+            answer = await self.oip.infer(oip_request(request), "oip_stream",
+                                          self.context.time_remaining(), call)
+            response = pb.ModelStreamInferResponse(infer_response=infer_response(answer))
+        except BaseException as exc:  # the stream goes on; its client is told
             call.end(outcome(exc))
-            return _stream_error(request, exc)
-        if isinstance(answer, Job):
-            self.waiting[answer] = message
-            return None
-        call.end(Status.OK)
-        return pb.ModelStreamInferResponse(infer_response=infer_response(answer))
-
-    def _finished(self, job: Job) -> None:
-        """From its batch's callback on the loop: the job's answer, to the writer."""
-        message = self.waiting.pop(job)
-        call = job.call
-        try:
-            response = pb.ModelStreamInferResponse(
-                infer_response=infer_response(self.oip.respond(message, job.result())))
-        except Exception as exc:  # noqa: BLE001 - the stream goes on; its client is told
-            call.end(outcome(exc))
-            response = _stream_error(message, exc)
+            if not isinstance(exc, Exception):
+                raise
+            response = _stream_error(request, exc)
         else:
             call.end(Status.OK)
-        self._to_writer(response)
-
-    def _to_writer(self, response: pb.ModelStreamInferResponse) -> None:
-        self.unwritten.append(response)
-        if self.writer is None:
-            self.writer = asyncio.create_task(self._write_unwritten())
-            self.writer.add_done_callback(self._writer_done)
-        elif not self.writing:
-            self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        wake = self.wake
-        if wake is not None:
-            self.wake = None
-            wake.set_result(None)
-
-    async def _write_unwritten(self) -> None:
-        """The writer: what callbacks answered, in turn, for the stream's life."""
-        loop = asyncio.get_running_loop()
-        while True:
-            while self.unwritten and not self.writing:
-                await self._write(self.unwritten.popleft())
-            self.wake = loop.create_future()
-            await self.wake
+        await self._write(response)
 
     async def _write(self, response: pb.ModelStreamInferResponse) -> None:
-        self.writing = True
-        try:
+        async with self.writing:
             await self.context.write(response)
-        finally:
-            self.writing = False
-        self.in_progress -= 1
-        if self.watching:
-            self.written.set()
-        if self.unwritten:  # answered while this was written
-            self._wake_writer()
 
-    def _writer_done(self, writer: asyncio.Task[None]) -> None:
-        """A write that failed ends the stream (the reader would wait for it forever)."""
-        if not writer.cancelled() and writer.exception() is not None and self.reader:
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        """Room for one more; a write that failed ends the stream (the client is gone)."""
+        self.answering.discard(task)
+        self.room.release()
+        if not task.cancelled() and task.exception() is not None and self.reader:
             self.reader.cancel()
-
-    async def _until_written(self) -> None:
-        self.watching = True
-        self.written.clear()
-        try:
-            await self.written.wait()
-        finally:
-            self.watching = False
 
 
 def _stream_error(request: pb.ModelInferRequest | OipRequest, exc: Exception

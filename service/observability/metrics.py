@@ -65,7 +65,8 @@ class Buckets:
 class ModelTally:
     """What one model version's batcher adds up between flushes."""
 
-    __slots__ = ("queue_wait", "compute", "batch_size", "inferences", "executions", "depth")
+    __slots__ = ("queue_wait", "compute", "batch_size", "inferences", "executions", "depth",
+                 "reasons", "refused", "budget_s", "cost_s")
 
     def __init__(self) -> None:
         self.queue_wait = Buckets(LATENCY_BUCKETS)
@@ -75,6 +76,14 @@ class ModelTally:
         self.executions = 0
         self.depth = 0
         """Requests in its queue now (a gauge: set, never reset by a flush)."""
+        self.reasons: defaultdict[str, int] = defaultdict(int)
+        """Batches by why they left (`engine.batching.REASONS`)."""
+        self.refused = 0
+        """Requests refused because they could not be answered within the budget."""
+        self.budget_s = 0.0
+        """The latency budget now (a gauge; 0 under the delay rule)."""
+        self.cost_s: dict[int, float] = {}
+        """The cost model's estimate per batch size now (gauges)."""
 
 
 class Metrics:
@@ -142,6 +151,22 @@ class Metrics:
         self._executions = Counter("cnnserve_executions",
                                    "Batches executed (Triton's execution_count).", model,
                                    registry=registry)
+        self._reasons = Counter("cnnserve_batches",
+                                "Batches executed, by why they left the queue: full, target "
+                                "(enough for the arrival rate), budget (the oldest could "
+                                "wait no longer), delay (Triton's rule), drain.",
+                                [*model, "reason"], registry=registry)
+        self._refused = Counter("cnnserve_budget_refusals",
+                                "Requests refused at once because the queue ahead could not "
+                                "be served within the model's latency budget.", model,
+                                registry=registry)
+        self._budget = Gauge("cnnserve_latency_budget_seconds",
+                             "The model's latency budget per request (set, or derived from "
+                             "its measured cost).", model, multiprocess_mode="max",
+                             registry=registry)
+        self._cost = Gauge("cnnserve_batch_cost_seconds",
+                           "The batcher's estimate of one run's time at each batch size.",
+                           [*model, "batch_size"], multiprocess_mode="max", registry=registry)
 
     def model(self, name: str, version: str) -> ModelTally:
         """The tally of one model version's batcher; its series export zeros from now on,
@@ -151,7 +176,8 @@ class Metrics:
         if tally is None:
             tally = self._models[key] = ModelTally()
             for metric in (self._queue_wait, self._compute, self._batch_size,
-                           self._queue_depth, self._inferences, self._executions):
+                           self._queue_depth, self._inferences, self._executions,
+                           self._refused, self._budget):
                 metric.labels(name, version)
         return tally
 
@@ -187,6 +213,15 @@ class Metrics:
                 self._inferences.labels(name, version).inc(tally.inferences)
                 self._executions.labels(name, version).inc(tally.executions)
                 tally.inferences = tally.executions = 0
+            reasons, tally.reasons = tally.reasons, defaultdict(int)
+            for reason, n in reasons.items():
+                self._reasons.labels(name, version, reason).inc(n)
+            if tally.refused:
+                self._refused.labels(name, version).inc(tally.refused)
+                tally.refused = 0
+            self._budget.labels(name, version).set(tally.budget_s)
+            for rows, seconds in list(tally.cost_s.items()):
+                self._cost.labels(name, version, str(rows)).set(seconds)
 
     def _flush_for_scrape(self) -> None:
         """Flush on the loop and wait for it (at most SCRAPE_WAIT_S). Scrapes that arrive

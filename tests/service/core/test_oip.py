@@ -18,8 +18,8 @@ from service.memory.regions import Regions
 from service.memory.system import SharedMemoryRegistry
 from service.status import ServingError, Status
 
-POLICY = BatchPolicy(max_batch_size=8, max_queue_delay_s=0.0, preferred_batch_sizes=frozenset(),
-                     max_queue_size=8, instances=1)
+POLICY = BatchPolicy(max_batch_size=8, rule="budget", budget_s=None, max_queue_delay_s=0.0,
+                     preferred_batch_sizes=frozenset(), max_queue_size=8, instances=1)
 
 
 def model(*inputs: TensorSpec) -> ServedModel:

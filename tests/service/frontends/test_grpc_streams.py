@@ -44,7 +44,7 @@ def test_requests_pipelined_on_one_stream_batch_together_and_keep_their_ids(
         served_repo: Path, server_factory: Callable[..., ServerProcess]) -> None:
     """A client that sends its requests without waiting for answers gets each back with
     its id and the right logits, and the model ran them in batches, not one by one."""
-    server = server_factory(served_repo, "--inline-compute-us", "0", "--instances", "1")
+    server = server_factory(served_repo, "--instances", "1")
     before = executions(server)
     with grpc.insecure_channel(server.address) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -66,7 +66,7 @@ def test_a_stream_cut_off_mid_flight_leaves_nothing_held(
     """The client sends 200 requests and cancels after two answers: every request the
     server read is counted once (answered or cancelled), and no call, byte or queued
     request is left behind; the server goes on serving."""
-    server = server_factory(served_repo, "--inline-compute-us", "0", "--instances", "1")
+    server = server_factory(served_repo, "--instances", "1")
     outbox: queue.Queue[service_pb2.ModelInferRequest | None] = queue.Queue()
     for request in requests(200):
         outbox.put(request)

@@ -78,7 +78,7 @@ def loaded(served_repo: Path, tmp_path_factory: pytest.TempPathFactory
     throughout (None where Prometheus is absent)."""
     # Triton's delay rule: under a steady load, batches of a steady size, so a batch's
     # median and mean compute time agree and their comparison measures the histogram's
-    # resolution (work-conserving batches of 1 to 8 images make a two-humped spread).
+    # resolution (batches of 1 to 8 images make a two-humped spread).
     server = start_server(served_repo, "--batching", "delay")
     prometheus, address = None, None
     try:
