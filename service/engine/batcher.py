@@ -11,6 +11,12 @@ arrive meanwhile form the next batch. When a batch ends, the compute thread deci
 once whether the next is ready and, if so, runs it: a busy model does not idle while
 the loop gets round to it. The queue, the cost model and the rate are shared with those
 threads under one lock; futures are only ever resolved on the loop.
+
+One fast path: a request that would leave at once as a batch of its own, on a model
+whose every instance is idle, runs in its caller's step when the cost model says its run
+takes less than handing it to a compute thread and back does (measured on the batches
+that made that trip). That is a LeNet-sized model on a CPU, where the trip costs more
+than the run; never a GPU's run, which waits on the device.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from service.engine.batching import (
     answer_in_s,
     budget_s,
     select_batch,
+    target_rows,
 )
 from service.engine.runtime import Runner, Tensors
 from service.observability.metrics import Metrics, ModelStats
@@ -78,6 +85,9 @@ class _Ran:
     assembled: float
     ended: float
     result: list[np.ndarray] | ServingError
+    dispatched: float | None = None
+    """When the loop handed it to a compute thread; None for a batch the thread took
+    itself after another (no trip to time)."""
 
 
 class DynamicBatcher:
@@ -111,6 +121,10 @@ class DynamicBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sleeping = 0
         """Workers waiting for `_arrived`: none computing, and none with a batch ready."""
+        self._inline = bool(self._runners) and all(r.host_compute for r in self._runners)
+        self._trip_s: float | None = None
+        """A moving average of the round trip to a compute thread and back: from the
+        loop's hand-off to the run's start, and from its end to the loop's answer."""
         self._publish_cost()
 
     def start(self) -> None:
@@ -148,12 +162,15 @@ class DynamicBatcher:
             raise ValueError(f"expected 1 to {policy.limit} rows per request for model "
                              f"{self.name!r}, got {rows}")
         now = time.monotonic()
+        with self._lock:
+            self.rate.observe(now, rows)
+        if self._inline and self._runs_inline(rows, now):
+            return self._run_inline(inputs, rows, now if enqueued is None else enqueued)
         shapes = tuple(a.shape[1:] for a in inputs.values()) if self._varying else None
         future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()  # type: ignore[union-attr]
         request = _Request(inputs, rows, shapes, future, now if enqueued is None else enqueued,
                            deadline)
         with self._lock:
-            self.rate.observe(now, rows)
             if len(self._queue) >= policy.max_queue_size:
                 raise ServingError(Status.RESOURCE_EXHAUSTED,
                                    f"model {self.name!r} has {len(self._queue)} requests "
@@ -166,6 +183,34 @@ class DynamicBatcher:
         if self._sleeping:
             self._arrived.set()
         return await future
+
+    def _runs_inline(self, rows: int, now: float) -> bool:
+        """A batch of its own, leaving at once, on an idle model, cheaper than the trip."""
+        trip = self._trip_s
+        if (trip is None or self._queue or self._sleeping < len(self._runners)
+                or self.policy.rule != "budget"):
+            return False
+        with self._lock:
+            return (self.cost.seconds(rows) < trip
+                    and rows >= target_rows(self.policy, self.cost, self.rate.per_s(now)))
+
+    def _run_inline(self, inputs: Tensors, rows: int, enqueued: float) -> list[np.ndarray]:
+        started = time.monotonic()
+        try:
+            result: list[np.ndarray] | ServingError = self._runners[0].run(inputs)
+        except Exception as exc:  # onnxruntime errors: fail this request, keep serving
+            log.exception("model %s: a request of %d failed", self.name, rows)
+            result = ServingError(Status.INTERNAL, f"model {self.name!r} failed on a batch "
+                                  f"of {rows}: {bounded(str(exc), 300)}")
+        ended = time.monotonic()
+        if not isinstance(result, ServingError):
+            with self._lock:
+                self.cost.observe(rows, ended - started)
+        self._record(_Ran([], rows, "target", started, started, ended, result),
+                     [started - enqueued], 0.0)
+        if isinstance(result, ServingError):
+            raise result
+        return result
 
     def _check_budget(self, request: _Request, now: float) -> None:
         """Under the lock: refuse `request` now if the queue ahead of it cannot be served
@@ -245,14 +290,15 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while (selection := await self._next_batch(index)) is not None:
             await loop.run_in_executor(self._executor, self._compute_while_ready, index,
-                                       runner, selection)
+                                       runner, selection, time.monotonic())
 
     def _compute_while_ready(self, index: int, runner: Runner,
-                             selection: Selection[_Request]) -> None:
-        """In a compute thread: run `selection`'s batch, then each batch that is ready
-        when one ends."""
+                             selection: Selection[_Request], dispatched: float) -> None:
+        """In a compute thread: run `selection`'s batch (handed over at `dispatched`),
+        then each batch that is ready when one ends."""
         loop = self._loop
         assert loop is not None, "start() first"
+        handed: float | None = dispatched
         while selection.batch:
             batch, rows, reason = selection.batch, selection.rows, selection.reason or "full"
             started = time.monotonic()
@@ -274,12 +320,17 @@ class DynamicBatcher:
                 self._busy_until[index] = (ended + self.cost.seconds(selection.rows)
                                            if selection.batch else 0.0)
             loop.call_soon_threadsafe(self._finish, _Ran(batch, rows, reason, started,
-                                                         assembled, ended, result),
+                                                         assembled, ended, result, handed),
                                       selection.expired)
+            handed = None
 
     def _finish(self, ran: _Ran, expired: list[_Request]) -> None:
         """On the loop: answer the batch's requests and record it."""
         splitting = time.monotonic()
+        if ran.dispatched is not None:
+            trip = (ran.started - ran.dispatched) + (splitting - ran.ended)
+            known = self._trip_s
+            self._trip_s = trip if known is None else known + 0.1 * (trip - known)
         answered = []  # how long each request still awaited waited in the queue
         result = ran.result
         error, outputs = (result, []) if isinstance(result, ServingError) else (None, result)

@@ -102,6 +102,12 @@ class ModelRunner:
     def on_gpu(self) -> bool:
         return self.provider == CUDA
 
+    @property
+    def host_compute(self) -> bool:
+        """Its runs compute on this host's CPU, with nothing to wait for: a tiny one may
+        run on the event loop (never a GPU's, whose run waits on the device)."""
+        return not self.on_gpu
+
     def run(self, inputs: Tensors) -> list[np.ndarray]:
         if not self.on_gpu:
             out: list[np.ndarray] = self.session.run(self.output_names, inputs)
@@ -130,6 +136,7 @@ class SimulatedAccelerator:
 
     provider = "simulated_accelerator"
     on_gpu = False
+    host_compute = False
     intra_op_summary = "no intra-op threads (simulated)"
 
     def __init__(self, path: Path, config: ModelConfig) -> None:
