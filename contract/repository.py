@@ -312,9 +312,17 @@ def write_config(repo: Path, config: ModelConfig) -> None:
     folder = repo / check_model_name(config.name)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CONFIG_FILE}.")
+    doc = config.model_dump(mode="json")
+    for key in _WRITTEN_WHEN_SET:  # a model's own choices, not every model's boilerplate
+        if getattr(config, key) == ModelConfig.model_fields[key].default:
+            del doc[key]
     with os.fdopen(fd, "w") as f:
-        f.write(config.model_dump_json(indent=2) + "\n")
+        f.write(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, folder / CONFIG_FILE)
+
+
+_WRITTEN_WHEN_SET = ("latency_budget_ms", "platform", "simulated_launch_us",
+                     "simulated_per_image_us")
 
 
 def publish_version(repo: Path, name: str, files: Mapping[str, Path | bytes],

@@ -273,7 +273,7 @@ def run(target: Target, scenario: str, *, qps: float = 0.0, bound_ms: float = 0.
     finally:
         sut.close()
     errors = sum(sut.errors.values())
-    queries = int(results.get("result_query_count", 0))
+    queries = int(str(results.get("result_query_count", 0)))
     if scenario == "Server":
         rate = float(found.get("Scheduled samples per second", "nan"))
         met = (found.get("Performance constraints satisfied") == "Yes"
