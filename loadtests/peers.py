@@ -3,9 +3,18 @@
 Installs the peers into virtual environments of their own (`.venv-peers/`, pinned by
 `loadtests/peers-*.txt`; not part of `make test`), serves the same model.onnx files with
 the same onnxruntime session options and batching knobs (max batch 32, 2 ms delay where
-the server batches by delay), and drives each server in turn with the same closed-loop
-gRPC client (`loadtests.perf.closed_loop`), perf_analyzer beside it where the server
-answers Triton's ModelConfig. Writes `reports/peers-<timestamp>/peers.md`.
+the server batches by delay), and drives each server in turn:
+
+- the headline: MLPerf's LoadGen (`loadtests.mlperf`) in its Server scenario, the highest
+  valid Poisson rate at each model's p99 bound, with SingleStream's p90 beside it, the
+  same grpcio client for every server; and a plot of p99 against the offered rate;
+- a guard: the same closed-loop gRPC client (`loadtests.perf.closed_loop`) at fixed
+  concurrency, perf_analyzer beside it where the server answers Triton's ModelConfig.
+
+The service also serves `accel`, LeNet's files on the accelerator-shaped test backend
+(`"platform": "simulated_accelerator"`: 10 ms a launch, 0.2 ms an image, the shape of a
+GPU), at a p99 bound of 50 ms. Writes `reports/peers-<timestamp>/peers.md` and
+`p99.png`.
 
 - cnnserve: this service, default settings (the budget batching rule).
 - Triton + Python: Triton 2.5x as bundled in nvidia-pytriton 0.7, its dynamic batcher
@@ -17,7 +26,9 @@ answers Triton's ModelConfig. Writes `reports/peers-<timestamp>/peers.md`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -27,12 +38,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import grpc
-
 from contract.repository import latest_model_file, list_versions
 from contract.table import format_table
 from loadtests.bench import in_process
 from loadtests.launch import ROOT, Launched, free_port, launched
+from loadtests.mlperf import (
+    BOUNDS_MS,
+    DEFAULT_BOUND_MS,
+    Peak,
+    Run,
+    Target,
+    executed,
+    mean_batch,
+    run,
+    server_peak,
+)
 from loadtests.perf import (
     Load,
     Measured,
@@ -78,14 +98,34 @@ def ensure_venv(peer: str) -> Path:
     return python
 
 
+ACCELERATOR = "accel"
+ACCELERATOR_BOUND_MS = 50.0
+
+
+def with_accelerator(repo: Path, work: Path) -> Path:
+    """A repository of `repo`'s models (linked) plus ACCELERATOR: LeNet's folder on the
+    accelerator-shaped test backend, with its defaults (10 ms + 0.2 ms an image)."""
+    out = work / "repository"
+    out.mkdir(parents=True)
+    for model in repo.iterdir():
+        if model.is_dir():
+            (out / model.name).symlink_to(model.resolve(), target_is_directory=True)
+    shutil.copytree(repo / "lenet", out / ACCELERATOR, symlinks=False)
+    config = out / ACCELERATOR / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "name": ACCELERATOR,
+                                  "platform": "simulated_accelerator"}, indent=2))
+    return out
+
+
 def servers(repo: Path, models: Sequence[str], work: Path) -> list[Server]:
-    specs = [f"{m}={latest_model_file(repo, m)}" for m in models]
+    specs = [f"{m}={latest_model_file(repo, m)}" for m in models if m != ACCELERATOR]
     ports = [str(free_port()) for _ in range(9)]
     # The Python backend's stub must load the interpreter's own libpython, not the system's.
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return [
-        Server("cnnserve", ["-m", "service", "--repo", str(repo), "--port", "0",
+        Server("cnnserve", ["-m", "service", "--repo", str(with_accelerator(repo, work)),
+                            "--port", "0",
                             "--metrics-port", ports[0], "--probe-port", ports[1],
                             "--http-port", ports[2]]),
         Server("Triton + Python", [
@@ -102,6 +142,111 @@ def servers(repo: Path, models: Sequence[str], work: Path) -> list[Server]:
     ]
 
 
+def served_models(server: Server, models: Sequence[str]) -> list[str]:
+    """The models of `models` that `server` serves: ACCELERATOR only on the service."""
+    return [m for m in models if (not server.models or m in server.models)
+            and (m != ACCELERATOR or server.name == "cnnserve")]
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One server and model under LoadGen."""
+
+    server: str
+    model: str
+    peak: Peak
+    single: Run
+    offline: Run
+
+
+def judge(server: Server, running: Launched, repo: Path, models: Sequence[str],
+          min_queries: int, min_seconds: float) -> list[Judged]:
+    """LoadGen's Offline (the first guess), Server search and SingleStream per model."""
+    out = []
+    for model in served_models(server, models):
+        inputs = real_inputs(repo, "lenet" if model == ACCELERATOR else model)
+        target = Target(running.address, model, inputs, server_pid=running.proc.pid)
+        bound = ACCELERATOR_BOUND_MS if model == ACCELERATOR else BOUNDS_MS.get(
+            model, DEFAULT_BOUND_MS)
+        offline = run(target, "Offline", min_queries=min_queries, min_seconds=min_seconds)
+        print(f"  {server.name} {model}: Offline {offline.qps:.0f} q/s; Server search at "
+              f"p99 <= {bound:g} ms", flush=True)
+        top = server_peak(target, bound, offline.qps, min_queries=min_queries,
+                          min_seconds=min_seconds)
+        single = run(target, "SingleStream", min_queries=min(min_queries, 1000),
+                     min_seconds=min_seconds)
+        print(f"  {server.name} {model}: Server {top.qps:.0f} q/s; SingleStream p90 "
+              f"{single.p90_ms:.2f} ms", flush=True)
+        out.append(Judged(server.name, model, top, single, offline))
+    return out
+
+
+def judged_table(judged: list[Judged], names: Sequence[str], models: Sequence[str],
+                 refs: dict[tuple[str, int], float]) -> str:
+    """Highest valid Server rate per model and server, with the ratios the issue asks."""
+    found = {(j.server, j.model): j for j in judged}
+    head = ["model (p99 bound)", *names, "in-process b1 / b32 img/s",
+            *(f"cnnserve / {n}" for n in names if n != "cnnserve")]
+    out = []
+    for model in models:
+        bound = ACCELERATOR_BOUND_MS if model == ACCELERATOR else BOUNDS_MS.get(
+            model, DEFAULT_BOUND_MS)
+        cells = [f"{found[n, model].peak.qps:,.0f}" if (n, model) in found else ""
+                 for n in names]
+        ref = (f"{refs[model, 1]:,.0f} / {refs[model, 32]:,.0f}"
+               if (model, 1) in refs else "")
+        ours = found.get(("cnnserve", model))
+        ratios = []
+        for n in names:
+            if n == "cnnserve":
+                continue
+            theirs = found.get((n, model))
+            ratios.append("" if ours is None or theirs is None or not theirs.peak.qps
+                          else f"{ours.peak.qps / theirs.peak.qps:.2f}")
+        out.append([f"{model} ({bound:g} ms)", *cells, ref, *ratios])
+    return format_table(head, out)
+
+
+def single_table(judged: list[Judged]) -> str:
+    return format_table(
+        ("server", "model", "SingleStream p50 ms", "p90 ms", "Offline q/s",
+         "Offline mean batch", "server CPU us/query at the peak", "mean batch at the peak"),
+        [[j.server, j.model, f"{j.single.p50_ms:.2f}", f"{j.single.p90_ms:.2f}",
+          f"{j.offline.qps:,.0f}", f"{j.offline.mean_batch:.1f}",
+          _at_peak(j, "server_cpu_us", "{:.0f}"), _at_peak(j, "mean_batch", "{:.1f}")]
+         for j in judged])
+
+
+def _at_peak(judged: Judged, field: str, fmt: str) -> str:
+    """`field` of the last valid run at the peak rate (the confirmation)."""
+    runs = [r for r in judged.peak.runs if r.valid and r.target_qps == judged.peak.qps]
+    value = getattr(runs[-1], field) if runs else float("nan")
+    return "" if value != value else fmt.format(value)
+
+
+def plot_p99(judged: list[Judged], path: Path) -> None:
+    """p99 latency against the offered Poisson rate, one line per server and model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({j.model for j in judged})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for j in (j for j in judged if j.model == model):
+            runs = sorted(j.peak.runs, key=lambda r: r.target_qps)
+            ax.plot([r.target_qps for r in runs], [r.p99_ms for r in runs], "o-",
+                    label=j.server)
+        ax.axhline(j.peak.bound_ms, color="grey", linestyle="--", label="p99 bound")
+        ax.set(title=model, xlabel="offered queries/s (Poisson)", ylabel="p99 ms",
+               yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 @dataclass(frozen=True)
 class Row:
     server: str
@@ -115,35 +260,11 @@ class Row:
     ModelStatistics (inference_count / execution_count); None where it keeps none."""
 
 
-def executed(address: str, model: str) -> tuple[int, int] | None:
-    """The server's (inference_count, execution_count) for `model`, as Triton's
-    ModelStatistics reports them; None where the server answers no statistics."""
-    from protos import grpc_service_pb2 as pb  # not at import: tests load tritonclient's
-    from protos import grpc_service_pb2_grpc as pb_grpc
-
-    try:
-        with grpc.insecure_channel(address) as channel:
-            stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-                pb.ModelStatisticsRequest(name=model), timeout=10)
-    except grpc.RpcError:
-        return None
-    found = [m for m in stats.model_stats if m.name == model]
-    return (sum(m.inference_count for m in found), sum(m.execution_count for m in found)) \
-        if found else None
-
-
-def mean_batch(before: tuple[int, int] | None, after: tuple[int, int] | None
-               ) -> float | None:
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return (after[0] - before[0]) / (after[1] - before[1])
-
-
 def drive(server: Server, launched_server: Launched, repo: Path, models: Sequence[str],
           concurrency: Sequence[int], seconds: float, work: Path) -> list[Row]:
     rows = []
-    for model in models:
-        if server.models and model not in server.models:
+    for model in served_models(server, models):
+        if model == ACCELERATOR:
             continue
         inputs = real_inputs(repo, model)
         version = "1" if server.name == "echo" else str(max(list_versions(repo, model)))
@@ -206,36 +327,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.peers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", type=Path, default=Path("runs/demo/model_repository"))
-    p.add_argument("--models", nargs="*", default=["lenet", "alexnet"])
-    p.add_argument("--concurrency", default="1,8,32", help="clients, comma-separated")
-    p.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    p.add_argument("--models", nargs="*", default=["lenet", "alexnet", ACCELERATOR])
+    p.add_argument("--concurrency", default="32",
+                   help="closed-loop clients, comma-separated (empty: none)")
+    p.add_argument("--seconds", type=float, default=10.0, help="per closed-loop point")
+    p.add_argument("--no-loadgen", action="store_true", help="the closed loop only")
+    p.add_argument("--min-queries", type=int, default=2000, help="per LoadGen run")
+    p.add_argument("--min-seconds", type=float, default=5.0, help="per LoadGen run")
     p.add_argument("--servers", nargs="*", help="default: all (cnnserve, Triton + Python, "
                    "MLServer, echo)")
     p.add_argument("--out", type=Path, default=Path("reports"))
     args = p.parse_args(argv)
-    concurrency = [int(c) for c in args.concurrency.split(",")]
+    concurrency = [int(c) for c in args.concurrency.split(",") if c]
     out = args.out / datetime.now().strftime("peers-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
     chosen = [s for s in servers(args.repo, args.models, out)
               if not args.servers or s.name in args.servers]
     rows: list[Row] = []
+    judged: list[Judged] = []
     for server in chosen:
         print(f"{server.name}:", flush=True)
         python = str(ensure_venv(server.peer)) if server.peer else sys.executable
         with launched([python, *server.args], env=server.env) as running:
+            if not args.no_loadgen:
+                judged += judge(server, running, args.repo, args.models, args.min_queries,
+                                args.min_seconds)
             rows += drive(server, running, args.repo, args.models, concurrency, args.seconds,
                           out)
     settings, _ = parse_settings([])
-    refs = [in_process(args.repo, m, bs, settings) for m in args.models for bs in (1, 32)]
+    real = [m for m in args.models if m != ACCELERATOR]
+    refs = [in_process(args.repo, m, bs, settings) for m in real for bs in (1, 32)]
     names = [s.name for s in chosen]
     lines = [
         "# cnnserve and its peers", "",
-        f"Run {out.name}: {args.seconds:g} s per measurement, single-image requests of real "
-        "test digits, every server on this host with its client; the same asyncio gRPC "
-        "client drives every server (perf_analyzer beside it where the server answers "
-        "ModelConfig). req/s, and p50 at 1 client.", "",
-        "```", table(rows, names, args.models, concurrency), "```", "",
-        "## Every measurement", "", "```", cpu_table(rows, names), "```", "",
+        f"Run {out.name}, every server on this host with its client, single-image queries "
+        "of real test digits, the same grpcio client for every server.", ""]
+    if judged:
+        plot_p99(judged, out / "p99.png")
+        lines += [
+            "## MLPerf LoadGen, Server scenario: highest valid queries/s", "",
+            "Poisson arrivals; valid when p99 is within the bound over at least "
+            f"{args.min_queries} queries and none failed; bisected, then confirmed. "
+            f"{ACCELERATOR}: the accelerator-shaped backend (10 ms + 0.2 ms an image, "
+            "batch-32 capacity 1,951/s). Plot: p99.png.", "",
+            "```", judged_table(judged, names, args.models,
+                                {(r.model, r.batch_size): r.images_per_s for r in refs}),
+            "```", "", "```", single_table(judged), "```", ""]
+    if rows:
+        lines += [
+            "## Closed loop (a guard)", "",
+            f"{args.seconds:g} s per point; req/s, and p50 at 1 client.", "",
+            "```", table(rows, names, real, concurrency), "```", "",
+            "```", cpu_table(rows, names), "```", ""]
+    lines += [
         "## onnxruntime in-process (the same session options)", "", "```",
         format_table(("model", "batch", "img/s"),
                      [[r.model, str(r.batch_size), f"{r.images_per_s:,.0f}"] for r in refs]),
