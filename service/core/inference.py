@@ -213,8 +213,10 @@ class InferenceCore:
             call.charge(nbytes, "the request's tensors")
         batcher = model.batcher
         assert batcher is not None  # a ready model has one
+        admission = call.admission
+        alone = self.in_flight == 1 and (admission is None or admission.calls <= 1)
         return await batcher.infer(inputs, rows if model.policy.max_batch_size else 1,
-                                   job.started, job.deadline)
+                                   job.started, job.deadline, alone)
 
     def _move_to_successor(self, job: Job) -> None:
         """A hot reload retired the job's version after the request found it: the version

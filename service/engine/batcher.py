@@ -12,11 +12,12 @@ once whether the next is ready and, if so, runs it: a busy model does not idle w
 the loop gets round to it. The queue, the cost model and the rate are shared with those
 threads under one lock; futures are only ever resolved on the loop.
 
-One fast path: a request that would leave at once as a batch of its own, on a model
-whose every instance is idle, runs in its caller's step when the cost model says its run
-takes less than handing it to a compute thread and back does (measured on the batches
-that made that trip). That is a LeNet-sized model on a CPU, where the trip costs more
-than the run; never a GPU's run, which waits on the device.
+One fast path: the request of a lone caller (no other call in progress, so nobody could
+join its batch), on a model whose every instance is idle, runs in its caller's step when
+the cost model says its run takes less than handing it to a compute thread and back
+does (measured on the batches that made that trip). That is a LeNet-sized model on a
+CPU, where the trip costs more than the run; never a GPU's run, which waits on the
+device. Under load, requests queue and batch as usual.
 """
 
 from __future__ import annotations
@@ -142,16 +143,17 @@ class DynamicBatcher:
             return budget_s(self.policy, self.cost)
 
     async def infer(self, inputs: Tensors, rows: int | None = None,
-                    enqueued: float | None = None, deadline: float | None = None
-                    ) -> list[np.ndarray]:
+                    enqueued: float | None = None, deadline: float | None = None,
+                    alone: bool = False) -> list[np.ndarray]:
         """The model's outputs for `inputs` (`rows` of them, first in each input if the
         model batches; by default the first input's length), in its configured order.
 
         `enqueued` is `time.monotonic()` when the call arrived (default now): its budget
         runs from then. `deadline` an instant on the same clock: a request still queued
         then fails DEADLINE_EXCEEDED. Cancelling the caller removes the request before it
-        reaches the model. The caller has checked `rows` against the policy; a larger one
-        is a programming error.
+        reaches the model. `alone`: no other call is in progress in the server, so none
+        could join this request's batch (the fast path's condition). The caller has
+        checked `rows` against the policy; a larger one is a programming error.
         """
         if self._closing:
             raise BatcherClosedError(self.name)
@@ -164,7 +166,7 @@ class DynamicBatcher:
         now = time.monotonic()
         with self._lock:
             self.rate.observe(now, rows)
-        if self._inline and self._runs_inline(rows, now):
+        if alone and self._inline and self._runs_inline(rows, now):
             return self._run_inline(inputs, rows, now if enqueued is None else enqueued)
         shapes = tuple(a.shape[1:] for a in inputs.values()) if self._varying else None
         future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()  # type: ignore[union-attr]
