@@ -148,8 +148,9 @@ class DynamicBatcher:
         """The model's outputs for `inputs` (`rows` of them, first in each input if the
         model batches; by default the first input's length), in its configured order.
 
-        `enqueued` is `time.monotonic()` when the call arrived (default now): its budget
-        runs from then. `deadline` an instant on the same clock: a request still queued
+        `enqueued` is `time.monotonic()` when the call arrived (default now): its wait
+        for company counts from then, and the queue-wait metrics. `deadline` an instant
+        on the same clock: a request still queued
         then fails DEADLINE_EXCEEDED. Cancelling the caller removes the request before it
         reaches the model. `alone`: no other call is in progress in the server, so none
         could join this request's batch (the fast path's condition). The caller has
