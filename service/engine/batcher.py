@@ -49,6 +49,9 @@ from service.observability.metrics import Metrics, ModelStats
 from service.status import ServingError, Status, bounded
 
 log = logging.getLogger(__name__)
+PUBLISH_EVERY_S = 1.0
+"""How often the budget and cost gauges are refreshed: metrics are flushed each second,
+so copying the estimates after every batch would only cost the event loop."""
 
 
 class BatcherClosedError(ServingError):
@@ -123,6 +126,7 @@ class DynamicBatcher:
         self._sleeping = 0
         """Workers waiting for `_arrived`: none computing, and none with a batch ready."""
         self._inline = bool(self._runners) and all(r.host_compute for r in self._runners)
+        self._published_at = 0.0
         self._trip_s: float | None = None
         """A moving average of the round trip to a compute thread and back: from the
         loop's hand-off to the run's start, and from its end to the loop's answer."""
@@ -165,37 +169,37 @@ class DynamicBatcher:
             raise ValueError(f"expected 1 to {policy.limit} rows per request for model "
                              f"{self.name!r}, got {rows}")
         now = time.monotonic()
-        with self._lock:
-            self.rate.observe(now, rows)
-        if alone and self._inline and self._runs_inline(rows, now):
-            return self._run_inline(inputs, rows, now if enqueued is None else enqueued)
         shapes = tuple(a.shape[1:] for a in inputs.values()) if self._varying else None
         future: asyncio.Future[list[np.ndarray]] = self._loop.create_future()  # type: ignore[union-attr]
         request = _Request(inputs, rows, shapes, future, now if enqueued is None else enqueued,
                            deadline)
         with self._lock:
-            if len(self._queue) >= policy.max_queue_size:
-                raise ServingError(Status.RESOURCE_EXHAUSTED,
-                                   f"model {self.name!r} has {len(self._queue)} requests "
-                                   f"queued (limit {policy.max_queue_size}); retry later")
-            if policy.rule == "budget":
-                self._check_budget(request, now)
-            self._queue.append(request)
-            self._queued_rows += rows
+            self.rate.observe(now, rows)
+            inline = alone and self._inline and self._runs_inline(rows, now)
+            if not inline:
+                if len(self._queue) >= policy.max_queue_size:
+                    raise ServingError(Status.RESOURCE_EXHAUSTED,
+                                       f"model {self.name!r} has {len(self._queue)} requests "
+                                       f"queued (limit {policy.max_queue_size}); retry later")
+                if policy.rule == "budget":
+                    self._check_budget(request, now)
+                self._queue.append(request)
+                self._queued_rows += rows
+        if inline:
+            return self._run_inline(inputs, rows, request.enqueued)
         self._settle_depth()
         if self._sleeping:
             self._arrived.set()
         return await future
 
     def _runs_inline(self, rows: int, now: float) -> bool:
-        """A batch of its own, leaving at once, on an idle model, cheaper than the trip."""
+        """Under the lock: a batch of its own, leaving at once, on an idle model, cheaper
+        than the trip."""
         trip = self._trip_s
-        if (trip is None or self._queue or self._sleeping < len(self._runners)
-                or self.policy.rule != "budget"):
-            return False
-        with self._lock:
-            return (self.cost.seconds(rows) < trip
-                    and rows >= target_rows(self.policy, self.cost, self.rate.per_s(now)))
+        return (trip is not None and not self._queue
+                and self._sleeping == len(self._runners) and self.policy.rule == "budget"
+                and self.cost.seconds(rows) < trip
+                and rows >= target_rows(self.policy, self.cost, self.rate.per_s(now)))
 
     def _run_inline(self, inputs: Tensors, rows: int, enqueued: float) -> list[np.ndarray]:
         started = time.monotonic()
@@ -368,12 +372,14 @@ class DynamicBatcher:
         tally.inferences += ran.rows
         tally.executions += 1
         tally.reasons[ran.reason] += 1
-        self._publish_cost()
+        if ran.ended - self._published_at >= PUBLISH_EVERY_S:
+            self._publish_cost()
         self._stats.record_batch(ran.rows, answered, ran.assembled - ran.started,
                                  ran.ended - ran.assembled, output_s)
 
     def _publish_cost(self) -> None:
         """The budget and the cost model's estimates, into the tally's gauges."""
+        self._published_at = time.monotonic()
         with self._lock:
             self._tally.cost_s = self.cost.estimates()
             self._tally.budget_s = (budget_s(self.policy, self.cost)
