@@ -9,10 +9,12 @@ registration is refused with FAILED_PRECONDITION, saying why.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import glob
 import os
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -35,19 +37,22 @@ class _IpcHandle(ctypes.Structure):
         return cls.from_buffer_copy(raw)
 
 
-def _load_cudart() -> ctypes.CDLL | None:
-    """libcudart from the system or from the nvidia-cuda-runtime wheel; None if absent."""
-    candidates = [ctypes.util.find_library("cudart"), "libcudart.so.12", "libcudart.so"]
-    try:
-        import nvidia.cuda_runtime  # type: ignore[import-not-found]
+def cudart_candidates(site_paths: list[str] | None = None) -> list[str]:
+    """Where libcudart may be, newest CUDA first: by soname on the library path (a system
+    or CUDA-image install), then in the nvidia-* wheels under `site_paths` (sys.path by
+    default): CUDA 13's `nvidia/cu13/lib`, CUDA 12's `nvidia/cuda_runtime/lib`."""
+    names = ["libcudart.so.13", "libcudart.so.12", ctypes.util.find_library("cudart") or "",
+             "libcudart.so"]
+    for root in sys.path if site_paths is None else site_paths:
+        for layout in ("nvidia/cu13/lib", "nvidia/cuda_runtime/lib"):
+            names += sorted(glob.glob(os.path.join(root, layout, "libcudart.so.*[0-9]")),
+                            reverse=True)
+    return list(dict.fromkeys(n for n in names if n))
 
-        for folder in nvidia.cuda_runtime.__path__:
-            candidates += sorted(glob.glob(os.path.join(folder, "lib", "libcudart.so*")))
-    except ImportError:
-        pass
-    for name in candidates:
-        if not name:
-            continue
+
+def _load_cudart(candidates: list[str] | None = None) -> ctypes.CDLL | None:
+    """The first libcudart of `candidates` that loads; None if none does."""
+    for name in cudart_candidates() if candidates is None else candidates:
         try:
             lib = ctypes.CDLL(name)
         except OSError:
@@ -65,20 +70,37 @@ def _load_cudart() -> ctypes.CDLL | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass
 class CudaRegion:
     name: str
     device_id: int
     byte_size: int
     pointer: int
+    copies: int = 0
+    """Copies in progress: the handle is closed only once they are done."""
+    closing: bool = False
 
 
 class CudaSharedMemoryRegistry:
-    def __init__(self) -> None:
+    """Registered regions by name. Copies run in parallel, each on its own thread's
+    current device; a lock guards only the table, so an unregister never unmaps memory a
+    copy is still using."""
+
+    def __init__(self, candidates: list[str] | None = None) -> None:
         self._regions: dict[str, CudaRegion] = {}
+        self._candidates = candidates
         self._cudart: ctypes.CDLL | None = None
         self._looked = False
-        self._lock = threading.Lock()  # reads and writes come from decode threads too
+        self._lock = threading.Lock()  # the table and each region's count
+
+    def available(self) -> bool:
+        """libcudart loads and shows at least one GPU: only then is the extension
+        advertised."""
+        with contextlib.suppress(ServingError):
+            cudart = self._runtime()
+            count = ctypes.c_int(0)
+            return cudart.cudaGetDeviceCount(ctypes.byref(count)) == 0 and count.value > 0
+        return False
 
     def register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         cudart = self._runtime()
@@ -97,23 +119,30 @@ class CudaSharedMemoryRegistry:
         if byte_size < 1:
             invalid("byte_size must be at least 1")
         pointer = ctypes.c_void_p()
-        with self._lock:
-            self._check(cudart.cudaSetDevice(device_id), "cudaSetDevice")
-            self._check(cudart.cudaIpcOpenMemHandle(
-                ctypes.byref(pointer), _IpcHandle.of(raw_handle), _LAZY_PEER_ACCESS),
-                "cudaIpcOpenMemHandle")
+        self._check(cudart.cudaSetDevice(device_id), "cudaSetDevice")
+        self._check(cudart.cudaIpcOpenMemHandle(
+            ctypes.byref(pointer), _IpcHandle.of(raw_handle), _LAZY_PEER_ACCESS),
+            "cudaIpcOpenMemHandle")
         assert pointer.value is not None
-        self._regions[name] = CudaRegion(name, device_id, byte_size, pointer.value)
+        region = CudaRegion(name, device_id, byte_size, pointer.value)
+        with self._lock:
+            if name not in self._regions:
+                self._regions[name] = region
+                return
+        self._close(region)  # another registration of this name won the race
+        check_new_region("CUDA shared memory", name, self._regions)
 
     def unregister(self, name: str = "") -> None:
-        """One region, or every one when `name` is empty; an unknown name is no error."""
-        names = [name] if name else list(self._regions)
-        for gone in names:
-            region = self._regions.pop(gone, None)
-            if region is not None and self._cudart is not None:
-                with self._lock:
-                    self._cudart.cudaSetDevice(region.device_id)
-                    self._cudart.cudaIpcCloseMemHandle(ctypes.c_void_p(region.pointer))
+        """One region, or every one when `name` is empty; an unknown name is no error.
+        A region still being copied is closed when its last copy ends."""
+        with self._lock:
+            gone = [self._regions.pop(n) for n in ([name] if name else list(self._regions))
+                    if n in self._regions]
+            idle = [r for r in gone if r.copies == 0]
+            for region in gone:
+                region.closing = True
+        for region in idle:
+            self._close(region)
 
     def has(self, name: str) -> bool:
         return name in self._regions
@@ -126,29 +155,45 @@ class CudaSharedMemoryRegistry:
     def read(self, name: str, offset: int, byte_size: int, dtype: np.dtype,
              shape: tuple[int, ...]) -> np.ndarray:
         """The tensor at `offset` of region `name`, copied to host memory."""
-        region = self._window(name, offset, byte_size)
         out = np.empty(shape, dtype)
         if out.nbytes != byte_size:
+            self._window(name, offset, byte_size)
             invalid(f"region {shown(name)}: {byte_size} bytes do not hold a {dtype.name} "
                     f"tensor of shape {list(shape)}")
-        self._copy(region, out.ctypes.data, region.pointer + offset, byte_size, _DEVICE_TO_HOST)
+        self._copy(name, offset, byte_size, out.ctypes.data, _DEVICE_TO_HOST)
         return out
 
     def write(self, name: str, offset: int, byte_size: int, array: np.ndarray) -> int:
-        region = self._window(name, offset, byte_size)
         data = np.ascontiguousarray(array)
         if data.nbytes > byte_size:
+            self._window(name, offset, byte_size)
             invalid(f"region {shown(name)}: the output needs {data.nbytes} bytes, the request "
                     f"gave {byte_size}")
-        self._copy(region, region.pointer + offset, data.ctypes.data, data.nbytes,
-                   _HOST_TO_DEVICE)
+        self._copy(name, offset, data.nbytes, data.ctypes.data, _HOST_TO_DEVICE)
         return int(data.nbytes)
 
-    def _copy(self, region: CudaRegion, dst: int, src: int, nbytes: int, kind: int) -> None:
-        assert self._cudart is not None  # a registered region means the runtime loaded
+    def _copy(self, name: str, offset: int, nbytes: int, host: int, kind: int) -> None:
+        """Copy between host memory and `offset` of the region, on this thread's device."""
         with self._lock:
+            region = self._window(name, offset, nbytes)
+            region.copies += 1
+        assert self._cudart is not None  # a registered region means the runtime loaded
+        try:
             self._check(self._cudart.cudaSetDevice(region.device_id), "cudaSetDevice")
+            device = region.pointer + offset
+            dst, src = (device, host) if kind == _HOST_TO_DEVICE else (host, device)
             self._check(self._cudart.cudaMemcpy(dst, src, nbytes, kind), "cudaMemcpy")
+        finally:
+            with self._lock:
+                region.copies -= 1
+                last = region.closing and region.copies == 0
+            if last:
+                self._close(region)
+
+    def _close(self, region: CudaRegion) -> None:
+        assert self._cudart is not None
+        self._cudart.cudaSetDevice(region.device_id)
+        self._cudart.cudaIpcCloseMemHandle(ctypes.c_void_p(region.pointer))
 
     def _window(self, name: str, offset: int, byte_size: int) -> CudaRegion:
         region = self._regions.get(name)
@@ -162,7 +207,7 @@ class CudaSharedMemoryRegistry:
 
     def _runtime(self) -> ctypes.CDLL:
         if not self._looked:
-            self._cudart, self._looked = _load_cudart(), True
+            self._cudart, self._looked = _load_cudart(self._candidates), True
         if self._cudart is None:
             raise ServingError(Status.FAILED_PRECONDITION,
                                "CUDA shared memory needs a GPU and the CUDA runtime "

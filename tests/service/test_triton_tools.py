@@ -20,7 +20,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
-from service.engine.runtime import cuda_available
+from service.memory.cuda import CudaSharedMemoryRegistry
 from tests.servers import ServerProcess
 from tests.service.frontends.test_grpc_inference import direct
 from tests.service.oip import request, stub_for
@@ -226,7 +226,8 @@ def test_loads_and_unloads_under_load_answer_every_accepted_request(
     assert server.terminate() == 0
 
 
-@pytest.mark.skipif(cuda_available(), reason="this host has a GPU: see test_cuda.py")
+@pytest.mark.skipif(CudaSharedMemoryRegistry().available(),
+                    reason="this host has a GPU: see test_cuda.py")
 def test_without_a_gpu_cuda_shared_memory_is_refused_clearly_and_clean_up_succeeds(
         client: triton.InferenceServerClient) -> None:
     client.unregister_cuda_shared_memory()  # what tritonclient and perf_analyzer clean up with
