@@ -33,7 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.repository import latest_model_file, list_models, list_versions, serving_config
+from contract.repository import (
+    FP16_MODEL_FILE,
+    latest_model_file,
+    list_models,
+    list_versions,
+    serving_config,
+)
 from loadtests.launch import ROOT, free_port, launched
 from loadtests.perf import (
     Load,
@@ -53,7 +59,7 @@ from loadtests.report import (
 from service.app.cli import parse_settings
 from service.app.settings import ServiceSettings
 from service.engine.batching import resolve_policy
-from service.engine.runtime import ModelRunner
+from service.engine.runtime import ModelRunner, place
 
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 HTTP_LOCUSTFILE = ROOT / "loadtests" / "http_locustfile.py"
@@ -199,7 +205,10 @@ def in_process(repo: Path, model: str, batch_size: int, settings: ServiceSetting
     path = latest_model_file(repo, model)
     config = serving_config(repo, model, path)
     instances = resolve_policy(model, config, settings).instances
-    runners = [ModelRunner(path, settings, config) for _ in range(instances)]
+    placement = place(settings.device)
+    if settings.precision == "fp16" and placement.cuda:  # as the server chooses it
+        path = path.with_name(FP16_MODEL_FILE)
+    runners = [ModelRunner(path, settings, config, placement) for _ in range(instances)]
     (spec,) = config.inputs
     x = {spec.name: np.random.default_rng(0).standard_normal(
         (batch_size, *spec.shape)).astype(np.float32)}

@@ -24,7 +24,8 @@ _FLAGS: dict[str, dict[str, object]] = {
     "probe_port": {"type": int, "help": "liveness/readiness port (default 8003)"},
     "http_port": {"type": int, "help": "REST port (default 8000; 0 picks a free one)"},
     "workers": {"type": int, "help": "server processes sharing the port"},
-    "device": {"choices": ("auto", "cpu", "cuda")},
+    "device": {"help": "auto (default: CUDA where it can run, else the CPU, with a "
+                       "warning), cpu, cuda (or exit 1 saying why), cuda:N"},
     "precision": {"choices": ("fp32", "fp16")},
     "instances": {"type": int, "help": "onnxruntime sessions per model"},
     "intra_op_threads": {"type": int},
@@ -64,6 +65,7 @@ def parse_settings(argv: Sequence[str] | None) -> tuple[ServiceSettings, argpars
     p.add_argument("--no-probe-port", action="store_true",
                    help="no probe listener (probes still answer on the gRPC port)")
     p.add_argument("--settings-json", type=Path, help=argparse.SUPPRESS)  # worker processes
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in _FLAGS and v is not None}
     if args.no_metrics:
@@ -103,4 +105,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         follow_supervisor()
     from service.app.server import run
 
-    return run(settings, reuse_port=args.settings_json is not None)
+    return run(settings, reuse_port=args.settings_json is not None, worker=args.worker_index)

@@ -39,6 +39,7 @@ from service.edge.security import (
 )
 from service.engine.models import ModelSet, load_models
 from service.engine.reload import ModelControl
+from service.engine.runtime import DeviceError, place
 from service.frontends.grpc_classifier import ClassifierServicer
 from service.frontends.grpc_inference import InferenceServicer
 from service.frontends.http_inference import InferenceRoutes
@@ -225,8 +226,10 @@ def server_options(settings: ServiceSettings, reuse_port: bool) -> list[tuple[st
 
 
 async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: bool = False,
-                       probes: ProbeState | None = None) -> RunningServer:
-    """Load and warm every model, then listen; returns once the port is bound."""
+                       probes: ProbeState | None = None, worker: int = 0) -> RunningServer:
+    """Load and warm every model, then listen; returns once the port is bound. Worker
+    `worker` of `--workers` takes its GPU by that number."""
+    placement = place(settings.device, worker)
     credentials = server_credentials(settings)
     admission = Admission(AdmissionLimits(
         max_calls=settings.max_concurrent_rpcs, max_streams=settings.max_open_streams,
@@ -240,7 +243,11 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     # Each model instance keeps at most one batch in flight, so threads are only made as
     # instances need them; the cap is a backstop.
     executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="onnxruntime")
-    models = await asyncio.to_thread(load_models, settings, executor, metrics)
+    try:
+        models = await asyncio.to_thread(load_models, settings, executor, metrics, placement)
+    except BaseException:
+        executor.shutdown()
+        raise
     for model in models:
         if model.batcher is not None:
             model.batcher.start()
@@ -255,7 +262,8 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     probes = probes or ProbeState()
     health_servicer = health.aio.HealthServicer()
     announcer = Announcer(models, health_servicer, probes)
-    control = ModelControl(settings, models, executor, metrics, on_change=announcer.announce)
+    control = ModelControl(settings, models, executor, metrics, on_change=announcer.announce,
+                           placement=placement)
     oip = OpenInference(core, shm, control)
     services = Lanes(server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -303,8 +311,8 @@ async def start_server(settings: ServiceSettings, metrics: Metrics, reuse_port: 
     return running
 
 
-async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_port: bool = False
-                ) -> int:
+async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_port: bool = False,
+                worker: int = 0) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
     # Handlers first: a SIGTERM during start-up (or right after the ready line) must
     # still shut down gracefully, not kill the process.
@@ -323,7 +331,7 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
             ProbeServer.start, probes.shared, settings.loop_stall_s, settings.host,
             settings.probe_port, reuse_port))
     try:
-        running = await start_server(settings, metrics, reuse_port, probes)
+        running = await start_server(settings, metrics, reuse_port, probes, worker)
     except BaseException:
         if probe_start is not None:
             with contextlib.suppress(OSError):
@@ -359,13 +367,13 @@ async def serve(settings: ServiceSettings, registry: CollectorRegistry, reuse_po
     return 0
 
 
-def run(settings: ServiceSettings, reuse_port: bool = False) -> int:
+def run(settings: ServiceSettings, reuse_port: bool = False, worker: int = 0) -> int:
     registry = CollectorRegistry()
     if settings.metrics_port is not None:  # workers' registries are not served
         register_gpu_metrics(registry)
     try:
         with MetricsServer.serving(registry, settings.host, settings.metrics_port):
-            return asyncio.run(serve(settings, registry, reuse_port))
-    except (OSError, ValueError, RepositoryError) as exc:
+            return asyncio.run(serve(settings, registry, reuse_port, worker))
+    except (OSError, ValueError, RepositoryError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -29,6 +29,14 @@ _PR_SET_PDEATHSIG = 1
 
 
 def supervise(settings: ServiceSettings) -> int:
+    if settings.device not in ("auto", "cpu"):  # one line here, not one per worker
+        from service.engine.runtime import DeviceError, place
+
+        try:
+            place(settings.device)
+        except DeviceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     with tempfile.TemporaryDirectory(prefix="cnnserve-metrics-") as metrics_dir:
         # prometheus_client picks its multiprocess value store when first imported, so
         # the variable must be set before this process or a worker imports it.
@@ -65,9 +73,9 @@ def _run_workers(settings: ServiceSettings, settings_file: Path) -> int:
     # Before the workers start, so a signal that comes early still reaches them.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for _ in range(settings.workers):
+    for index in range(settings.workers):
         procs.append(subprocess.Popen([sys.executable, "-m", "service", "--settings-json",
-                                       str(settings_file)],
+                                       str(settings_file), "--worker-index", str(index)],
                                       env={**os.environ, SUPERVISOR_ENV: str(os.getpid())}))
     log.info("started %d workers: pids %s", len(procs), [p.pid for p in procs])
     codes = []

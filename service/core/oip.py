@@ -26,7 +26,7 @@ from service.core.admission import Call
 from service.core.inference import InferenceCore, InferRequest, InferResult
 from service.engine.models import InputLayout, ServedModel
 from service.engine.reload import ModelControl
-from service.engine.runtime import CUDA, Tensors, cuda_available
+from service.engine.runtime import CUDA, Tensors
 from service.memory.regions import Regions
 from service.observability.metrics import Duration
 from service.status import bounded, invalid, shown
@@ -322,7 +322,8 @@ class OpenInference:
         self.core = core
         self.shm = shm
         self.control = control
-        self.extensions = [*EXTENSIONS, *(["cuda_shared_memory"] if cuda_available() else [])]
+        self.extensions = [*EXTENSIONS,
+                           *(["cuda_shared_memory"] if shm.cuda.available() else [])]
 
     def server_ready(self) -> bool:
         return self.core.ready
@@ -407,8 +408,11 @@ class OpenInference:
                        for t in config.outputs],
             "instance_group": [{"name": f"{model.name}_0", "count": policy.instances,
                                 "kind": "KIND_GPU" if on_gpu else "KIND_CPU",
-                                "gpus": [0] if on_gpu else []}],
-            "default_model_filename": model.file or "model.onnx"}
+                                "gpus": [model.device_id] if model.device_id is not None
+                                else []}],
+            "default_model_filename": model.file or "model.onnx",
+            "parameters": {"execution_provider": {"string_value": model.provider},
+                           "model_file": {"string_value": model.file}}}
         if config.batched:
             doc["dynamic_batching"] = {
                 "preferred_batch_size": sorted(policy.preferred_batch_sizes),

@@ -32,7 +32,7 @@ from contract.repository import (
 from service.engine.batcher import DynamicBatcher
 from service.engine.batching import BatchPolicy, resolve_policy
 from service.engine.options import EngineOptions
-from service.engine.runtime import make_runner, wants_cuda
+from service.engine.runtime import CPU_ONLY, CUDA, DeviceError, Placement, make_runner
 from service.observability.metrics import Metrics, ModelStats
 from service.status import shown
 
@@ -76,7 +76,9 @@ class ServedModel:
     """What export embedded; None for ONNX models made elsewhere (no classifier API)."""
     batcher: DynamicBatcher | None = None
     provider: str = ""
-    """The onnxruntime execution provider its sessions run on."""
+    """The onnxruntime execution provider its sessions run on (what onnxruntime applied)."""
+    device_id: int | None = None
+    """The GPU its sessions run on; None on the CPU."""
     file: str = ""
     reason: str = ""
     """Why the model is not ready; empty when it is."""
@@ -183,36 +185,53 @@ def _served_config(repo: Path, name: str, path: Path) -> tuple[ModelConfig,
     return config, meta
 
 
-def load_model(settings: EngineOptions, name: str, executor: Executor,
-               metrics: Metrics) -> ServedModel:
+def load_model(settings: EngineOptions, name: str, executor: Executor, metrics: Metrics,
+               placement: Placement = CPU_ONLY, fatal: bool = False) -> ServedModel:
+    """The newest version of `name`, ready to serve, or unready with the reason. With
+    `fatal` (at start), a DeviceError stops the start instead."""
     repo = settings.repo
     version = max(list_versions(repo, name))
     folder = version_dir(repo, name, version)
     precision = settings.overrides(name).precision or settings.precision
-    use_fp16 = (precision == "fp16" and wants_cuda(settings.device)
-                and (folder / FP16_MODEL_FILE).is_file())
-    path = folder / (FP16_MODEL_FILE if use_fp16 else MODEL_FILE)
+    fp16 = precision == "fp16" and placement.cuda
+    path = folder / (FP16_MODEL_FILE if fp16 else MODEL_FILE)
     served = ServedModel(name, version, _FALLBACK_CONFIG.model_copy(update={"name": name}),
                          resolve_policy(name, _FALLBACK_CONFIG, settings))
     try:
+        if precision == "fp16" and not (folder / FP16_MODEL_FILE).is_file():
+            raise RepositoryError(f"precision fp16 serves {FP16_MODEL_FILE}, which {folder} "
+                                  "does not have (export it with --fp16)")
         config, served.metadata = _served_config(repo, name, path)
         served.config = config
         policy = served.policy = resolve_policy(name, config, settings)
-        runners = [make_runner(path, settings, config) for _ in range(policy.instances)]
+        runners = [make_runner(path, settings, config, placement)
+                   for _ in range(policy.instances)]
+        if path.name == FP16_MODEL_FILE and runners[0].provider != CUDA:
+            log.warning("model %s: FP16 runs on CUDA only, and onnxruntime applied %s: "
+                        "serving %s", name, runners[0].provider, MODEL_FILE)
+            path = folder / MODEL_FILE
+            runners = [make_runner(path, settings, config, placement)
+                       for _ in range(policy.instances)]
         warmed: dict[int, float] = {}
         if settings.warmup:
             for runner in runners:
                 warmed = runner.warmup(list(range(1, policy.max_batch_size + 1))) or warmed
     except Exception as exc:  # any failure leaves this model unready, not the server down
+        if fatal and isinstance(exc, DeviceError):
+            raise
         served.reason = str(exc)
         log.error("model %s version %s not served: %s", name, version, exc)
         return served
     served.batcher = DynamicBatcher(name, runners, executor, policy, metrics, served.stats,
                                     str(version), warmed)
     served.provider, served.file = runners[0].provider, path.name
+    served.device_id = runners[0].device_id
+    metrics.model_placed(name, str(version), served.provider, served.file)
     budget = served.batcher.budget_s
     log.info("model %s version %s ready: %s on %s, %d instance(s), %s, %s, %s", name, version,
-             path.name, served.provider, len(runners), runners[0].intra_op_summary,
+             path.name, served.provider + (f" (GPU {served.device_id})"
+                                           if served.device_id is not None else ""),
+             len(runners), runners[0].intra_op_summary,
              f"max batch {policy.max_batch_size}" if config.batched else "no batching",
              f"delay {round(policy.max_queue_delay_s * 1e6)}us" if budget is None else
              f"latency budget {budget * 1e3:.1f} ms"
@@ -226,9 +245,11 @@ _FALLBACK_CONFIG = ModelConfig(name="unserved", inputs=(TensorSpec(name="input",
 (unready, with its reason) rather than missing."""
 
 
-def load_models(settings: EngineOptions, executor: Executor, metrics: Metrics) -> ModelSet:
+def load_models(settings: EngineOptions, executor: Executor, metrics: Metrics,
+                placement: Placement = CPU_ONLY) -> ModelSet:
     """Every model in the repository (in explicit model control, those `load_model`
-    names); raises RepositoryError if the repository is unusable."""
+    names); raises RepositoryError if the repository is unusable, and DeviceError if a
+    model will not run where `--device cuda` asks."""
     names = list_models(settings.repo)
     if settings.model_control_mode == "explicit":
         missing = set(settings.load_model) - set(names) - {"*"}
@@ -237,10 +258,11 @@ def load_models(settings: EngineOptions, executor: Executor, metrics: Metrics) -
                                   f"{settings.repo} (models there: {', '.join(names) or 'none'})")
         if "*" not in settings.load_model:
             names = [n for n in names if n in settings.load_model]
-        return ModelSet((load_model(settings, name, executor, metrics) for name in names),
-                        require_any=False)
+        return ModelSet((load_model(settings, name, executor, metrics, placement, fatal=True)
+                         for name in names), require_any=False)
     if not names:
         raise RepositoryError(f"no models in {settings.repo}: export some with "
                               "`python -m export --all RUN_DIR --repo "
                               f"{settings.repo}`")
-    return ModelSet(load_model(settings, name, executor, metrics) for name in names)
+    return ModelSet(load_model(settings, name, executor, metrics, placement, fatal=True)
+                    for name in names)

@@ -6,10 +6,11 @@ files. Defaults, bounds and reasons live here, once."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ModelOverrides(BaseModel):
@@ -31,9 +32,12 @@ class EngineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     repo: Path = Path("model_repository")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"
+    """auto: CUDA where it can run, else the CPU with one warning saying why; cuda: CUDA or
+    exit 1 saying why, with workers spread over the visible GPUs; cuda:N: GPU N only."""
     precision: Literal["fp32", "fp16"] = "fp32"
-    """fp16 serves model.fp16.onnx where a model has one and the device is CUDA."""
+    """fp16 serves model.fp16.onnx on CUDA; on the CPU, model.onnx. A model without an FP16
+    file is not served."""
     intra_op_threads: int = Field(default=0, ge=0)
     """onnxruntime threads per session; 0: one per core."""
     inter_op_threads: int = Field(default=1, ge=0)
@@ -44,8 +48,14 @@ class EngineOptions(BaseModel):
     """onnxruntime sessions per model, each running its own batches."""
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     """EXHAUSTIVE benchmarks every convolution per new shape: fastest kernels, slow warm-up."""
-    allow_tf32: bool = False
-    """Let CUDA run FP32 convolutions in TF32: faster on Ampere and later, ~1e-3 less exact."""
+    allow_tf32: bool | None = None
+    """Let CUDA run FP32 convolutions and GEMMs in TF32 (faster on Ampere and later, ~1e-3
+    less exact); unset: onnxruntime's default, which is on."""
+    gpu_mem_limit_mb: int = Field(default=0, ge=0)
+    """The most each CUDA session's memory arena may hold; 0: no bound but the GPU's."""
+    arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = "kSameAsRequested"
+    """How a CUDA arena grows: by what a run asks for (a served model's batch sizes are
+    known and warmed), or in powers of two (onnxruntime's default)."""
     warmup: bool = True
     """Run every batch size the batcher can form before reporting ready."""
 
@@ -80,6 +90,14 @@ class EngineOptions(BaseModel):
         if self.model_control_mode == "poll":
             return self.reload_interval_s or 15.0
         return self.reload_interval_s if self.model_control_mode == "none" else 0.0
+
+    @field_validator("device")
+    @classmethod
+    def _one_device(cls, device: str) -> str:
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is None:
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (N a GPU's number); "
+                             f"got {device!r}")
+        return device
 
     def overrides(self, model: str) -> ModelOverrides:
         """Server-wide batching flags, then the model's own entry, over config.json."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from contract.repository import RepositoryError, check_model_name, list_models, list_versions
 from service.engine.models import ModelSet, ServedModel, load_model
 from service.engine.options import EngineOptions
+from service.engine.runtime import CPU_ONLY, Placement
 from service.observability.metrics import Metrics
 from service.status import ServingError, Status, shown
 
@@ -48,9 +49,10 @@ class VersionState:
 
 class ModelControl:
     def __init__(self, settings: EngineOptions, models: ModelSet, executor: Executor,
-                 metrics: Metrics, on_change: Callable[[], Awaitable[None]] = _nothing
-                 ) -> None:
+                 metrics: Metrics, on_change: Callable[[], Awaitable[None]] = _nothing,
+                 placement: Placement = CPU_ONLY) -> None:
         self._settings, self._models = settings, models
+        self._placement = placement
         self._executor, self._metrics = executor, metrics
         self._on_change = on_change
         """Announces what is served (health, probes)."""
@@ -177,7 +179,7 @@ class ModelControl:
 
     async def _load(self, name: str) -> ServedModel:
         return await asyncio.to_thread(load_model, self._settings, name, self._executor,
-                                       self._metrics)
+                                       self._metrics, self._placement)
 
     def _swap_in(self, candidate: ServedModel, current: ServedModel | None
                  ) -> list[ServedModel]:

@@ -1,11 +1,18 @@
-"""One onnxruntime session per model instance: provider choice, IOBinding, warm-up."""
+"""One onnxruntime session per model instance: where it runs, IOBinding, warm-up."""
 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
+import os
+import re
+import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -18,8 +25,13 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+class DeviceError(RuntimeError):
+    """The device asked for cannot serve: the process says why in one line and exits 1."""
+
+
 def gpu_count() -> int:
-    """GPUs the NVIDIA driver reports; 0 where there is no driver (asks libcuda, not torch)."""
+    """GPUs the NVIDIA driver shows this process (CUDA_VISIBLE_DEVICES applied); 0 where
+    there is no driver. Asks libcuda, not torch."""
     try:
         libcuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -30,27 +42,10 @@ def gpu_count() -> int:
     return count.value
 
 
-def cuda_available() -> bool:
-    """This onnxruntime build has the CUDA provider and the driver sees a GPU."""
-    return CUDA in ort.get_available_providers() and gpu_count() > 0
-
-
-def wants_cuda(device: str) -> bool:
-    """`auto` means CUDA when this onnxruntime build has it and a GPU answers."""
-    if device == "cuda":
-        if not cuda_available():
-            raise RuntimeError(f"device=cuda, but no GPU is usable: {gpu_count()} GPU(s) seen by "
-                               f"the driver, onnxruntime providers {ort.get_available_providers()}")
-        return True
-    return device == "auto" and cuda_available()
-
-
 def preload_cuda_libraries() -> None:
-    """Load CUDA and cuDNN from the nvidia-* wheels if that is where they are installed.
-
-    A CUDA base image has them on the library path already; a pip-only install does not,
-    and without this onnxruntime quietly falls back to the CPU.
-    """
+    """Load CUDA and cuDNN from the nvidia-* wheels if that is where they are installed:
+    a pip-only install has them outside the library path. Where they are missing, the
+    reason surfaces in `cuda_unusable_reason`, not here."""
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
         try:
@@ -59,38 +54,196 @@ def preload_cuda_libraries() -> None:
             log.debug("onnxruntime.preload_dlls() did not load: %s", exc)
 
 
+def cuda_unusable_reason() -> str:
+    """Why onnxruntime's CUDA provider cannot run here, in one sentence; "" when it can.
+    Checks what onnxruntime itself needs, in the order a user fixes it: the driver and a
+    GPU, a GPU build of onnxruntime, then the CUDA libraries its provider links against."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver here (libcuda.so.1 is not on the library path)"
+    count = ctypes.c_int(0)
+    code = libcuda.cuInit(0)
+    if code == 0:
+        code = libcuda.cuDeviceGetCount(ctypes.byref(count))
+    if code != 0 or count.value == 0:
+        return f"the NVIDIA driver shows no GPU to this process (CUDA driver error {code})"
+    if CUDA not in ort.get_available_providers():
+        return (f"onnxruntime {ort.__version__} here is a build without the CUDA provider "
+                f"(providers: {', '.join(ort.get_available_providers())}); install "
+                "cnnserve[serve] for onnxruntime-gpu")
+    preload_cuda_libraries()
+    provider = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    try:
+        ctypes.CDLL(str(provider))
+    except OSError as exc:
+        return f"onnxruntime's CUDA provider cannot load: {exc}"
+    return ""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process's sessions run, decided once at start from `--device`."""
+
+    cuda: bool
+    device_id: int = 0
+    strict: bool = False
+    """`--device cuda[:N]`: a model that CUDA does not take stops the start."""
+
+    @property
+    def label(self) -> str:
+        return f"cuda:{self.device_id}" if self.cuda else "cpu"
+
+
+CPU_ONLY = Placement(cuda=False)
+
+_DEVICE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
+
+
+def decide_placement(device: str, worker: int, gpus: int, unusable: str) -> Placement:
+    """`--device` for worker `worker` of a host with `gpus` GPUs, where `unusable` says why
+    CUDA cannot run ("" when it can). `auto` and `cuda` spread workers over the GPUs;
+    `cuda:N` pins them to GPU N. DeviceError where CUDA is asked for and cannot be had."""
+    match = _DEVICE.fullmatch(device)
+    if match is None:
+        raise DeviceError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
+    if device == "cpu" or (device == "auto" and unusable):
+        return CPU_ONLY
+    if unusable:
+        raise DeviceError(f"--device {device}: {unusable}")
+    pinned = match.group(1)
+    if pinned is not None and int(pinned) >= gpus:
+        raise DeviceError(f"--device {device}: this process sees {gpus} GPU(s), numbered "
+                          f"0 to {gpus - 1} (CUDA_VISIBLE_DEVICES applies)")
+    device_id = int(pinned) if pinned is not None else worker % gpus
+    return Placement(cuda=True, device_id=device_id, strict=device != "auto")
+
+
+def place(device: str, worker: int = 0) -> Placement:
+    """`decide_placement` on this host. Where `auto` falls back to the CPU, one warning
+    says why."""
+    unusable = "" if device == "cpu" else cuda_unusable_reason()
+    placement = decide_placement(device, worker, gpu_count() if not unusable else 0,
+                                 unusable)
+    if device == "auto" and not placement.cuda:
+        log.warning("device auto: serving every model on the CPU, since %s", unusable)
+    return placement
+
+
+def cuda_provider_options(settings: EngineOptions, device_id: int) -> dict[str, str]:
+    """The CUDA provider's options as the sessions get them: onnxruntime's own defaults
+    wherever the settings leave a choice unset (TF32 among them)."""
+    options = {"device_id": str(device_id),
+               "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
+               "arena_extend_strategy": settings.arena_extend_strategy}
+    if settings.gpu_mem_limit_mb:
+        options["gpu_mem_limit"] = str(settings.gpu_mem_limit_mb << 20)
+    if settings.allow_tf32 is not None:
+        options["use_tf32"] = str(int(settings.allow_tf32))
+    return options
+
+
+def nodes_not_on(profile: list[dict[str, Any]], provider: str) -> Counter[str]:
+    """Op types, with counts, that an onnxruntime profile shows running on a provider
+    other than `provider`: the nodes a CUDA session leaves on the CPU."""
+    return Counter(event["args"]["op_name"] for event in profile
+                   if event.get("cat") == "Node" and "provider" in event.get("args", {})
+                   and event["args"]["provider"] != provider
+                   and event["name"].endswith("_kernel_time"))
+
+
 Tensors = dict[str, np.ndarray]
 """Tensors by name: a request's or a batch's inputs."""
 
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(double)": np.float64, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+              "tensor(bool)": np.bool_}
+
+
+class BoundRuns:
+    """Runs through IOBinding on `device`: each input copied there once per batch, and the
+    outputs written into buffers on the device allocated once per batch size and reused.
+    One batch at a time, as each runner's batcher sends them."""
+
+    def __init__(self, session: ort.InferenceSession, output_names: list[str], device: str,
+                 device_id: int = 0) -> None:
+        self.session, self.device, self.device_id = session, device, device_id
+        self.output_names = output_names
+        declared = {o.name: o for o in session.get_outputs()}
+        self._outputs = [(tuple(d if isinstance(d, int) else -1 for d in declared[n].shape),
+                          _ORT_TYPES.get(declared[n].type)) for n in output_names]
+        self._buffers: dict[int, list[ort.OrtValue]] = {}
+
+    def run(self, inputs: Tensors) -> list[np.ndarray]:
+        binding = self.session.io_binding()
+        rows = 0
+        for name, array in inputs.items():
+            rows = len(array) if array.ndim else 1
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device,
+                                                     self.device_id)
+            binding.bind_ortvalue_input(name, value)
+        buffers = self._buffers.get(rows)
+        if buffers is None:
+            buffers = self._allocate(rows)
+        if buffers:
+            for name, value in zip(self.output_names, buffers, strict=True):
+                binding.bind_ortvalue_output(name, value)
+        else:  # an output of data-dependent size: onnxruntime allocates it per run
+            for name in self.output_names:
+                binding.bind_output(name, self.device, self.device_id)
+        self.session.run_with_iobinding(binding)
+        values = buffers or binding.get_outputs()
+        # On the CPU, numpy() views the reused buffer, which the next batch overwrites.
+        if self.device == "cpu":
+            return [np.array(v.numpy()) for v in values]
+        return [v.numpy() for v in values]
+
+    def _allocate(self, rows: int) -> list[ort.OrtValue]:
+        shapes = []
+        for shape, dtype in self._outputs:
+            full = (rows, *shape[1:]) if shape and shape[0] == -1 else shape
+            if dtype is None or -1 in full:
+                self._buffers[rows] = []
+                return []
+            shapes.append((full, dtype))
+        self._buffers[rows] = [ort.OrtValue.ortvalue_from_shape_and_type(
+            list(shape), dtype, self.device, self.device_id) for shape, dtype in shapes]
+        return self._buffers[rows]
+
 
 class ModelRunner:
-    """Runs batches through one session; thread-safe (onnxruntime releases the GIL inside
-    `run`, so several runners compute in parallel). Outputs come back in the order of
-    `outputs`."""
+    """Runs batches through one session; thread-safe for separate batches (onnxruntime
+    releases the GIL inside `run`, so several runners compute in parallel). Outputs come
+    back in the order of `outputs`."""
 
-    def __init__(self, path: Path, settings: EngineOptions, config: ModelConfig) -> None:
-        def session(intra_op_threads: int) -> ort.InferenceSession:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = intra_op_threads
-            opts.inter_op_num_threads = settings.inter_op_threads
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            spin = str(int(settings.allow_spinning))
-            opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-            opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-            return ort.InferenceSession(str(path), opts, providers=providers)
-
+    def __init__(self, path: Path, settings: EngineOptions, config: ModelConfig,
+                 placement: Placement = CPU_ONLY) -> None:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = settings.intra_op_threads
+        opts.inter_op_num_threads = settings.inter_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spin = str(int(settings.allow_spinning))
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         providers: list[str | tuple[str, dict[str, str]]] = [CPU]
-        if wants_cuda(settings.device):
+        if placement.cuda:
             preload_cuda_libraries()
-            providers = [(CUDA, {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
-                                 "use_tf32": str(int(settings.allow_tf32))}), CPU]
-        self.session = session(settings.intra_op_threads)
+            providers = [(CUDA, cuda_provider_options(settings, placement.device_id)), CPU]
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.provider = self.session.get_providers()[0]
-        if settings.device == "cuda" and self.provider != CUDA:
-            raise RuntimeError(f"{path}: asked for CUDA, onnxruntime applied {self.provider}")
+        self.device_id = placement.device_id if self.provider == CUDA else None
+        if placement.cuda and self.provider != CUDA:
+            reason = (f"{path}: CUDA was asked for, onnxruntime applied {self.provider} "
+                      f"({cuda_unusable_reason() or 'its log above says why'})")
+            if placement.strict:
+                raise DeviceError(reason)
+            log.warning("%s", reason)
         self.config = config
         self.output_names = [t.name for t in config.outputs]
         self.path = path
+        self._bound = (BoundRuns(self.session, self.output_names, "cuda", placement.device_id)
+                       if self.on_gpu else None)
 
     @property
     def intra_op_summary(self) -> str:
@@ -109,22 +262,42 @@ class ModelRunner:
         return not self.on_gpu
 
     def run(self, inputs: Tensors) -> list[np.ndarray]:
-        if not self.on_gpu:
-            out: list[np.ndarray] = self.session.run(self.output_names, inputs)
-            return out
-        # IOBinding: each input is copied to the device once and the outputs land directly
-        # in host memory that onnxruntime allocates, with no per-run name lookups or staging.
-        binding = self.session.io_binding()
-        for name, array in inputs.items():
-            binding.bind_cpu_input(name, array)
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        return [value.numpy() for value in binding.get_outputs()]
+        if self._bound is not None:
+            return self._bound.run(inputs)
+        out: list[np.ndarray] = self.session.run(self.output_names, inputs)
+        return out
 
     def warmup(self, batch_sizes: list[int]) -> dict[int, float]:
-        """`warm_up` on this runner."""
-        return warm_up(self, batch_sizes)
+        """`warm_up` on this runner; on a GPU, also logs the nodes left on the CPU."""
+        timed = warm_up(self, batch_sizes)
+        if self.on_gpu:
+            off = profiled_placement(self.path, self.session, self.config)
+            if off:
+                log.warning("%s: %d node(s) run on the CPU under CUDA, with copies each way: "
+                            "%s", self.path, sum(off.values()),
+                            ", ".join(f"{op} x{n}" for op, n in off.most_common()))
+        return timed
+
+
+def profiled_placement(path: Path, session: ort.InferenceSession, config: ModelConfig,
+                       ) -> Counter[str]:
+    """Where each node of `path` runs in a session like `session`: a profiled run of one
+    row in a throwaway session with the same providers and options. Returns the op
+    types that do not run on `session`'s first provider."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory(prefix="cnnserve-profile-") as folder:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(folder, "profile")
+        providers = session.get_providers()
+        probe = ort.InferenceSession(str(path), opts, providers=providers,
+                                     provider_options=[session.get_provider_options()
+                                                       .get(p, {}) for p in providers])
+        lead = (1,) if config.batched else ()
+        probe.run(None, {t.name: np.zeros((*lead, *(max(d, 1) for d in t.shape)),
+                                          NUMPY_DTYPES[t.datatype]) for t in config.inputs})
+        profile = json.loads(Path(probe.end_profiling()).read_text())
+    return nodes_not_on(profile, providers[0])
 
 
 class SimulatedAccelerator:
@@ -135,6 +308,7 @@ class SimulatedAccelerator:
     default; the ONNX file only names the tensors."""
 
     provider = "simulated_accelerator"
+    device_id = None
     on_gpu = False
     host_compute = False
     intra_op_summary = "no intra-op threads (simulated)"
@@ -160,10 +334,11 @@ Runner = ModelRunner | SimulatedAccelerator
 """What a batcher runs its batches on."""
 
 
-def make_runner(path: Path, settings: EngineOptions, config: ModelConfig) -> Runner:
+def make_runner(path: Path, settings: EngineOptions, config: ModelConfig,
+                placement: Placement = CPU_ONLY) -> Runner:
     if config.platform == "simulated_accelerator":
         return SimulatedAccelerator(path, config)
-    return ModelRunner(path, settings, config)
+    return ModelRunner(path, settings, config, placement)
 
 
 def warm_up(runner: Runner, batch_sizes: list[int]) -> dict[int, float]:

@@ -164,6 +164,11 @@ class Metrics:
                              "The model's latency budget per request (set, or derived from "
                              "its measured cost).", model, multiprocess_mode="max",
                              registry=registry)
+        self._placed = Gauge("cnnserve_model_info",
+                             "Where each model version runs: always 1, its labels say the "
+                             "execution provider onnxruntime applied and the file served.",
+                             [*model, "provider", "file"], multiprocess_mode="max",
+                             registry=registry)
         self._cost = Gauge("cnnserve_batch_cost_seconds",
                            "The batcher's estimate of one run's time at each batch size.",
                            [*model, "batch_size"], multiprocess_mode="max", registry=registry)
@@ -180,6 +185,10 @@ class Metrics:
                            self._refused, self._budget):
                 metric.labels(name, version)
         return tally
+
+    def model_placed(self, name: str, version: str, provider: str, file: str) -> None:
+        """Where a model version serves from (called once it is ready)."""
+        self._placed.labels(name, version, provider, file).set(1)
 
     def serve_from(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop whose thread writes the tallies: a scrape from another thread asks it

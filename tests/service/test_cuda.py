@@ -12,11 +12,11 @@ import pytest
 
 from protos import classifier_pb2 as pb
 from protos import classifier_pb2_grpc as pb_grpc
-from service.engine.runtime import cuda_available
+from service.engine.runtime import cuda_unusable_reason
 from tests.servers import ServerProcess
 
-pytestmark = pytest.mark.skipif(not cuda_available(),
-                                reason="needs a CUDA GPU and onnxruntime-gpu's CUDA provider")
+UNUSABLE = cuda_unusable_reason()
+pytestmark = pytest.mark.skipif(bool(UNUSABLE), reason=f"needs CUDA, and {UNUSABLE}")
 
 
 def classify(server: ServerProcess, model: str, x: np.ndarray) -> np.ndarray:

@@ -52,7 +52,8 @@ def test_settings_come_from_file_then_environment(tmp_path: Path,
 
 @pytest.mark.parametrize(("env", "message"), [
     ({"CNNSERVE_PORT": "70000"}, "less than or equal to 65535"),
-    ({"CNNSERVE_DEVICE": "tpu"}, "'auto', 'cpu' or 'cuda'"),
+    ({"CNNSERVE_DEVICE": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
+    ({"CNNSERVE_DEVICE": "cuda:x"}, "got 'cuda:x'"),
     ({"CNNSERVE_MODELS": '{"lenet": {"max_batch_size": 0}}'}, "greater than or equal to 1"),
     ({"CNNSERVE_WORKERS": "2", "CNNSERVE_PORT": "0"}, "set explicit ports"),
 ])
