@@ -1,11 +1,12 @@
 # One file, three images (build targets), each with only its role's dependencies,
 # pinned by constraints.txt:
 #   trainer   torch (CPU wheels by default) + export: trains and publishes ONNX models
-#   server    onnxruntime-gpu and the service, no torch; CUDA base by default,
-#             SERVER_BASE=python:3.11-slim-bookworm SERVE_EXTRA=serve-cpu for CPU-only hosts
+#   server    onnxruntime-gpu, the CUDA 13 libraries from PyPI (the `gpu` extra) and the
+#             service, no torch, on python:slim: all it needs of a GPU host is the driver.
+#             SERVE_EXTRA=serve-cpu for CPU-only hosts (onnxruntime's CPU build)
 #   loadtest  Locust with the project's locustfile
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG SERVER_BASE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+ARG SERVER_BASE=python:3.11-slim-bookworm
 
 # ---------------------------------------------------------------- trainer
 FROM ${PYTHON_IMAGE} AS trainer
@@ -35,8 +36,9 @@ CMD ["sh", "deploy/docker/train-and-export.sh"]
 # The venv is built in a stage of its own and copied whole, so that the image carries
 # neither pip nor setuptools (23 MB) nor the build's other leftovers.
 FROM ${SERVER_BASE} AS server-venv
-# serve: onnxruntime-gpu (CUDA, and CPU where no GPU is); serve-cpu: the CPU-only build.
-ARG SERVE_EXTRA=serve
+# serve,gpu: onnxruntime-gpu with its CUDA libraries (CUDA, and the CPU where no GPU is);
+# serve-cpu: the CPU-only build.
+ARG SERVE_EXTRA=serve,gpu
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
