@@ -3,7 +3,9 @@
 Made for the GPU machine (16 cores, one GPU): for each precision and worker count, the
 service starts with `--workers N --device cuda --precision P`, perf_analyzer sends
 single-image requests at a high concurrency and whole 32-image requests, and the table
-sets served images/s against onnxruntime in-process at batch 32 (the ceiling). Runs on
+sets served images/s against onnxruntime in-process at batch 32 (the ceiling, from the
+file the server serves: model.fp16.onnx under `--precision fp16` on CUDA), with p99, the
+mean executed batch (the server's statistics) and the file it says it served. Runs on
 the CPU too (`--device cpu`), which is how it is tested here. Writes
 `reports/scaleout-<timestamp>/scaleout.md`.
 """
@@ -19,9 +21,15 @@ from pathlib import Path
 from contract.repository import list_versions
 from contract.table import format_table
 from loadtests.bench import in_process
+from loadtests.gpu_check import placement
 from loadtests.launch import free_port, launched
+from loadtests.mlperf import executed, mean_batch
 from loadtests.perf import Load, measured_with_cpu, perf_analyzer, real_inputs
 from service.app.cli import parse_settings
+
+
+def served_file(address: str, model: str) -> str:
+    return placement(address, model).get("model_file", "?")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,14 +64,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     version = str(max(list_versions(args.repo, model)))
                     for concurrency, images in ((args.concurrency, 1),
                                                 (args.batch_concurrency, 32)):
+                        before = executed(server.address, model)
                         m = measured_with_cpu(
                             server.proc.pid, perf_analyzer, server.address, inputs,
                             Load(model, concurrency, images, args.seconds, version,
                                  connection_each=True),
                             out / "perf_analyzer")
-                        rows.append([precision, str(workers), model, str(images),
+                        batch = mean_batch(before, executed(server.address, model))
+                        rows.append([precision, str(workers), model,
+                                     served_file(server.address, model), str(images),
                                      str(concurrency), f"{m.requests_per_s:,.0f}",
                                      f"{m.images_per_s:,.0f}", f"{m.p50_ms:.2f}",
+                                     f"{m.p99_ms:.2f}", f"{batch:.1f}",
                                      f"{m.server_cpu_us:.0f}",
                                      f"{m.images_per_s / ceiling[model]:.2f}"])
                         print("  ".join(rows[-1]), flush=True)
@@ -72,8 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Run {out.name}: device {args.device}, perf_analyzer on the same host, "
         f"{args.seconds:g} s per measurement; the ceiling is onnxruntime in-process at "
         "batch 32 with the served session options.", "", "```",
-        format_table(("precision", "workers", "model", "img/req", "concurrency", "req/s",
-                      "img/s", "p50 ms", "server CPU us/req", "/ in-process batch 32"), rows),
+        format_table(("precision", "workers", "model", "file served", "img/req", "concurrency",
+                      "req/s", "img/s", "p50 ms", "p99 ms", "mean batch",
+                      "server CPU us/req", "/ in-process batch 32"), rows),
         "```", ""])
     (out / "scaleout.md").write_text(text)
     print(text)
