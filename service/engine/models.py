@@ -7,6 +7,7 @@ is kept in the set as not ready, with the reason, while the others serve.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from service.engine.batcher import DynamicBatcher
 from service.engine.batching import BatchPolicy, resolve_policy
 from service.engine.options import EngineOptions
 from service.engine.runtime import CPU_ONLY, CUDA, DeviceError, Placement, make_runner
+from service.observability.gpu_metrics import process_gpu_memory_bytes
 from service.observability.metrics import Metrics, ModelStats
 from service.status import shown
 
@@ -197,6 +199,7 @@ def load_model(settings: EngineOptions, name: str, executor: Executor, metrics: 
     path = folder / (FP16_MODEL_FILE if fp16 else MODEL_FILE)
     served = ServedModel(name, version, _FALLBACK_CONFIG.model_copy(update={"name": name}),
                          resolve_policy(name, _FALLBACK_CONFIG, settings))
+    gpu_before = process_gpu_memory_bytes(os.getpid()) if placement.cuda else None
     try:
         if precision == "fp16" and not (folder / FP16_MODEL_FILE).is_file():
             raise RepositoryError(f"precision fp16 serves {FP16_MODEL_FILE}, which {folder} "
@@ -227,6 +230,9 @@ def load_model(settings: EngineOptions, name: str, executor: Executor, metrics: 
     served.provider, served.file = runners[0].provider, path.name
     served.device_id = runners[0].device_id
     metrics.model_placed(name, str(version), served.provider, served.file)
+    gpu_after = process_gpu_memory_bytes(os.getpid()) if runners[0].on_gpu else None
+    if gpu_before is not None and gpu_after is not None:  # models load one at a time
+        metrics.model_gpu_memory(name, str(version), gpu_after - gpu_before)
     budget = served.batcher.budget_s
     log.info("model %s version %s ready: %s on %s, %d instance(s), %s, %s, %s", name, version,
              path.name, served.provider + (f" (GPU {served.device_id})"

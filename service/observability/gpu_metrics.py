@@ -61,3 +61,23 @@ def register_gpu_metrics(registry: CollectorRegistry, nvml: Any = None) -> bool:
         return False
     registry.register(collector)
     return True
+
+
+def process_gpu_memory_bytes(pid: int, nvml: Any = None) -> int | None:
+    """GPU memory process `pid` holds, over every GPU (NVML); None where NVML cannot say,
+    or does not list the process (a container's PIDs are not the host's)."""
+    try:
+        if nvml is None:
+            import pynvml
+
+            nvml = pynvml
+        nvml.nvmlInit()
+        found = [p.usedGpuMemory or 0
+                 for index in range(int(nvml.nvmlDeviceGetCount()))
+                 for p in nvml.nvmlDeviceGetComputeRunningProcesses(
+                     nvml.nvmlDeviceGetHandleByIndex(index))
+                 if p.pid == pid]
+    except Exception as exc:  # noqa: BLE001 - no library, no driver: nothing to say
+        log.debug("no GPU memory figure: %s", exc)
+        return None
+    return sum(found) if found else None

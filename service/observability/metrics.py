@@ -169,6 +169,10 @@ class Metrics:
                              "execution provider onnxruntime applied and the file served.",
                              [*model, "provider", "file"], multiprocess_mode="max",
                              registry=registry)
+        self._gpu_memory = Gauge("cnnserve_model_gpu_memory_bytes",
+                                 "GPU memory a model version took as it loaded and warmed "
+                                 "up (its sessions' arenas), summed over worker processes.",
+                                 model, multiprocess_mode="livesum", registry=registry)
         self._cost = Gauge("cnnserve_batch_cost_seconds",
                            "The batcher's estimate of one run's time at each batch size.",
                            [*model, "batch_size"], multiprocess_mode="max", registry=registry)
@@ -189,6 +193,9 @@ class Metrics:
     def model_placed(self, name: str, version: str, provider: str, file: str) -> None:
         """Where a model version serves from (called once it is ready)."""
         self._placed.labels(name, version, provider, file).set(1)
+
+    def model_gpu_memory(self, name: str, version: str, used: int) -> None:
+        self._gpu_memory.labels(name, version).set(used)
 
     def serve_from(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop whose thread writes the tallies: a scrape from another thread asks it

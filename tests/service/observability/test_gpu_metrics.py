@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from service.observability.gpu_metrics import register_gpu_metrics
+from service.observability.gpu_metrics import process_gpu_memory_bytes, register_gpu_metrics
 
 
 class FakeNvml:
@@ -41,6 +41,11 @@ class FakeNvml:
     def nvmlDeviceGetPowerUsage(self, handle: int) -> int:  # noqa: N802
         return 312_500  # milliwatts
 
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[Any]:  # noqa: N802
+        return [SimpleNamespace(pid=7, usedGpuMemory=(handle + 1) * 2**20),
+                SimpleNamespace(pid=8, usedGpuMemory=None),
+                SimpleNamespace(pid=9, usedGpuMemory=2**30)]
+
 
 def test_each_gpu_exports_utilisation_memory_and_power_and_a_lost_one_is_skipped() -> None:
     registry = CollectorRegistry()
@@ -60,3 +65,10 @@ def test_without_a_gpu_nothing_is_exported() -> None:
     real = CollectorRegistry()
     if not register_gpu_metrics(real):  # the real NVML: here, no driver
         assert "cnnserve_gpu" not in generate_latest(real).decode()
+
+
+def test_a_process_gpu_memory_is_summed_over_the_gpus_it_uses() -> None:
+    assert process_gpu_memory_bytes(7, FakeNvml(count=2)) == 3 * 2**20
+    assert process_gpu_memory_bytes(8, FakeNvml(count=2)) == 0  # listed, usage not known
+    assert process_gpu_memory_bytes(6, FakeNvml(count=2)) is None  # not listed
+    assert process_gpu_memory_bytes(7, FakeNvml(count=2, broken=1)) is None
