@@ -68,7 +68,7 @@ class ImagesPayload:
         return any(isinstance(i, bytes) for i in self.images)
 
     def tensors(self, model: ServedModel, call: Call) -> Tensors:
-        return image_batch(self.images, self.limits, model, call)
+        return dict(image_batch(self.images, self.limits, model, call).items())
 
 
 def _tensor(image: ImageTensor, index: int, model: ServedModel) -> np.ndarray:
@@ -85,7 +85,7 @@ def _tensor(image: ImageTensor, index: int, model: ServedModel) -> np.ndarray:
 
 
 def image_batch(images: Sequence[Image], limits: DecodeLimits, model: ServedModel, call: Call
-                ) -> Tensors:
+                ) -> dict[str, np.ndarray]:
     """Every image as one float32 NCHW batch, in request order.
 
     Every header is read and the whole request costed before any pixel is decoded;

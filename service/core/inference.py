@@ -207,7 +207,9 @@ class InferenceCore:
         model, call = job.model, job.call
         nbytes = 0
         for array in inputs.values():
-            if array.base is None:  # made for it (not a view of bytes already charged)
+            # Made for it (not a view of bytes already charged); a DeviceTensor may be
+            # copied to host memory.
+            if not isinstance(array, np.ndarray) or array.base is None:
                 nbytes += array.nbytes
         if nbytes:
             call.charge(nbytes, "the request's tensors")

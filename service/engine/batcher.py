@@ -298,6 +298,9 @@ class DynamicBatcher:
         while (selection := await self._next_batch(index)) is not None:
             await loop.run_in_executor(self._executor, self._compute_while_ready, index,
                                        runner, selection, time.monotonic())
+            # Not held while this worker waits for the next batch: its inputs (a client's
+            # CUDA shared memory region among them) are let go once it is answered.
+            del selection
 
     def _compute_while_ready(self, index: int, runner: Runner,
                              selection: Selection[_Request], dispatched: float) -> None:
@@ -308,12 +311,13 @@ class DynamicBatcher:
         handed: float | None = dispatched
         while selection.batch:
             batch, rows, reason = selection.batch, selection.rows, selection.reason or "full"
-            started = time.monotonic()
-            inputs = batch[0].inputs if len(batch) == 1 else {
-                name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
-            assembled = time.monotonic()
+            started = assembled = time.monotonic()
             result: list[np.ndarray] | ServingError
-            try:
+            try:  # rows left in CUDA shared memory are copied out as the batch is made
+                inputs = batch[0].inputs if len(batch) == 1 else {
+                    name: np.concatenate([r.inputs[name] for r in batch])
+                    for name in batch[0].inputs}
+                assembled = time.monotonic()
                 result = runner.run(inputs)
             except Exception as exc:  # onnxruntime errors: fail this batch, keep serving
                 log.exception("model %s: batch of %d failed", self.name, rows)

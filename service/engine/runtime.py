@@ -10,6 +10,7 @@ import re
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import onnxruntime as ort
 
 from contract.repository import NUMPY_DTYPES, ModelConfig
 from service.engine.options import EngineOptions
+from service.memory.cuda import DeviceTensor
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
@@ -152,8 +154,15 @@ def nodes_not_on(profile: list[dict[str, Any]], provider: str) -> Counter[str]:
                    and event["name"].endswith("_kernel_time"))
 
 
-Tensors = dict[str, np.ndarray]
-"""Tensors by name: a request's or a batch's inputs."""
+Tensor = np.ndarray | DeviceTensor
+Tensors = dict[str, Tensor]
+"""Tensors by name: a request's or a batch's inputs. A DeviceTensor (an input a client
+left in CUDA shared memory) reaches a runner only as a batch by itself."""
+
+
+def on_host(inputs: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    """`inputs` in host memory: a DeviceTensor copied out once, the others as they are."""
+    return {name: np.asarray(value) for name, value in inputs.items()}
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(double)": np.float64, "tensor(int64)": np.int64,
@@ -175,13 +184,18 @@ class BoundRuns:
                           _ORT_TYPES.get(declared[n].type)) for n in output_names]
         self._buffers: dict[int, list[ort.OrtValue]] = {}
 
-    def run(self, inputs: Tensors) -> list[np.ndarray]:
+    def run(self, inputs: Mapping[str, Tensor]) -> list[np.ndarray]:
         binding = self.session.io_binding()
         rows = 0
-        for name, array in inputs.items():
-            rows = len(array) if array.ndim else 1
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device,
-                                                     self.device_id)
+        for name, tensor in inputs.items():
+            rows = len(tensor) if tensor.ndim else 1
+            if (isinstance(tensor, DeviceTensor) and tensor.device == self.device
+                    and tensor.device_id == self.device_id):  # bound where it lies
+                binding.bind_input(name, self.device, self.device_id, tensor.dtype,
+                                   list(tensor.shape), tensor.pointer)
+                continue
+            value = ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(np.asarray(tensor)), self.device, self.device_id)
             binding.bind_ortvalue_input(name, value)
         buffers = self._buffers.get(rows)
         if buffers is None:
@@ -261,10 +275,10 @@ class ModelRunner:
         run on the event loop (never a GPU's, whose run waits on the device)."""
         return not self.on_gpu
 
-    def run(self, inputs: Tensors) -> list[np.ndarray]:
+    def run(self, inputs: Mapping[str, Tensor]) -> list[np.ndarray]:
         if self._bound is not None:
             return self._bound.run(inputs)
-        out: list[np.ndarray] = self.session.run(self.output_names, inputs)
+        out: list[np.ndarray] = self.session.run(self.output_names, on_host(inputs))
         return out
 
     def warmup(self, batch_sizes: list[int]) -> dict[int, float]:
@@ -319,7 +333,7 @@ class SimulatedAccelerator:
         self.launch_s = config.simulated_launch_us / 1e6
         self.per_image_s = config.simulated_per_image_us / 1e6
 
-    def run(self, inputs: Tensors) -> list[np.ndarray]:
+    def run(self, inputs: Mapping[str, Tensor]) -> list[np.ndarray]:
         rows = len(next(iter(inputs.values()))) if self.config.batched else 1
         time.sleep(self.launch_s + self.per_image_s * rows)
         lead = (rows,) if self.config.batched else ()

@@ -3,8 +3,9 @@
 A client allocates GPU memory, exports it as a CUDA IPC handle and registers it under a
 name; requests then name the region instead of carrying tensor bytes. The server opens
 the handle with the CUDA runtime (libcudart, through ctypes: no CUDA Python package
-needed) and copies inputs out of it and outputs into it. On a host without a GPU every
-registration is refused with FAILED_PRECONDITION, saying why.
+needed). Inputs stay in it until a session binds them in place or a batch copies them
+out; outputs are copied into it. On a host without a GPU every registration is refused
+with FAILED_PRECONDITION, saying why.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import glob
 import os
 import sys
 import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +72,41 @@ def _load_cudart(candidates: list[str] | None = None) -> ctypes.CDLL | None:
         lib.cudaGetErrorString.restype = ctypes.c_char_p
         return lib
     return None
+
+
+class DeviceTensor:
+    """An input that stays where the client put it, in GPU memory, until it is needed:
+    a session on that GPU binds `pointer` in place when the tensor is a batch by itself;
+    a batch of several, or a session on the CPU, copies it to host memory once through
+    `__array__`. `release` runs when the tensor is dropped (a request answered, refused
+    or expired), never before."""
+
+    def __init__(self, pointer: int, device_id: int, dtype: np.dtype,
+                 shape: tuple[int, ...], to_host: Callable[[], np.ndarray],
+                 release: Callable[[], None] | None = None, device: str = "cuda") -> None:
+        self.pointer, self.device_id, self.device = pointer, device_id, device
+        self.dtype, self.shape = np.dtype(dtype), shape
+        self._to_host = to_host
+        self._host: np.ndarray | None = None
+        if release is not None:
+            weakref.finalize(self, release)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None
+                  ) -> np.ndarray:
+        if self._host is None:
+            self._host = self._to_host()
+        return self._host if dtype is None else np.asarray(self._host, dtype)
 
 
 @dataclass
@@ -153,15 +192,24 @@ class CudaSharedMemoryRegistry:
         return [self._window(name, 0, 0)]
 
     def read(self, name: str, offset: int, byte_size: int, dtype: np.dtype,
-             shape: tuple[int, ...]) -> np.ndarray:
-        """The tensor at `offset` of region `name`, copied to host memory."""
-        out = np.empty(shape, dtype)
-        if out.nbytes != byte_size:
+             shape: tuple[int, ...]) -> DeviceTensor:
+        """The tensor at `offset` of region `name`, left on its GPU: a session there binds
+        it in place, anything else copies it to host memory once (`np.asarray`). The
+        region stays open while the tensor lives."""
+        if np.empty(0, dtype).itemsize * int(np.prod(shape, dtype=np.int64)) != byte_size:
             self._window(name, offset, byte_size)
             invalid(f"region {shown(name)}: {byte_size} bytes do not hold a {dtype.name} "
                     f"tensor of shape {list(shape)}")
-        self._copy(name, offset, byte_size, out.ctypes.data, _DEVICE_TO_HOST)
-        return out
+        region = self._lease(name, offset, byte_size)
+
+        def to_host() -> np.ndarray:
+            out = np.empty(shape, dtype)
+            self._transfer(region, out.ctypes.data, region.pointer + offset, byte_size,
+                           _DEVICE_TO_HOST)
+            return out
+
+        return DeviceTensor(region.pointer + offset, region.device_id, dtype, shape, to_host,
+                            functools.partial(self._release, region))
 
     def write(self, name: str, offset: int, byte_size: int, array: np.ndarray) -> int:
         data = np.ascontiguousarray(array)
@@ -174,21 +222,33 @@ class CudaSharedMemoryRegistry:
 
     def _copy(self, name: str, offset: int, nbytes: int, host: int, kind: int) -> None:
         """Copy between host memory and `offset` of the region, on this thread's device."""
+        region = self._lease(name, offset, nbytes)
+        try:
+            device = region.pointer + offset
+            dst, src = (device, host) if kind == _HOST_TO_DEVICE else (host, device)
+            self._transfer(region, dst, src, nbytes, kind)
+        finally:
+            self._release(region)
+
+    def _lease(self, name: str, offset: int, nbytes: int) -> CudaRegion:
+        """The region, held open until `_release`."""
         with self._lock:
             region = self._window(name, offset, nbytes)
             region.copies += 1
+        return region
+
+    def _release(self, region: CudaRegion) -> None:
+        with self._lock:
+            region.copies -= 1
+            last = region.closing and region.copies == 0
+        if last:
+            self._close(region)
+
+    def _transfer(self, region: CudaRegion, dst: int, src: int, nbytes: int,
+                  kind: int) -> None:
         assert self._cudart is not None  # a registered region means the runtime loaded
-        try:
-            self._check(self._cudart.cudaSetDevice(region.device_id), "cudaSetDevice")
-            device = region.pointer + offset
-            dst, src = (device, host) if kind == _HOST_TO_DEVICE else (host, device)
-            self._check(self._cudart.cudaMemcpy(dst, src, nbytes, kind), "cudaMemcpy")
-        finally:
-            with self._lock:
-                region.copies -= 1
-                last = region.closing and region.copies == 0
-            if last:
-                self._close(region)
+        self._check(self._cudart.cudaSetDevice(region.device_id), "cudaSetDevice")
+        self._check(self._cudart.cudaMemcpy(dst, src, nbytes, kind), "cudaMemcpy")
 
     def _close(self, region: CudaRegion) -> None:
         assert self._cudart is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.memory.cuda import CudaSharedMemoryRegistry
+from service.memory.cuda import CudaSharedMemoryRegistry, DeviceTensor
 from service.memory.system import SharedMemoryRegistry
 from service.status import ServingError, Status, shown
 
@@ -27,7 +27,8 @@ class Regions:
         self.cuda.register(name, raw_handle, device_id, byte_size)
 
     def read(self, name: str, offset: int, byte_size: int, dtype: np.dtype,
-             shape: tuple[int, ...]) -> np.ndarray:
+             shape: tuple[int, ...]) -> np.ndarray | DeviceTensor:
+        """A system region's tensor copied out; a CUDA region's left on its GPU."""
         return self._owner(name).read(name, offset, byte_size, dtype, shape)
 
     def write(self, name: str, offset: int, byte_size: int, array: np.ndarray) -> int:

@@ -7,7 +7,7 @@ import json
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,8 +21,10 @@ from contract.repository import latest_model_file, serving_config
 from service.engine.batcher import DynamicBatcher
 from service.engine.batching import BatchPolicy
 from service.engine.options import EngineOptions
-from service.engine.runtime import ModelRunner, Tensors
+from service.engine.runtime import ModelRunner, Tensor
+from service.memory.cuda import DeviceTensor
 from service.observability.metrics import Metrics, ModelStats
+from service.status import ServingError, Status
 from tests.servers import ServerProcess, start_server
 from tests.service.oip import logits, metric, request, stub_for, wait_until
 
@@ -179,7 +181,7 @@ class _GatedRunner(ModelRunner):
         self.started = [threading.Event(), threading.Event()]
         self.calls = 0
 
-    def run(self, inputs: Tensors) -> list[np.ndarray]:
+    def run(self, inputs: Mapping[str, Tensor]) -> list[np.ndarray]:
         self.calls += 1
         self.started[min(self.calls, 2) - 1].set()
         if self.calls == 1:
@@ -221,6 +223,40 @@ def test_a_ready_batch_runs_without_waiting_for_the_event_loop(served_repo: Path
     assert [a[0].shape for a in answers] == [(4, 10), (4, 10)]
     np.testing.assert_allclose(answers[1][0], ModelRunner.run(runner, {"input": images[1]})[0],
                                atol=1e-6)
+
+
+def test_a_batch_whose_rows_cannot_be_copied_out_fails_alone(served_repo: Path) -> None:
+    """An input left in CUDA shared memory is copied out as its batch is made; if that
+    copy fails, that batch's requests get INTERNAL and the model keeps serving."""
+    path = latest_model_file(served_repo, "lenet")
+    runner = ModelRunner(path, EngineOptions(repo=served_repo),
+                         serving_config(served_repo, "lenet", path))
+    x = np.zeros((1, 1, 28, 28), np.float32)
+
+    def lost() -> np.ndarray:
+        raise ServingError(Status.INVALID_ARGUMENT, "cudaMemcpy failed: the device is lost")
+
+    async def scenario() -> list[object]:
+        with ThreadPoolExecutor(1) as executor:
+            policy = BatchPolicy(max_batch_size=2, rule="delay", budget_s=None,
+                                 max_queue_delay_s=0.05, preferred_batch_sizes=frozenset(),
+                                 max_queue_size=8, instances=1)
+            batcher = DynamicBatcher("lenet", [runner], executor, policy,
+                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
+            batcher.start()
+            device = DeviceTensor(0, 0, x.dtype, x.shape, lost)
+            together = await asyncio.wait_for(asyncio.gather(
+                batcher.infer({"input": device}), batcher.infer({"input": x}),
+                return_exceptions=True), 30)
+            after = await asyncio.wait_for(batcher.infer({"input": x}), 30)
+            await batcher.close()
+            return [*together, after]
+
+    failed, beside, after = asyncio.run(scenario())
+    for refused in (failed, beside):
+        assert isinstance(refused, ServingError) and refused.status == Status.INTERNAL
+        assert "the device is lost" in str(refused)
+    assert isinstance(after, list) and after[0].shape == (1, 10)
 
 
 def _accelerator_repo(served_repo: Path, into: Path, **config: object) -> Path:

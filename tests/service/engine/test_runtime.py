@@ -33,6 +33,7 @@ from service.engine.runtime import (
     nodes_not_on,
     place,
 )
+from service.memory.cuda import DeviceTensor
 from service.observability.metrics import Metrics
 
 UNUSABLE = cuda_unusable_reason()
@@ -188,3 +189,27 @@ def test_a_profile_names_the_nodes_off_the_preferred_provider(served_repo: Path,
     off = nodes_not_on(profile, CUDA)
     assert off["Conv"] == 2 and sum(off.values()) >= 5
     assert not nodes_not_on(profile, CPU)
+
+
+def test_a_device_tensor_is_bound_where_it_lies_and_copied_only_elsewhere(
+        alexnet: tuple[ort.InferenceSession, list[str]]) -> None:
+    """A client's tensor in (here host-backed) device memory: a session on that device
+    reads it in place; one on another device gets a host copy, made once."""
+    session, outputs = alexnet
+    x = np.random.default_rng(6).standard_normal((3, 1, 64, 64)).astype(np.float32)
+    copies = []
+
+    def to_host() -> np.ndarray:
+        copies.append(1)
+        return x.copy()
+
+    here = DeviceTensor(x.ctypes.data, 0, x.dtype, x.shape, to_host, device="cpu")
+    expected = session.run(outputs, {"input": x})[0]
+    np.testing.assert_array_equal(BoundRuns(session, outputs, "cpu").run({"input": here})[0],
+                                  expected)
+    assert copies == []
+    elsewhere = DeviceTensor(x.ctypes.data, 1, x.dtype, x.shape, to_host, device="cpu")
+    np.testing.assert_array_equal(BoundRuns(session, outputs, "cpu").run(
+        {"input": elsewhere})[0], expected)
+    np.testing.assert_array_equal(np.concatenate([elsewhere, elsewhere])[:3], x)
+    assert copies == [1]

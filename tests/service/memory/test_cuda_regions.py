@@ -118,6 +118,28 @@ def test_libcudart_is_looked_for_in_the_cuda_13_and_12_wheel_layouts(tmp_path: P
                       str(tmp_path / "nvidia/cuda_runtime/lib/libcudart.so.12")]
 
 
+def test_an_input_keeps_its_region_open_until_it_is_dropped(
+        standin: Path, gpu_memory: Callable[[int], tuple[shared_memory.SharedMemory, bytes]]
+        ) -> None:
+    """A request's input stays in its region (no copy) until a batch needs it on the
+    host; unregistering the region meanwhile closes it only once the input is gone."""
+    registry = CudaSharedMemoryRegistry([str(standin / "libcudart.so.13")])
+    block, handle = gpu_memory(X.nbytes)
+    np.ndarray(X.shape, np.float32, block.buf)[:] = X
+    registry.register("in", handle, 0, X.nbytes)
+    tensor = registry.read("in", 0, X.nbytes, np.dtype(np.float32), X.shape)
+    assert (tensor.shape, tensor.nbytes, tensor.device_id) == (X.shape, X.nbytes, 0)
+    registry.unregister("in")
+
+    def mappings() -> int:  # this process maps it once as the client, once as the server
+        return Path("/proc/self/maps").read_text().count(f"/dev/shm/{block.name}")
+
+    assert mappings() == 2
+    np.testing.assert_array_equal(np.asarray(tensor), X)
+    del tensor
+    assert mappings() == 1
+
+
 def test_the_extension_is_advertised_only_where_libcudart_shows_a_gpu(standin: Path) -> None:
     assert CudaSharedMemoryRegistry([str(standin / "libcudart.so.13")]).available()
     assert not CudaSharedMemoryRegistry([str(standin / "libcudart.so.missing")]).available()
