@@ -130,6 +130,9 @@ class DynamicBatcher:
         self._trip_s: float | None = None
         """A moving average of the round trip to a compute thread and back: from the
         loop's hand-off to the run's start, and from its end to the loop's answer."""
+        self._lag_s = 0.0
+        """A moving average of how long a batch's answers wait for the event loop once
+        its run ends: what a loop busier than the model adds to every request."""
         self._publish_cost()
 
     def start(self) -> None:
@@ -222,19 +225,25 @@ class DynamicBatcher:
     def _check_budget(self, request: _Request, now: float) -> None:
         """Under the lock: refuse `request` now if the queue ahead of it cannot be served
         within its budget, which runs from its arrival here (images decoded before it
-        were the client's own choice of work)."""
+        were the client's own choice of work), with the event loop's lag counted: past
+        the loop's capacity, refusing costs it less than answering late would."""
         busy = self._busy_until
-        free_in = 0.0 if min(busy) == 0.0 else max(min(busy) - now, 0.0)
+        idle = min(busy) == 0.0
+        free_in = 0.0 if idle else max(min(busy) - now, 0.0)
         budget = budget_s(self.policy, self.cost)
+        # The lag is measured on answers, so it is current only while they flow; an idle
+        # model runs this request at once and measures it afresh.
+        lag = 0.0 if idle and not self._queued_rows else self._lag_s
         answer = answer_in_s(self._queued_rows, request.rows, free_in, self.policy, self.cost,
-                             self.rate.per_s(now))
+                             self.rate.per_s(now), lag)
         if answer > ADMIT_SHARE * budget:
             self._tally.refused += 1
             raise ServingError(
                 Status.RESOURCE_EXHAUSTED,
                 f"model {self.name!r} cannot answer within its latency budget of "
                 f"{budget * 1e3:.1f} ms: {self._queued_rows} images queued ahead, about "
-                f"{answer * 1e3:.1f} ms to answer; retry later")
+                f"{answer * 1e3:.1f} ms to answer (the server's event loop lags "
+                f"{lag * 1e3:.1f} ms); retry later")
 
     async def close(self) -> None:
         """Run everything already queued, then stop the workers."""
@@ -338,6 +347,7 @@ class DynamicBatcher:
     def _finish(self, ran: _Ran, expired: list[_Request]) -> None:
         """On the loop: answer the batch's requests and record it."""
         splitting = time.monotonic()
+        self._lag_s += 0.1 * (splitting - ran.ended - self._lag_s)
         if ran.dispatched is not None:
             trip = (ran.started - ran.dispatched) + (splitting - ran.ended)
             known = self._trip_s
@@ -388,3 +398,4 @@ class DynamicBatcher:
             self._tally.cost_s = self.cost.estimates()
             self._tally.budget_s = (budget_s(self.policy, self.cost)
                                     if self.policy.rule == "budget" else 0.0)
+        self._tally.lag_s = self._lag_s

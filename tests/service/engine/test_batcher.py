@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -223,6 +224,79 @@ def test_a_ready_batch_runs_without_waiting_for_the_event_loop(served_repo: Path
     assert [a[0].shape for a in answers] == [(4, 10), (4, 10)]
     np.testing.assert_allclose(answers[1][0], ModelRunner.run(runner, {"input": images[1]})[0],
                                atol=1e-6)
+
+
+class _HeldRunner(ModelRunner):
+    """A real runner that holds each run until the test lets it end."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Semaphore(0)
+        self.left = threading.Semaphore(0)
+
+    def run(self, inputs: Mapping[str, Tensor]) -> list[np.ndarray]:
+        self.entered.release()
+        assert self.release.acquire(timeout=10), "the test never let the run end"
+        try:
+            return super().run(inputs)
+        finally:
+            self.left.release()
+
+
+def test_a_lagging_event_loop_counts_against_the_budget(served_repo: Path) -> None:
+    """Past the loop's capacity the model's queue is short, yet every answer waits for
+    the loop: a request that would miss its budget there is refused, and once the model
+    is idle again, the next one is taken."""
+    path = latest_model_file(served_repo, "lenet")
+    runner = _HeldRunner(path, EngineOptions(repo=served_repo),
+                         serving_config(served_repo, "lenet", path))
+    x = np.zeros((1, 1, 28, 28), np.float32)
+
+    async def one_batch(batcher: DynamicBatcher, stall_s: float) -> None:
+        """One request, whose answer finds the loop stalled for `stall_s`."""
+        loop = asyncio.get_running_loop()
+        call = asyncio.create_task(batcher.infer({"input": x}))
+        assert await loop.run_in_executor(None, runner.entered.acquire, True, 10)
+        runner.release.release()
+        assert runner.left.acquire(timeout=10)
+        stalled = time.monotonic() + stall_s
+        while time.monotonic() < stalled:  # the loop busy with other calls' work
+            pass
+        await asyncio.wait_for(call, 10)
+
+    async def scenario() -> tuple[BaseException | None, list[np.ndarray]]:
+        with ThreadPoolExecutor(1) as executor:
+            policy = BatchPolicy(max_batch_size=4, rule="budget", budget_s=0.05,
+                                 max_queue_delay_s=0.0, preferred_batch_sizes=frozenset(),
+                                 max_queue_size=8, instances=1)
+            batcher = DynamicBatcher("lenet", [runner], executor, policy,
+                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
+            batcher.start()
+            for _ in range(25):  # the lag's average reaches over 90% of these 40 ms
+                await one_batch(batcher, 0.040)
+            loop = asyncio.get_running_loop()
+            running = asyncio.create_task(batcher.infer({"input": x}))
+            assert await loop.run_in_executor(None, runner.entered.acquire, True, 10)
+            try:
+                await batcher.infer({"input": x})
+                refusal = None
+            except ServingError as exc:
+                refusal = exc
+            runner.release.release()
+            await asyncio.wait_for(running, 10)
+            runner.release.release()  # the model is idle: the next request is taken
+            taken = await asyncio.wait_for(batcher.infer({"input": x}), 10)
+            await batcher.close()
+            return refusal, taken
+
+    refusal, taken = asyncio.run(scenario())
+    assert isinstance(refusal, ServingError), "a request the loop would answer late was taken"
+    assert refusal.status == Status.RESOURCE_EXHAUSTED
+    assert "latency budget of 50.0 ms" in str(refusal)
+    lag = re.search(r"event loop lags ([\d.]+) ms", str(refusal))
+    assert lag and float(lag[1]) > 25, str(refusal)
+    assert taken[0].shape == (1, 10)
 
 
 def test_a_batch_whose_rows_cannot_be_copied_out_fails_alone(served_repo: Path) -> None:
