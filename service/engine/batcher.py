@@ -38,6 +38,7 @@ from service.engine.batching import (
     ArrivalRate,
     BatchPolicy,
     CostModel,
+    Lateness,
     Selection,
     answer_in_s,
     budget_s,
@@ -72,6 +73,8 @@ class _Request:
     future: asyncio.Future[list[np.ndarray]]
     enqueued: float
     deadline: float | None
+    promised: float | None = None
+    """When admission estimated it would be answered (the budget rule)."""
 
     @property
     def cancelled(self) -> bool:
@@ -133,6 +136,8 @@ class DynamicBatcher:
         self._lag_s = 0.0
         """A moving average of how long a batch's answers wait for the event loop once
         its run ends: what a loop busier than the model adds to every request."""
+        self.lateness = Lateness()
+        """How much later than promised answers come, on the loop only."""
         self._publish_cost()
 
     def start(self) -> None:
@@ -231,11 +236,15 @@ class DynamicBatcher:
         idle = min(busy) == 0.0
         free_in = 0.0 if idle else max(min(busy) - now, 0.0)
         budget = budget_s(self.policy, self.cost)
-        # The lag is measured on answers, so it is current only while they flow; an idle
-        # model runs this request at once and measures it afresh.
-        lag = 0.0 if idle and not self._queued_rows else self._lag_s
+        # The lag and the lateness are measured on answers, so they are current only
+        # while answers flow; an idle model runs this request at once and measures afresh.
+        flowing = not idle or self._queued_rows
+        lag = self._lag_s if flowing else 0.0
         answer = answer_in_s(self._queued_rows, request.rows, free_in, self.policy, self.cost,
                              self.rate.per_s(now), lag)
+        request.promised = now + answer
+        if flowing:
+            answer += self.lateness.seconds
         if answer > ADMIT_SHARE * budget:
             self._tally.refused += 1
             raise ServingError(
@@ -243,7 +252,8 @@ class DynamicBatcher:
                 f"model {self.name!r} cannot answer within its latency budget of "
                 f"{budget * 1e3:.1f} ms: {self._queued_rows} images queued ahead, about "
                 f"{answer * 1e3:.1f} ms to answer (the server's event loop lags "
-                f"{lag * 1e3:.1f} ms); retry later")
+                f"{lag * 1e3:.1f} ms; answers came up to "
+                f"{self.lateness.seconds * 1e3:.1f} ms later than estimated); retry later")
 
     async def close(self) -> None:
         """Run everything already queued, then stop the workers."""
@@ -368,6 +378,8 @@ class DynamicBatcher:
                     future.set_result([output[offset:offset + request.rows]
                                        for output in outputs])
                 answered.append(ran.started - request.enqueued)
+                if request.promised is not None:
+                    self.lateness.observe(splitting - request.promised)
             offset += request.rows
         self._fail_expired(expired)
         self._settle_depth()
@@ -399,3 +411,4 @@ class DynamicBatcher:
             self._tally.budget_s = (budget_s(self.policy, self.cost)
                                     if self.policy.rule == "budget" else 0.0)
         self._tally.lag_s = self._lag_s
+        self._tally.lateness_s = self.lateness.seconds

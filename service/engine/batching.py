@@ -151,6 +151,31 @@ class CostModel:
         return max(known[a] + slope * (rows - a), 0.0)
 
 
+class Lateness:
+    """How much later than admission estimated its answers come (`answer_in_s` from
+    the batcher's view): a running estimate of the QUANTILE of that error, moved up
+    a STEP_S share when an answer is later than it and down the complementary share
+    when not, so it settles where that quantile of answers is later. What the
+    estimate cannot see (runs slower than their average while the loop holds the
+    GIL, a batch that overran) is learnt from the answers themselves."""
+
+    QUANTILE = 0.99
+    STEP_S = 0.002
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+
+    def observe(self, late_s: float) -> None:
+        if late_s > self._seconds:
+            self._seconds += self.STEP_S * self.QUANTILE
+        else:  # never below 0: an estimate that runs early is no licence to admit more
+            self._seconds = max(self._seconds - self.STEP_S * (1 - self.QUANTILE), 0.0)
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds
+
+
 class ArrivalRate:
     """Rows (images) arriving per second: a moving average of the gaps between arrivals,
     which a silence longer than the average stretches, so a model that went quiet reads

@@ -66,7 +66,8 @@ class ModelTally:
     """What one model version's batcher adds up between flushes."""
 
     __slots__ = ("queue_wait", "compute", "batch_size", "inferences", "executions", "depth",
-                 "reasons", "refused", "budget_s", "cost_s", "lag_s")
+                 "reasons", "refused", "budget_s", "cost_s", "lag_s",
+                 "lateness_s")
 
     def __init__(self) -> None:
         self.queue_wait = Buckets(LATENCY_BUCKETS)
@@ -86,6 +87,8 @@ class ModelTally:
         """The cost model's estimate per batch size now (gauges)."""
         self.lag_s = 0.0
         """How long its answers wait for the event loop after their run (a gauge)."""
+        self.lateness_s = 0.0
+        """How much later than estimated its answers come, at the 99th percentile."""
 
 
 class Metrics:
@@ -180,6 +183,10 @@ class Metrics:
                           "run (a moving average); admission counts it twice against the "
                           "budget, on the way in and out.", model, multiprocess_mode="max",
                           registry=registry)
+        self._lateness = Gauge("cnnserve_answer_lateness_seconds",
+                               "How much later than admission estimated a model's answers "
+                               "come (a running 99th percentile); admission adds it to its "
+                               "estimate.", model, multiprocess_mode="max", registry=registry)
         self._cost = Gauge("cnnserve_batch_cost_seconds",
                            "The batcher's estimate of one run's time at each batch size.",
                            [*model, "batch_size"], multiprocess_mode="max", registry=registry)
@@ -193,7 +200,7 @@ class Metrics:
             tally = self._models[key] = ModelTally()
             for metric in (self._queue_wait, self._compute, self._batch_size,
                            self._queue_depth, self._inferences, self._executions,
-                           self._refused, self._budget, self._lag):
+                           self._refused, self._budget, self._lag, self._lateness):
                 metric.labels(name, version)
         return tally
 
@@ -244,6 +251,7 @@ class Metrics:
                 tally.refused = 0
             self._budget.labels(name, version).set(tally.budget_s)
             self._lag.labels(name, version).set(tally.lag_s)
+            self._lateness.labels(name, version).set(tally.lateness_s)
             for rows, seconds in list(tally.cost_s.items()):
                 self._cost.labels(name, version, str(rows)).set(seconds)
 

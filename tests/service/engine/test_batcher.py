@@ -299,6 +299,50 @@ def test_a_lagging_event_loop_counts_against_the_budget(served_repo: Path) -> No
     assert taken[0].shape == (1, 10)
 
 
+def test_answers_later_than_estimated_count_against_the_budget(served_repo: Path) -> None:
+    """What admission's estimate cannot see, here a compute thread shared with another
+    model's 50 ms runs, makes answers late; the margin learnt from them refuses a request
+    the estimate alone would take."""
+    path = latest_model_file(served_repo, "lenet")
+    runner = _HeldRunner(path, EngineOptions(repo=served_repo),
+                         serving_config(served_repo, "lenet", path))
+    x = np.zeros((1, 1, 28, 28), np.float32)
+
+    async def scenario() -> tuple[BaseException | None, list[np.ndarray]]:
+        with ThreadPoolExecutor(1) as executor:
+            policy = BatchPolicy(max_batch_size=4, rule="budget", budget_s=0.04,
+                                 max_queue_delay_s=0.0, preferred_batch_sizes=frozenset(),
+                                 max_queue_size=8, instances=1)
+            batcher = DynamicBatcher("lenet", [runner], executor, policy,
+                                     metrics=Metrics(CollectorRegistry()), stats=ModelStats())
+            batcher.start()
+            for _ in range(30):
+                executor.submit(time.sleep, 0.050)  # the other model's run, ahead of ours
+                runner.release.release()
+                await asyncio.wait_for(batcher.infer({"input": x}), 10)
+            loop = asyncio.get_running_loop()
+            running = asyncio.create_task(batcher.infer({"input": x}))
+            assert await loop.run_in_executor(None, runner.entered.acquire, True, 10)
+            try:
+                await batcher.infer({"input": x})
+                refusal = None
+            except ServingError as exc:
+                refusal = exc
+            runner.release.release()
+            await asyncio.wait_for(running, 10)
+            runner.release.release()  # the model is idle: the next request is taken
+            taken = await asyncio.wait_for(batcher.infer({"input": x}), 10)
+            await batcher.close()
+            return refusal, taken
+
+    refusal, taken = asyncio.run(scenario())
+    assert isinstance(refusal, ServingError), "a request answers come late for was taken"
+    assert refusal.status == Status.RESOURCE_EXHAUSTED
+    late = re.search(r"answers came up to ([\d.]+) ms later than estimated", str(refusal))
+    assert late and float(late[1]) > 40, str(refusal)
+    assert taken[0].shape == (1, 10)
+
+
 def test_a_batch_whose_rows_cannot_be_copied_out_fails_alone(served_repo: Path) -> None:
     """An input left in CUDA shared memory is copied out as its batch is made; if that
     copy fails, that batch's requests get INTERNAL and the model keeps serving."""
@@ -384,17 +428,19 @@ def test_on_an_accelerator_shaped_model_batches_fill_toward_the_budget_as_the_ra
     before = server.metrics()
     for rate, count in ((100, 100), (800, 800)):
         codes = asyncio.run(_poisson(server.address, rate, count, seed=rate))
-        assert codes == [grpc.StatusCode.OK] * count
+        # Well within capacity; a host too busy to answer in time refuses a few.
+        refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert codes.count(grpc.StatusCode.OK) == count - refused and refused <= count // 20
         after = server.metrics()
         images = (metric(after, "cnnserve_batch_size_sum", "accel")
                   - metric(before, "cnnserve_batch_size_sum", "accel"))
         batches = (metric(after, "cnnserve_batch_size_count", "accel")
                    - metric(before, "cnnserve_batch_size_count", "accel"))
-        assert images == count
+        assert images == count - refused
         if rate == 100:
-            slow = count / batches
+            slow = images / batches
         else:
-            fast = count / batches
+            fast = images / batches
         before = after
     assert 1 <= slow < 4 and fast > 8 and fast > 2 * slow, (slow, fast)
     reasons = dict(re.findall(r'cnnserve_batches_total\{model="accel",reason="(\w+)",'

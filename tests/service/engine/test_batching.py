@@ -20,6 +20,7 @@ from service.engine.batching import (
     ArrivalRate,
     BatchPolicy,
     CostModel,
+    Lateness,
     answer_in_s,
     budget_s,
     derived_budget_s,
@@ -140,6 +141,21 @@ def test_the_arrival_rate_follows_the_gaps_and_reads_quiet_after_a_silence() -> 
     for i in range(200):
         batched.observe(i * 0.004, 4)  # four images every 4 ms
     assert batched.per_s(0.796) == pytest.approx(1000, rel=0.01)
+
+
+def test_lateness_settles_at_the_99th_percentile_and_follows_a_change() -> None:
+    lateness = Lateness()
+    rng = np.random.default_rng(0)
+    for late in rng.normal(0.0, 0.005, 1000):  # answers on time, give or take
+        lateness.observe(float(late))
+    assert lateness.seconds == pytest.approx(0.0116, abs=0.003)  # 2.33 sigma
+    slow = rng.exponential(0.010, 20_000) + 0.020  # a loaded host: 20 ms late and more
+    for late in slow:
+        lateness.observe(float(late))
+    assert lateness.seconds == pytest.approx(float(np.quantile(slow, 0.99)), rel=0.15)
+    for _ in range(20_000):  # early, for long: the margin falls to nothing, not below
+        lateness.observe(-0.050)
+    assert lateness.seconds == 0.0
 
 
 def test_a_lone_request_in_a_quiet_model_runs_at_once() -> None:
