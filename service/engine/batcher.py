@@ -133,11 +133,8 @@ class DynamicBatcher:
         self._trip_s: float | None = None
         """A moving average of the round trip to a compute thread and back: from the
         loop's hand-off to the run's start, and from its end to the loop's answer."""
-        self._lag_s = 0.0
-        """A moving average of how long a batch's answers wait for the event loop once
-        its run ends: what a loop busier than the model adds to every request."""
         self.lateness = Lateness()
-        """How much later than promised answers come, on the loop only."""
+        """How much later than promised answers reach their callers; on the loop only."""
         self._publish_cost()
 
     def start(self) -> None:
@@ -198,7 +195,10 @@ class DynamicBatcher:
         self._settle_depth()
         if self._sleeping:
             self._arrived.set()
-        return await future
+        outputs = await future
+        if request.promised is not None:  # the caller resumes: its answer has arrived
+            self.lateness.observe(time.monotonic() - request.promised)
+        return outputs
 
     def _runs_inline(self, rows: int, now: float) -> bool:
         """Under the lock: a batch of its own, leaving at once, on an idle model, cheaper
@@ -230,30 +230,27 @@ class DynamicBatcher:
     def _check_budget(self, request: _Request, now: float) -> None:
         """Under the lock: refuse `request` now if the queue ahead of it cannot be served
         within its budget, which runs from its arrival here (images decoded before it
-        were the client's own choice of work), with the event loop's lag counted: past
-        the loop's capacity, refusing costs it less than answering late would."""
+        were the client's own choice of work), with the margin learnt from answers that
+        came later than estimated."""
         busy = self._busy_until
         idle = min(busy) == 0.0
         free_in = 0.0 if idle else max(min(busy) - now, 0.0)
         budget = budget_s(self.policy, self.cost)
-        # The lag and the lateness are measured on answers, so they are current only
-        # while answers flow; an idle model runs this request at once and measures afresh.
-        flowing = not idle or self._queued_rows
-        lag = self._lag_s if flowing else 0.0
         answer = answer_in_s(self._queued_rows, request.rows, free_in, self.policy, self.cost,
-                             self.rate.per_s(now), lag)
+                             self.rate.per_s(now))
         request.promised = now + answer
-        if flowing:
-            answer += self.lateness.seconds
+        # The margin is learnt from answers, so it is current only while they flow: an
+        # idle model runs this request at once and learns afresh.
+        margin = 0.0 if idle and not self._queued_rows else self.lateness.seconds
+        answer += margin
         if answer > ADMIT_SHARE * budget:
             self._tally.refused += 1
             raise ServingError(
                 Status.RESOURCE_EXHAUSTED,
                 f"model {self.name!r} cannot answer within its latency budget of "
                 f"{budget * 1e3:.1f} ms: {self._queued_rows} images queued ahead, about "
-                f"{answer * 1e3:.1f} ms to answer (the server's event loop lags "
-                f"{lag * 1e3:.1f} ms; answers came up to "
-                f"{self.lateness.seconds * 1e3:.1f} ms later than estimated); retry later")
+                f"{answer * 1e3:.1f} ms to answer ({margin * 1e3:.1f} ms of it because "
+                f"answers came that much later than estimated); retry later")
 
     async def close(self) -> None:
         """Run everything already queued, then stop the workers."""
@@ -357,7 +354,6 @@ class DynamicBatcher:
     def _finish(self, ran: _Ran, expired: list[_Request]) -> None:
         """On the loop: answer the batch's requests and record it."""
         splitting = time.monotonic()
-        self._lag_s += 0.1 * (splitting - ran.ended - self._lag_s)
         if ran.dispatched is not None:
             trip = (ran.started - ran.dispatched) + (splitting - ran.ended)
             known = self._trip_s
@@ -378,8 +374,6 @@ class DynamicBatcher:
                     future.set_result([output[offset:offset + request.rows]
                                        for output in outputs])
                 answered.append(ran.started - request.enqueued)
-                if request.promised is not None:
-                    self.lateness.observe(splitting - request.promised)
             offset += request.rows
         self._fail_expired(expired)
         self._settle_depth()
@@ -410,5 +404,4 @@ class DynamicBatcher:
             self._tally.cost_s = self.cost.estimates()
             self._tally.budget_s = (budget_s(self.policy, self.cost)
                                     if self.policy.rule == "budget" else 0.0)
-        self._tally.lag_s = self._lag_s
         self._tally.lateness_s = self.lateness.seconds

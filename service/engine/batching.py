@@ -17,9 +17,9 @@ The `budget` rule (the default):
   so a lone request in a quiet model runs at once and batches grow with the rate; it
   waits for more only while the oldest request can still be answered within half its
   budget. Whatever queues while every instance is busy forms the next batch.
-- `answer_in_s` estimates when a new request would be answered, the event loop's lag
-  included; past ADMIT_SHARE of the budget it is refused at once, rather than served
-  late.
+- `answer_in_s` estimates when a new request would be answered, and `Lateness` how much
+  later than such estimates answers have come; past ADMIT_SHARE of the budget the two
+  together refuse it at once, rather than serve it late.
 
 The `delay` rule is Triton's dynamic batcher: the oldest request waits up to
 `max_queue_delay_us` for a full or preferred batch.
@@ -152,12 +152,12 @@ class CostModel:
 
 
 class Lateness:
-    """How much later than admission estimated its answers come (`answer_in_s` from
-    the batcher's view): a running estimate of the QUANTILE of that error, moved up
-    a STEP_S share when an answer is later than it and down the complementary share
-    when not, so it settles where that quantile of answers is later. What the
-    estimate cannot see (runs slower than their average while the loop holds the
-    GIL, a batch that overran) is learnt from the answers themselves."""
+    """How much later than `answer_in_s` estimated answers reach their callers: a running
+    estimate of the QUANTILE of that error, moved up a STEP_S share when an answer is
+    later than it and down the complementary share when not, so it settles where that
+    quantile of answers is later. What the estimate cannot see (an event loop too busy
+    to get round to the answers, runs slower than their average while the loop holds
+    the GIL, a compute thread busy with another model) is learnt from the answers."""
 
     QUANTILE = 0.99
     STEP_S = 0.002
@@ -226,18 +226,16 @@ def target_rows(policy: BatchPolicy, cost: CostModel, rows_per_s: float) -> int:
 
 
 def answer_in_s(queued_rows: int, rows: int, busy_for_s: float, policy: BatchPolicy,
-                cost: CostModel, rows_per_s: float, loop_lag_s: float = 0.0) -> float:
+                cost: CostModel, rows_per_s: float) -> float:
     """How long a request of `rows` would take to be answered if queued now behind
     `queued_rows`, with the first instance free in `busy_for_s` and images arriving at
     `rows_per_s`: the full batches ahead of it, shared among the instances, then its own,
-    which those arriving meanwhile join. `loop_lag_s`, how long the event loop takes to
-    get round to a ready answer now, counts twice: the request waited about that long to
-    reach the model, and its answer will wait as long to leave."""
+    which those arriving meanwhile join."""
     limit = policy.limit
     rounds = queued_rows // limit // policy.instances
     starts_in = busy_for_s + rounds * cost.seconds(limit)
     own = min(queued_rows % limit + rows + math.ceil(rows_per_s * starts_in), limit)
-    return starts_in + cost.seconds(own) + 2 * loop_lag_s
+    return starts_in + cost.seconds(own)
 
 
 class Queued(Protocol):

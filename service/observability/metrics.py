@@ -66,8 +66,7 @@ class ModelTally:
     """What one model version's batcher adds up between flushes."""
 
     __slots__ = ("queue_wait", "compute", "batch_size", "inferences", "executions", "depth",
-                 "reasons", "refused", "budget_s", "cost_s", "lag_s",
-                 "lateness_s")
+                 "reasons", "refused", "budget_s", "cost_s", "lateness_s")
 
     def __init__(self) -> None:
         self.queue_wait = Buckets(LATENCY_BUCKETS)
@@ -85,8 +84,6 @@ class ModelTally:
         """The latency budget now (a gauge; 0 under the delay rule)."""
         self.cost_s: dict[int, float] = {}
         """The cost model's estimate per batch size now (gauges)."""
-        self.lag_s = 0.0
-        """How long its answers wait for the event loop after their run (a gauge)."""
         self.lateness_s = 0.0
         """How much later than estimated its answers come, at the 99th percentile."""
 
@@ -178,11 +175,6 @@ class Metrics:
                                  "GPU memory a model version took as it loaded and warmed "
                                  "up (its sessions' arenas), summed over worker processes.",
                                  model, multiprocess_mode="livesum", registry=registry)
-        self._lag = Gauge("cnnserve_answer_lag_seconds",
-                          "How long a batch's answers wait for the event loop once it has "
-                          "run (a moving average); admission counts it twice against the "
-                          "budget, on the way in and out.", model, multiprocess_mode="max",
-                          registry=registry)
         self._lateness = Gauge("cnnserve_answer_lateness_seconds",
                                "How much later than admission estimated a model's answers "
                                "come (a running 99th percentile); admission adds it to its "
@@ -200,7 +192,7 @@ class Metrics:
             tally = self._models[key] = ModelTally()
             for metric in (self._queue_wait, self._compute, self._batch_size,
                            self._queue_depth, self._inferences, self._executions,
-                           self._refused, self._budget, self._lag, self._lateness):
+                           self._refused, self._budget, self._lateness):
                 metric.labels(name, version)
         return tally
 
@@ -250,7 +242,6 @@ class Metrics:
                 self._refused.labels(name, version).inc(tally.refused)
                 tally.refused = 0
             self._budget.labels(name, version).set(tally.budget_s)
-            self._lag.labels(name, version).set(tally.lag_s)
             self._lateness.labels(name, version).set(tally.lateness_s)
             for rows, seconds in list(tally.cost_s.items()):
                 self._cost.labels(name, version, str(rows)).set(seconds)

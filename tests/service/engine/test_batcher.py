@@ -286,18 +286,18 @@ def _while_busy(served_repo: Path, budget_s: float, teach: Teach
 
 def test_a_lagging_event_loop_counts_against_the_budget(served_repo: Path) -> None:
     """Past the loop's capacity the model's queue is short, yet every answer waits for
-    the loop: a request that would miss its budget there is refused, and once the model
-    is idle again, the next one is taken."""
+    the loop: the margin learnt from those answers refuses a request that would miss its
+    budget, and once the model is idle again, the next one is taken."""
 
     async def stall_after_each_answer(batcher: DynamicBatcher, runner: _HeldRunner,
                                       executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
-        for _ in range(25):  # the lag's average reaches over 90% of these 40 ms
+        for _ in range(30):
             call = asyncio.create_task(batcher.infer({"input": _DIGIT}))
             assert await loop.run_in_executor(None, runner.entered.acquire, True, 10)
             runner.release.release()
             assert runner.left.acquire(timeout=10)
-            stalled = time.monotonic() + 0.040
+            stalled = time.monotonic() + 0.050
             while time.monotonic() < stalled:  # the loop busy with other calls' work
                 pass
             await asyncio.wait_for(call, 10)
@@ -306,8 +306,8 @@ def test_a_lagging_event_loop_counts_against_the_budget(served_repo: Path) -> No
     assert refusal is not None, "a request the loop would answer late was taken"
     assert refusal.status == Status.RESOURCE_EXHAUSTED
     assert "latency budget of 50.0 ms" in str(refusal)
-    lag = re.search(r"event loop lags ([\d.]+) ms", str(refusal))
-    assert lag and float(lag[1]) > 25, str(refusal)
+    late = re.search(r"([\d.]+) ms of it because answers came that much later", str(refusal))
+    assert late and float(late[1]) > 40, str(refusal)
     assert taken[0].shape == (1, 10)
 
 
@@ -326,7 +326,7 @@ def test_answers_later_than_estimated_count_against_the_budget(served_repo: Path
     refusal, taken = _while_busy(served_repo, 0.04, share_the_thread)
     assert refusal is not None, "a request answers come late for was taken"
     assert refusal.status == Status.RESOURCE_EXHAUSTED
-    late = re.search(r"answers came up to ([\d.]+) ms later than estimated", str(refusal))
+    late = re.search(r"([\d.]+) ms of it because answers came that much later", str(refusal))
     assert late and float(late[1]) > 40, str(refusal)
     assert taken[0].shape == (1, 10)
 
