@@ -134,7 +134,7 @@ class DynamicBatcher:
         """A moving average of the round trip to a compute thread and back: from the
         loop's hand-off to the run's start, and from its end to the loop's answer."""
         self.lateness = Lateness()
-        """How much later than promised answers reach their callers; on the loop only."""
+        """How much later than promised answers are ready; on the loop only."""
         self._publish_cost()
 
     def start(self) -> None:
@@ -195,10 +195,7 @@ class DynamicBatcher:
         self._settle_depth()
         if self._sleeping:
             self._arrived.set()
-        outputs = await future
-        if request.promised is not None:  # the caller resumes: its answer has arrived
-            self.lateness.observe(time.monotonic() - request.promised)
-        return outputs
+        return await future
 
     def _runs_inline(self, rows: int, now: float) -> bool:
         """Under the lock: a batch of its own, leaving at once, on an idle model, cheaper
@@ -374,6 +371,8 @@ class DynamicBatcher:
                     future.set_result([output[offset:offset + request.rows]
                                        for output in outputs])
                 answered.append(ran.started - request.enqueued)
+                if request.promised is not None:
+                    self.lateness.observe(splitting - request.promised)
             offset += request.rows
         self._fail_expired(expired)
         self._settle_depth()

@@ -152,12 +152,14 @@ class CostModel:
 
 
 class Lateness:
-    """How much later than `answer_in_s` estimated answers reach their callers: a running
-    estimate of the QUANTILE of that error, moved up a STEP_S share when an answer is
-    later than it and down the complementary share when not, so it settles where that
-    quantile of answers is later. What the estimate cannot see (an event loop too busy
-    to get round to the answers, runs slower than their average while the loop holds
-    the GIL, a compute thread busy with another model) is learnt from the answers."""
+    """How much later than `answer_in_s` estimated a request's answer is ready, on the
+    loop: a running estimate of the QUANTILE of that error, moved up a STEP_S share when
+    an answer is later than it and down the complementary share when not, so it settles
+    where that quantile of answers is later. What the estimate cannot see (runs slower
+    than their average while the loop holds the GIL, a compute thread busy with another
+    model, a loop slow to take a batch's answers) is learnt from the answers. It stops
+    where the caller's task is woken: counting that wake too made a loop flooded by an
+    attacker refuse well-behaved clients (docs/results.md)."""
 
     QUANTILE = 0.99
     STEP_S = 0.002
