@@ -31,17 +31,26 @@ class DeviceError(RuntimeError):
     """The device asked for cannot serve: the process says why in one line and exits 1."""
 
 
-def gpu_count() -> int:
-    """GPUs the NVIDIA driver shows this process (CUDA_VISIBLE_DEVICES applied); 0 where
-    there is no driver. Asks libcuda, not torch."""
+def _driver_gpus() -> tuple[int, str]:
+    """GPUs the NVIDIA driver shows this process, and why none where it shows none ("" if
+    it shows some). Asks libcuda, not torch."""
     try:
         libcuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return 0
+        return 0, "no NVIDIA driver here (libcuda.so.1 is not on the library path)"
     count = ctypes.c_int(0)
-    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
+    code = libcuda.cuInit(0)
+    if code == 0:
+        code = libcuda.cuDeviceGetCount(ctypes.byref(count))
+    if code != 0 or count.value == 0:
+        return 0, f"the NVIDIA driver shows no GPU to this process (CUDA driver error {code})"
+    return count.value, ""
+
+
+def gpu_count() -> int:
+    """GPUs the NVIDIA driver shows this process (CUDA_VISIBLE_DEVICES applied); 0 where
+    there is no driver."""
+    return _driver_gpus()[0]
 
 
 def preload_cuda_libraries() -> None:
@@ -60,16 +69,9 @@ def cuda_unusable_reason() -> str:
     """Why onnxruntime's CUDA provider cannot run here, in one sentence; "" when it can.
     Checks what onnxruntime itself needs, in the order a user fixes it: the driver and a
     GPU, a GPU build of onnxruntime, then the CUDA libraries its provider links against."""
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return "no NVIDIA driver here (libcuda.so.1 is not on the library path)"
-    count = ctypes.c_int(0)
-    code = libcuda.cuInit(0)
-    if code == 0:
-        code = libcuda.cuDeviceGetCount(ctypes.byref(count))
-    if code != 0 or count.value == 0:
-        return f"the NVIDIA driver shows no GPU to this process (CUDA driver error {code})"
+    gpus, reason = _driver_gpus()
+    if not gpus:
+        return reason
     if CUDA not in ort.get_available_providers():
         return (f"onnxruntime {ort.__version__} here is a build without the CUDA provider "
                 f"(providers: {', '.join(ort.get_available_providers())}); install "
@@ -163,6 +165,7 @@ left in CUDA shared memory) reaches a runner only as a batch by itself."""
 def on_host(inputs: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
     """`inputs` in host memory: a DeviceTensor copied out once, the others as they are."""
     return {name: np.asarray(value) for name, value in inputs.items()}
+
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(double)": np.float64, "tensor(int64)": np.int64,

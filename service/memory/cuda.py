@@ -196,7 +196,7 @@ class CudaSharedMemoryRegistry:
         """The tensor at `offset` of region `name`, left on its GPU: a session there binds
         it in place, anything else copies it to host memory once (`np.asarray`). The
         region stays open while the tensor lives."""
-        if np.empty(0, dtype).itemsize * int(np.prod(shape, dtype=np.int64)) != byte_size:
+        if np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64)) != byte_size:
             self._window(name, offset, byte_size)
             invalid(f"region {shown(name)}: {byte_size} bytes do not hold a {dtype.name} "
                     f"tensor of shape {list(shape)}")
@@ -217,18 +217,13 @@ class CudaSharedMemoryRegistry:
             self._window(name, offset, byte_size)
             invalid(f"region {shown(name)}: the output needs {data.nbytes} bytes, the request "
                     f"gave {byte_size}")
-        self._copy(name, offset, data.nbytes, data.ctypes.data, _HOST_TO_DEVICE)
-        return int(data.nbytes)
-
-    def _copy(self, name: str, offset: int, nbytes: int, host: int, kind: int) -> None:
-        """Copy between host memory and `offset` of the region, on this thread's device."""
-        region = self._lease(name, offset, nbytes)
+        region = self._lease(name, offset, data.nbytes)
         try:
-            device = region.pointer + offset
-            dst, src = (device, host) if kind == _HOST_TO_DEVICE else (host, device)
-            self._transfer(region, dst, src, nbytes, kind)
+            self._transfer(region, region.pointer + offset, data.ctypes.data, data.nbytes,
+                           _HOST_TO_DEVICE)
         finally:
             self._release(region)
+        return int(data.nbytes)
 
     def _lease(self, name: str, offset: int, nbytes: int) -> CudaRegion:
         """The region, held open until `_release`."""
