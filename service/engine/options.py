@@ -12,6 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+DEVICE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
+"""What `device` may be; the group is the GPU of `cuda:N`."""
+
 
 class ModelOverrides(BaseModel):
     """Per-model settings that win over the model's config.json."""
@@ -94,7 +97,7 @@ class EngineOptions(BaseModel):
     @field_validator("device")
     @classmethod
     def _one_device(cls, device: str) -> str:
-        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is None:
+        if DEVICE.fullmatch(device) is None:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N (N a GPU's number); "
                              f"got {device!r}")
         return device

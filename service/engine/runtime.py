@@ -6,7 +6,6 @@ import ctypes
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 from collections import Counter
@@ -19,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from contract.repository import NUMPY_DTYPES, ModelConfig
-from service.engine.options import EngineOptions
+from service.engine.options import DEVICE, EngineOptions
 from service.memory.cuda import DeviceTensor
 
 log = logging.getLogger(__name__)
@@ -101,14 +100,12 @@ class Placement:
 
 CPU_ONLY = Placement(cuda=False)
 
-_DEVICE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
-
 
 def decide_placement(device: str, worker: int, gpus: int, unusable: str) -> Placement:
     """`--device` for worker `worker` of a host with `gpus` GPUs, where `unusable` says why
     CUDA cannot run ("" when it can). `auto` and `cuda` spread workers over the GPUs;
     `cuda:N` pins them to GPU N. DeviceError where CUDA is asked for and cannot be had."""
-    match = _DEVICE.fullmatch(device)
+    match = DEVICE.fullmatch(device)
     if match is None:
         raise DeviceError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
     if device == "cpu" or (device == "auto" and unusable):
