@@ -42,7 +42,8 @@ class EngineOptions(BaseModel):
     """fp16 serves model.fp16.onnx on CUDA; on the CPU, model.onnx. A model without an FP16
     file is not served."""
     intra_op_threads: int = Field(default=0, ge=0)
-    """onnxruntime threads per session; 0: one per core."""
+    """onnxruntime threads per session; 0: one per core, or one for a small model the pool
+    does not speed up (`engine.threads`, timed at warm-up)."""
     inter_op_threads: int = Field(default=1, ge=0)
     allow_spinning: bool = False
     """Let idle onnxruntime threads spin: lower latency on a dedicated host, but they take

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from contract.repository import NUMPY_DTYPES, ModelConfig
 from service.engine.options import DEVICE, EngineOptions
+from service.engine.threads import ThreadTrial, fitted_session
 from service.memory.cuda import DeviceTensor
 
 log = logging.getLogger(__name__)
@@ -233,18 +234,16 @@ class ModelRunner:
 
     def __init__(self, path: Path, settings: EngineOptions, config: ModelConfig,
                  placement: Placement = CPU_ONLY) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = settings.intra_op_threads
-        opts.inter_op_num_threads = settings.inter_op_threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        spin = str(int(settings.allow_spinning))
-        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        providers: list[str | tuple[str, dict[str, str]]] = [CPU]
+        self._settings = settings
+        self._providers: list[str | tuple[str, dict[str, str]]] = [CPU]
         if placement.cuda:
             preload_cuda_libraries()
-            providers = [(CUDA, cuda_provider_options(settings, placement.device_id)), CPU]
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            self._providers = [(CUDA, cuda_provider_options(settings, placement.device_id)),
+                               CPU]
+        self.session = self._session(path, settings.intra_op_threads)
+        self.thread_trial: ThreadTrial | None = None
+        """The warm-up's timing of a small model on the pool and on one thread, where the
+        thread count was left to the service (`threads.fitted_session`)."""
         self.provider = self.session.get_providers()[0]
         self.device_id = placement.device_id if self.provider == CUDA else None
         if placement.cuda and self.provider != CUDA:
@@ -259,11 +258,23 @@ class ModelRunner:
         self._bound = (BoundRuns(self.session, self.output_names, "cuda", placement.device_id)
                        if self.on_gpu else None)
 
+    def _session(self, path: Path, intra_op_threads: int) -> ort.InferenceSession:
+        settings = self._settings
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = settings.inter_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spin = str(int(settings.allow_spinning))
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        return ort.InferenceSession(str(path), opts, providers=self._providers)
+
     @property
     def intra_op_summary(self) -> str:
         """The intra-op threads in words, for the log."""
         n = self.session.get_session_options().intra_op_num_threads
-        return f"{n} intra-op thread{'s' * (n != 1)}" if n else "intra-op threads one per core"
+        said = f"{n} intra-op thread{'s' * (n != 1)}" if n else "intra-op threads one per core"
+        return said if self.thread_trial is None else f"{said} ({self.thread_trial})"
 
     @property
     def on_gpu(self) -> bool:
@@ -282,7 +293,11 @@ class ModelRunner:
         return out
 
     def warmup(self, batch_sizes: list[int]) -> dict[int, float]:
-        """`warm_up` on this runner; on a GPU, also logs the nodes left on the CPU."""
+        """`warm_up` on this runner, on a CPU first choosing its intra-op threads where
+        they were left to the service; on a GPU, also logs the nodes left on the CPU."""
+        if not self.on_gpu and self._settings.intra_op_threads == 0:
+            self.session, self.thread_trial = fitted_session(
+                self.session, lambda: self._session(self.path, 1))
         timed = warm_up(self, batch_sizes)
         if self.on_gpu:
             off = profiled_placement(self.path, self.session, self.config)

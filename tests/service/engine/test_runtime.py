@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from contract.repository import FP16_MODEL_FILE, MODEL_FILE, serving_config
+from service.engine import threads as threads_module
 from service.engine.models import load_model
 from service.engine.options import EngineOptions
 from service.engine.runtime import (
@@ -33,6 +34,7 @@ from service.engine.runtime import (
     nodes_not_on,
     place,
 )
+from service.engine.threads import ThreadTrial
 from service.memory.cuda import DeviceTensor
 from service.observability.metrics import Metrics
 
@@ -213,3 +215,29 @@ def test_a_device_tensor_is_bound_where_it_lies_and_copied_only_elsewhere(
         {"input": elsewhere})[0], expected)
     np.testing.assert_array_equal(np.concatenate([elsewhere, elsewhere])[:3], x)
     assert copies == [1]
+
+
+
+@pytest.mark.parametrize(("threads", "pool_speedup", "kept"), [(0, 1.1, 1), (0, 2.0, 0),
+                                                               (2, 1.1, 2)])
+def test_the_warm_up_fits_a_small_models_threads_only_where_they_are_left_to_it(
+        served_repo: Path, monkeypatch: pytest.MonkeyPatch, threads: int,
+        pool_speedup: float, kept: int) -> None:
+    def timed(session: ort.InferenceSession, rows: int, runs: int) -> float:
+        one_thread = session.get_session_options().intra_op_num_threads == 1
+        return 1e-5 * rows * (pool_speedup if one_thread else 1.0)
+    monkeypatch.setattr(threads_module, "run_s", timed)  # the host's speed is no premise
+    path = served_repo / "lenet" / "1" / MODEL_FILE
+    config = serving_config(served_repo, "lenet", path)
+    runner = ModelRunner(path, EngineOptions(intra_op_threads=threads), config)
+    x = {config.inputs[0].name: np.random.default_rng(0).standard_normal(
+        (3, *config.inputs[0].shape)).astype(np.float32)}
+    before = runner.run(x)
+    assert sorted(runner.warmup([1, 2])) == [1, 2]
+    assert runner.session.get_session_options().intra_op_num_threads == kept
+    if threads:
+        assert runner.thread_trial is None
+    else:
+        assert runner.thread_trial == ThreadTrial(8e-5, 8e-5 * pool_speedup)
+        assert str(runner.thread_trial) in runner.intra_op_summary
+    np.testing.assert_allclose(runner.run(x)[0], before[0], rtol=1e-5, atol=1e-6)
