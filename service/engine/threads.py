@@ -3,11 +3,12 @@ too small to gain from it.
 
 onnxruntime's intra-op pool splits each operator between its threads and waits for them.
 For a LeNet-sized model that synchronisation costs more than the work it shares out,
-and under load the pool's threads take the cores the transport needs; a model only
-somewhat larger (the quick VGG) runs its batches far faster on the pool. So where the
-thread count is left to the service (0), a model whose single image runs in under
-SMALL_MODEL_S has a batch timed on the pool and on one thread at warm-up, and keeps the
-pool only where it earns the CPU it takes (docs/results.md has the figures).
+and under load the pool's threads take the cores the transport needs; a larger model's
+operators are worth sharing out. Where a model falls between depends on the host (its
+cores, their speed, what else runs), so where the thread count is left to the service
+(0), a model whose single image runs in under SMALL_MODEL_S has a batch timed on the
+pool and on one thread at warm-up, and keeps the pool only where it earns the CPU it
+takes (docs/results.md has the figures).
 
 Imports only onnxruntime and numpy: the peers' harness applies the same rule, so every
 server compared runs the same sessions.
