@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from contract.repository import NUMPY_DTYPES, ModelConfig
 from service.engine.options import DEVICE, EngineOptions
-from service.engine.threads import ThreadTrial, fitted_session
+from service.engine.threads import ORT_TYPES, ThreadTrial, fitted_session
 from service.memory.cuda import DeviceTensor
 
 log = logging.getLogger(__name__)
@@ -165,12 +165,6 @@ def on_host(inputs: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
     return {name: np.asarray(value) for name, value in inputs.items()}
 
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-              "tensor(double)": np.float64, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-              "tensor(bool)": np.bool_}
-
-
 class BoundRuns:
     """Runs through IOBinding on `device`: each input copied there once per batch, and the
     outputs written into buffers on the device allocated once per batch size and reused.
@@ -182,7 +176,7 @@ class BoundRuns:
         self.output_names = output_names
         declared = {o.name: o for o in session.get_outputs()}
         self._outputs = [(tuple(d if isinstance(d, int) else -1 for d in declared[n].shape),
-                          _ORT_TYPES.get(declared[n].type)) for n in output_names]
+                          ORT_TYPES.get(declared[n].type)) for n in output_names]
         self._buffers: dict[int, list[ort.OrtValue]] = {}
 
     def run(self, inputs: Mapping[str, Tensor]) -> list[np.ndarray]:

@@ -31,9 +31,11 @@ TRIAL_ROWS = 8
 POOL_GAIN = 1.25
 """How much faster the pool must run that batch to be kept: it costs every thread's CPU."""
 TIMED_RUNS = 10
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-           "tensor(double)": np.float64, "tensor(uint8)": np.uint8,
-           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+             "tensor(double)": np.float64, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+             "tensor(bool)": np.bool_}
+"""onnxruntime's tensor types as numpy's, for the types a session can be fed zeros of."""
 
 Timer = Callable[[ort.InferenceSession, int, int], "float | None"]
 
@@ -82,7 +84,7 @@ def run_s(session: ort.InferenceSession, rows: int, runs: int) -> float | None:
     first dimension is run on that many."""
     feeds = {}
     for spec in session.get_inputs():
-        dtype = _DTYPES.get(spec.type)
+        dtype = ORT_TYPES.get(spec.type)
         if dtype is None or not spec.shape or not all(isinstance(d, int) for d in spec.shape[1:]):
             return None
         lead = spec.shape[0] if isinstance(spec.shape[0], int) else rows
